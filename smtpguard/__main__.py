@@ -1,0 +1,3 @@
+from smtpguard.cli import main
+
+raise SystemExit(main())

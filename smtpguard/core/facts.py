@@ -1,0 +1,98 @@
+"""What a session knows about its client: one flat, named mapping of facts.
+
+Every fact source returns a frozen result type with a `status` and an
+`as_facts()` that flattens it to the names below; the policy reads only
+that mapping. `None` never means "the lookup failed": a failed lookup is the
+value UNKNOWN, so rules can tempfail on a DNS outage instead of rejecting.
+
+FACTS is the table of every name a rule may use and its kind; the config
+loader refuses a rule that names anything else (issue: policy).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Union
+
+# The three answers every lookup can give (DESIGN.md: a failed lookup is a
+# fact value, not an exception).
+OK = "ok"          # answered
+NONE = "none"      # nothing there (NXDOMAIN, no PTR, no zone lists the IP)
+UNKNOWN = "unknown"  # could not tell (timeout, SERVFAIL, store down, no SYN)
+
+FactValue = Union[str, int, float, bool, tuple[str, ...], None]
+Facts = Mapping[str, FactValue]
+
+
+class Kind(enum.Enum):
+    """How a rule condition compares a fact."""
+
+    TEXT = "text"      # equality / membership, case-insensitive
+    BOOL = "bool"      # true / false (or "unknown")
+    NUMBER = "number"  # numeric comparison: _gt, _ge, _lt, _le
+    LIST = "list"      # membership of any element
+    IP = "ip"          # the client address: CIDR membership
+
+
+FACTS: dict[str, Kind] = {
+    # connection
+    "ip": Kind.IP,
+    "port": Kind.NUMBER,
+    "tls": Kind.BOOL,
+    # geo (issue: policy)
+    "country": Kind.TEXT,            # ISO 3166 alpha-2, "local" or "unknown"
+    # passive OS fingerprint (issue: fingerprinting)
+    "os": Kind.TEXT,                 # windows linux macos ios android freebsd openbsd other unknown
+    "os_name": Kind.TEXT,
+    "os_distance": Kind.NUMBER,
+    "os_match": Kind.TEXT,           # exact fuzzy generic none
+    # reverse DNS (issue: DNS facts)
+    "rdns": Kind.TEXT,               # none unconfirmed confirmed unknown
+    "rdns_name": Kind.TEXT,
+    "rdns_domain": Kind.TEXT,
+    "rdns_generic": Kind.BOOL,
+    # HELO (RFC 5321 §4.1.4: a mismatch alone is never grounds to reject)
+    "helo": Kind.TEXT,
+    "helo_valid": Kind.BOOL,
+    "helo_bare_ip": Kind.BOOL,
+    "helo_literal_matches": Kind.BOOL,
+    "helo_is_us": Kind.BOOL,
+    "helo_resolves": Kind.BOOL,
+    "helo_matches_ip": Kind.BOOL,
+    "helo_matches_rdns": Kind.BOOL,
+    # DNS lists
+    "dnsbl_score": Kind.NUMBER,
+    "dnsbl_hits": Kind.LIST,
+    # graylisting (issue: graylisting)
+    "graylist": Kind.TEXT,           # new deferred passed allowed trapped unknown
+    # envelope
+    "sender": Kind.TEXT,
+    "sender_domain": Kind.TEXT,
+    "rcpt": Kind.TEXT,
+    "rcpt_domain": Kind.TEXT,
+    # content
+    "dkim": Kind.TEXT,               # pass fail none unknown
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """The connection as the session sees it; built once, never mutated."""
+
+    session_id: str
+    ip: str                      # the real client (after a PROXY header, if any)
+    port: int
+    local_ip: str = ""
+    local_port: int = 0
+    syn: bytes | None = None     # raw IP+TCP header of the client's SYN (TCP_SAVED_SYN)
+    via_proxy: bool = False      # arrived through the PROXY protocol: the SYN is not the client's
+
+
+class Fact(Protocol):
+    """What every source's `gather` returns."""
+
+    @property
+    def status(self) -> str: ...  # OK, NONE or UNKNOWN
+
+    def as_facts(self) -> dict[str, FactValue]: ...
