@@ -1,0 +1,1 @@
+"""Fixtures for a real DNS server on loopback (filled by the DNS work)."""
