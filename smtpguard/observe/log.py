@@ -1,0 +1,87 @@
+"""Structured, greppable logs: one line per decision, one summary per connection.
+
+Every line has a fixed event name (`connect`, `reject`, `grey.defer`,
+`relay.accepted`, `close`, ...) and the session id; `--log-format json`
+gives one JSON object per line. Client-supplied strings are truncated and
+escaped before they are logged (STYLE.md §8), so a client can neither forge
+a log line nor flood the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any, TextIO
+
+LOGGER = logging.getLogger("smtpguard")
+# A client-supplied value longer than this is cut: HELO names and addresses
+# are at most 255 and 256 octets (RFC 5321 §4.5.3.1), so anything longer is
+# an attack on the log.
+MAX_VALUE = 256
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
+
+
+def escape(value: str, limit: int = MAX_VALUE) -> str:
+    """Control characters, quotes and backslashes escaped; bounded length."""
+    if len(value) > limit:
+        value = value[:limit] + "…"
+    return _UNSAFE.sub(lambda m: "\\x%02x" % ord(m.group()), value)
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-11-29T20:30:00Z info connect session=… ip=… key=value`"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+        parts = [stamp, record.levelname.lower(), record.getMessage()]
+        for key, value in fields.items():
+            if value is None or value == "":
+                continue
+            text = escape(value) if isinstance(value, str) else escape(str(value))
+            if not text or " " in text or "=" in text:
+                text = f'"{text}"'
+            parts.append(f"{key}={text}")
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; strings bounded but not otherwise changed (JSON escapes them)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        for key, value in getattr(record, "fields", {}).items():
+            if isinstance(value, str) and len(value) > MAX_VALUE:
+                value = value[:MAX_VALUE] + "…"
+            obj[key] = value
+        if record.exc_info:
+            obj["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str, ensure_ascii=False)
+
+
+def setup(fmt: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(level.upper())
+    LOGGER.propagate = False
+    # aiosmtpd logs every command at INFO under "mail.log": our own lines
+    # say what matters, so keep its chatter out unless debugging.
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+def event(name: str, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
+    """Log one event; cheap when the level is off."""
+    if LOGGER.isEnabledFor(level):
+        LOGGER.log(level, name, extra={"fields": fields}, exc_info=exc_info)
