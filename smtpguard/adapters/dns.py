@@ -1,0 +1,486 @@
+"""The one DNS resolver: every lookup in smtpguard goes through here.
+
+Decides: nothing. It answers "what does DNS say about (name, type)" with
+three values a rule can use: OK (answered), NONE (NXDOMAIN or NODATA: the
+name or the data is not there) and UNKNOWN (timeout, SERVFAIL, REFUSED, a
+network error: could not tell). It never raises for a failed lookup.
+
+Inputs: names and record types; the nameservers ("IP", "IP:PORT",
+"[v6]:PORT"; None reads /etc/resolv.conf); a clock (injected for tests).
+
+Output: `Answer(status, values, ttl, reason)`; `values` in text form:
+addresses for A/AAAA, names for PTR/CNAME/NS/MX (lower case, no final dot;
+MX in preference order), strings for TXT.
+
+Behaviour, with the reasons:
+- One dnspython asyncio resolver (`dns.asyncresolver`) with our own cache
+  (dnspython's is off: it reads time.time(), not the injected clock).
+- Each query has a deadline of `timeout` seconds in all (issue 4: 5 s), in
+  which dnspython tries each server with attempts of timeout/2 (glibc's
+  resolv.conf default is `attempts:2`) and falls back to TCP on a truncated
+  UDP answer (RFC 7766 §5). Retries are bounded by that deadline.
+- A bounded LRU cache honours TTLs: positive answers for the smallest TTL of
+  the answer and its CNAME chain, capped at one day (Unbound's cache-max-ttl
+  default); negative answers for min(SOA TTL, SOA MINIMUM) (RFC 2308 §5),
+  capped at `negative_ttl_max` (1 h, within RFC 2308 §5's advice of 1-3 h).
+  A negative answer without an SOA is kept 60 s: RFC 2308 §5 advises not to
+  cache it at all, to stop loops between caching servers; we serve no one
+  else, and one minute spares a burst of connections from one host.
+- UNKNOWN is never cached. RFC 2308 §7.1 would allow 5 minutes for a
+  SERVFAIL, but a client we deferred retries within minutes and must meet a
+  repaired zone; and during an outage a failure cache saves nothing, since
+  every client address asks a different DNSBL name. Concurrent askers of the
+  same name already share one query (below).
+- At most one query per (name, type) is in flight: concurrent callers await
+  the same task (postscreen shares concurrent DNSBL queries). A caller that
+  gives up (a stage deadline) does not cancel it for the others, and its
+  answer still fills the cache.
+- `gather_within(budget, **lookups)` runs a stage's lookups concurrently
+  under one deadline: the stage costs its slowest lookup, never the sum, and
+  what is unfinished at the deadline is UNKNOWN ("deadline").
+
+Failure modes: a name that cannot exist in DNS (empty label, over 255
+octets) or an unparsable address answers NONE ("invalid name"); anything
+unexpected from the DNS library answers UNKNOWN ("error: ...") and is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+from smtpguard.core.facts import NONE, OK, UNKNOWN
+from smtpguard.core.units import parse_duration
+from smtpguard.errors import ConfigError
+
+log = logging.getLogger("smtpguard.dns")
+
+T = TypeVar("T")
+
+# Defaults, each with its source (STYLE.md §5).
+DEFAULT_TIMEOUT = 5.0            # issue 4: per query, all attempts and servers included
+DEFAULT_STAGE_BUDGET = 10.0      # see DnsSettings.stage_budget
+DEFAULT_CACHE_SIZE = 10_000      # entries; ~2 MB; a busy MX sees a few thousand IPs an hour
+DEFAULT_NEGATIVE_TTL_MAX = 3600.0  # RFC 2308 §5: 1-3 hours is the advised maximum
+NEGATIVE_TTL_WITHOUT_SOA = 60.0  # RFC 2308 §5 says do not cache; one minute for bursts
+POSITIVE_TTL_MAX = 86400.0       # Unbound cache-max-ttl default (1 day)
+ATTEMPTS = 2                     # glibc resolv.conf `attempts:2`
+EDNS_PAYLOAD = 1232              # DNS Flag Day 2020: avoids IP fragmentation
+
+# Why an answer is what it is: fixed words for logs and the decision record.
+REASON_NXDOMAIN = "nxdomain"
+REASON_NODATA = "nodata"
+REASON_TIMEOUT = "timeout"
+REASON_DEADLINE = "deadline"     # the stage budget ran out first
+REASON_INVALID = "invalid name"
+
+# RCODE text from dnspython -> reason (UNKNOWN answers).
+_RCODE_REASONS: dict[str, str] = {
+    "SERVFAIL": "servfail",
+    "REFUSED": "refused",
+    "FORMERR": "formerr",
+    "NOTIMP": "notimp",
+}
+
+_NAME_TYPES = frozenset({"PTR", "CNAME", "NS", "DNAME"})
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What DNS said about one (name, type)."""
+
+    status: str                       # OK, NONE or UNKNOWN (core/facts.py)
+    values: tuple[str, ...] = ()      # text form; empty unless OK
+    ttl: int = 0                      # seconds this answer stays valid (0: not cached)
+    reason: str = ""                  # "" for OK; nxdomain nodata timeout servfail refused deadline ...
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+UNKNOWN_DEADLINE = Answer(UNKNOWN, reason=REASON_DEADLINE)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverStats:
+    """Counters since the resolver was made (for the bench and logs)."""
+
+    lookups: int        # calls of query() (ptr/addresses count their parts)
+    queries: int        # resolutions actually sent to the nameservers
+    cache_hits: int
+    inflight_joins: int  # callers that shared a query already in flight
+    failures: int       # queries that ended UNKNOWN
+    cache_entries: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """`IP`, `IP:PORT`, `[v6]` or `[v6]:PORT` (a bare IPv6 has no port) -> (ip, port).
+
+    Raises ValueError naming what is wrong."""
+    text = text.strip()
+    host, port = text, 53  # RFC 1035 §4.2
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unclosed '[' in {text!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"expected [IPv6]:PORT, got {text!r}")
+            port = _port(rest[1:], text)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _port(port_text, text)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address, IP:PORT or [IPv6]:PORT, got {text!r}") from None
+    return ip.compressed, port
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"port must be 1-65535 in {whole!r}")
+    return int(text)
+
+
+def _values(rdtype: str, rrset: Any) -> tuple[str, ...]:
+    """Text form of an answer's records (see module docstring), sorted: an
+    RRset has no order (RFC 2181 §5), so a stable one makes logs and tests
+    repeatable."""
+    if rdtype in ("A", "AAAA"):
+        addrs = sorted({ipaddress.ip_address(rd.address) for rd in rrset})
+        return tuple(a.compressed for a in addrs)
+    if rdtype in _NAME_TYPES:
+        return tuple(sorted({rd.target.to_text(omit_final_dot=True).lower() for rd in rrset}))
+    if rdtype == "MX":
+        # RFC 5321 §5.1: lower preference first.
+        pairs = sorted({(rd.preference, rd.exchange.to_text(omit_final_dot=True).lower()) for rd in rrset})
+        return tuple(dict.fromkeys(name for _, name in pairs))
+    if rdtype == "TXT":
+        return tuple(sorted({b"".join(rd.strings).decode("utf-8", "replace") for rd in rrset}))
+    return tuple(sorted({rd.to_text() for rd in rrset}))
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float | None:
+    """RFC 2308 §5: min(SOA TTL, SOA MINIMUM) from the authority section."""
+    if response is None:
+        return None
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+            return float(min(rrset.ttl, rrset[0].minimum))
+    return None
+
+
+class Resolver:
+    """One shared asynchronous resolver with a TTL cache and in-flight sharing.
+
+    Use from one event loop at a time (the in-flight table is per loop)."""
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        negative_ttl_max: float = DEFAULT_NEGATIVE_TTL_MAX,
+        clock: Callable[[], float] = time.monotonic,
+        negative_ttl_default: float = NEGATIVE_TTL_WITHOUT_SOA,
+        positive_ttl_max: float = POSITIVE_TTL_MAX,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = timeout
+        self.cache_size = max(0, cache_size)
+        self.negative_ttl_max = negative_ttl_max
+        self.negative_ttl_default = negative_ttl_default
+        self.positive_ttl_max = positive_ttl_max
+        self._clock = clock
+        try:
+            self._resolver = dns.asyncresolver.Resolver(configure=nameservers is None)
+        except dns.resolver.NoResolverConfiguration:
+            raise ConfigError("dns.servers", "no servers given and /etc/resolv.conf names none") from None
+        if nameservers is not None:
+            if not nameservers:
+                raise ConfigError("dns.servers", "the list of servers is empty")
+            servers: list[str | dns.nameserver.Nameserver] = []
+            for text in nameservers:
+                try:
+                    ip, port = parse_server(text)
+                except ValueError as exc:
+                    raise ConfigError("dns.servers", str(exc)) from None
+                servers.append(dns.nameserver.Do53Nameserver(ip, port))
+            self._resolver.nameservers = servers
+        self._resolver.cache = None          # ours, on the injected clock
+        self._resolver.lifetime = timeout
+        self._resolver.timeout = timeout / ATTEMPTS
+        self._resolver.retry_servfail = False
+        self._resolver.use_edns(0, 0, EDNS_PAYLOAD)
+        self._resolver.search = []
+        self._cache: collections.OrderedDict[tuple[str, str], tuple[float, Answer]] = collections.OrderedDict()
+        self._inflight: dict[tuple[str, str], asyncio.Task[Answer]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lookups = self._queries = self._hits = self._joins = self._failures = 0
+
+    @classmethod
+    def from_settings(cls, settings: "DnsSettings", clock: Callable[[], float] = time.monotonic) -> "Resolver":
+        return cls(settings.servers or None, timeout=settings.timeout, cache_size=settings.cache_size,
+                   negative_ttl_max=settings.negative_ttl_max, clock=clock)
+
+    # -- public lookups ------------------------------------------------------
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        """One (name, type): from the cache, a query in flight, or the servers."""
+        self._lookups += 1
+        try:
+            qname = dns.name.from_text(name)  # absolute: no search list
+            rtype = dns.rdatatype.to_text(dns.rdatatype.from_text(rdtype))
+        except (dns.exception.DNSException, ValueError):
+            return Answer(NONE, reason=REASON_INVALID)
+        key = (qname.to_text().lower(), rtype)
+
+        cached = self._cache.get(key)
+        if cached is not None:
+            expires, answer = cached
+            remaining = expires - self._clock()
+            if remaining > 0:
+                self._cache.move_to_end(key)
+                self._hits += 1
+                return dataclasses.replace(answer, ttl=int(remaining))
+            del self._cache[key]
+
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop, self._inflight = loop, {}
+        task = self._inflight.get(key)
+        if task is not None:
+            self._joins += 1
+        else:
+            task = loop.create_task(self._resolve(key, qname, rtype))
+            self._inflight[key] = task
+            inflight = self._inflight
+
+            def forget(_task: asyncio.Task[Answer]) -> None:
+                inflight.pop(key, None)
+
+            task.add_done_callback(forget)
+        # shield: a caller that gives up does not cancel the others' query.
+        return await asyncio.shield(task)
+
+    async def ptr(self, ip: str) -> Answer:
+        """PTR names of an address (IPv4-mapped IPv6 is asked as IPv4)."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            self._lookups += 1
+            return Answer(NONE, reason=REASON_INVALID)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # RFC 4291 §2.5.5.2: the client is IPv4
+        return await self.query(dns.reversename.from_address(addr.compressed).to_text(), "PTR")
+
+    async def addresses(self, name: str) -> Answer:
+        """A and AAAA at once, merged: OK if either has data, NONE if both have
+        none, else UNKNOWN (one failed and the other had nothing)."""
+        a, aaaa = await asyncio.gather(self.query(name, "A"), self.query(name, "AAAA"))
+        return merge_addresses(a, aaaa)
+
+    async def gather_within(self, budget: float, /, **lookups: Awaitable[Answer]) -> dict[str, Answer]:
+        """See the module function `gather_within`."""
+        return await gather_within(budget, **lookups)
+
+    def stats(self) -> ResolverStats:
+        return ResolverStats(self._lookups, self._queries, self._hits, self._joins,
+                             self._failures, len(self._cache))
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- the query itself ------------------------------------------------------
+
+    async def _resolve(self, key: tuple[str, str], qname: dns.name.Name, rtype: str) -> Answer:
+        self._queries += 1
+        try:
+            # dnspython's lifetime is checked only between attempts (after a
+            # back-off sleep); wait_for makes `timeout` the hard deadline.
+            answer = await asyncio.wait_for(self._ask(qname, rtype), self.timeout)
+        except asyncio.TimeoutError:
+            answer = Answer(UNKNOWN, reason=REASON_TIMEOUT)
+        if answer.status == UNKNOWN:
+            self._failures += 1
+        elif answer.ttl > 0 and self.cache_size:
+            self._cache[key] = (self._clock() + answer.ttl, answer)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return answer
+
+    async def _ask(self, qname: dns.name.Name, rtype: str) -> Answer:
+        try:
+            result = await self._resolver.resolve(qname, rtype, raise_on_no_answer=False, search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.kwargs.get("responses") or {}
+            return Answer(NONE, ttl=self._neg_ttl(next(iter(responses.values()), None)),
+                          reason=REASON_NXDOMAIN)
+        except dns.exception.Timeout:
+            return Answer(UNKNOWN, reason=REASON_TIMEOUT)
+        except dns.resolver.NoNameservers as exc:
+            return Answer(UNKNOWN, reason=_failure_reason(exc))
+        except (dns.exception.DNSException, OSError, ValueError) as exc:
+            log.info("dns.error name=%s type=%s error=%r", qname, rtype, exc)
+            return Answer(UNKNOWN, reason=f"error: {type(exc).__name__}")
+        if result.rrset is None:
+            return Answer(NONE, ttl=self._neg_ttl(result.response), reason=REASON_NODATA)
+        ttl = min(float(result.chaining_result.minimum_ttl), self.positive_ttl_max)
+        return Answer(OK, _values(rtype, result.rrset), int(ttl))
+
+    def _neg_ttl(self, response: dns.message.Message | None) -> int:
+        ttl = _negative_ttl(response)
+        if ttl is None:
+            ttl = self.negative_ttl_default
+        return int(min(ttl, self.negative_ttl_max))
+
+
+def _failure_reason(exc: dns.resolver.NoNameservers) -> str:
+    """The last server's complaint: servfail, refused, ... or `error`."""
+    for error in reversed(exc.kwargs.get("errors") or []):
+        what = error[3]
+        if isinstance(what, str):
+            return _RCODE_REASONS.get(what, what.lower())
+        return f"error: {type(what).__name__}"
+    return "error"
+
+
+def merge_addresses(a: Answer, aaaa: Answer) -> Answer:
+    """The A and AAAA answers of one name as one answer (see `addresses`)."""
+    parts = (a, aaaa)
+    if any(p.status == OK for p in parts):
+        values = a.values + aaaa.values if a.ok and aaaa.ok else (a.values if a.ok else aaaa.values)
+        return Answer(OK, values, min(p.ttl for p in parts if p.ok))
+    if all(p.status == NONE for p in parts):
+        return Answer(NONE, ttl=min(a.ttl, aaaa.ttl), reason=a.reason if a.reason == aaaa.reason else REASON_NODATA)
+    failed = next(p for p in parts if p.status == UNKNOWN)
+    return Answer(UNKNOWN, reason=failed.reason)
+
+
+async def within(
+    budget: float,
+    awaitables: Mapping[str, Awaitable[T]],
+    timed_out: Callable[[str], T],
+) -> dict[str, T]:
+    """Run `awaitables` concurrently under one deadline of `budget` seconds.
+
+    Returns every key: the result, or `timed_out(key)` for what did not finish
+    in time (cancelled) or raised (logged: a bug in a source, not a DNS fact).
+    The stage costs its slowest awaitable, capped at the budget."""
+    tasks = {key: asyncio.ensure_future(aw) for key, aw in awaitables.items()}
+    try:
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=max(0.0, budget))
+    finally:
+        pending = [t for t in tasks.values() if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    results: dict[str, T] = {}
+    for key, task in tasks.items():
+        if task.cancelled():
+            results[key] = timed_out(key)
+        elif task.exception() is not None:
+            log.error("dns.gather_failed key=%s", key, exc_info=task.exception())
+            results[key] = timed_out(key)
+        else:
+            results[key] = task.result()
+    return results
+
+
+async def gather_within(budget: float, /, **lookups: Awaitable[Answer]) -> dict[str, Answer]:
+    """`within` for DNS answers: unfinished lookups are UNKNOWN ("deadline").
+
+        got = await gather_within(10.0, ptr=r.ptr(ip), a=r.addresses(helo))
+    """
+    return await within(budget, lookups, lambda _key: UNKNOWN_DEADLINE)
+
+
+# -- settings ----------------------------------------------------------------
+
+_DNS_KEYS = ("servers", "timeout", "stage_budget", "cache_size", "negative_ttl_max")
+STAGE_BUDGET_MAX = 300.0  # RFC 5321 §4.5.3.2: clients give up after 5 minutes
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    """`[dns]`: the resolver and the per-stage lookup deadline."""
+
+    # Empty: the system's /etc/resolv.conf. A local caching resolver is what
+    # DNSBL operators ask for (Spamhaus refuses queries from public resolvers).
+    servers: tuple[str, ...] = ()
+    # Issue 4: one query, all retries included, gives up after 5 s.
+    timeout: float = DEFAULT_TIMEOUT
+    # One stage's lookups (PTR, forward, DNSBLs) share one deadline. 10 s:
+    # RFC 5321 §4.5.3.2 lets a client wait 5 minutes for the greeting and for
+    # each reply, so the protocol tolerates it, but every second holds a
+    # connection slot and real senders give up long before 5 minutes; 10 s is
+    # two query timeouts (a lookup chained on another still fits) and is
+    # Postfix's postscreen_dnsbl_timeout.
+    stage_budget: float = DEFAULT_STAGE_BUDGET
+    cache_size: int = DEFAULT_CACHE_SIZE
+    negative_ttl_max: float = DEFAULT_NEGATIVE_TTL_MAX
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any], prefix: str = "dns") -> "DnsSettings":
+        for key in table:
+            if key not in _DNS_KEYS:
+                raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(_DNS_KEYS)}")
+        values: dict[str, Any] = {}
+        if "servers" in table:
+            servers = table["servers"]
+            if isinstance(servers, str):
+                servers = [servers]
+            if not isinstance(servers, (list, tuple)) or not all(isinstance(s, str) for s in servers):
+                raise ConfigError(f"{prefix}.servers", f"expected a list of \"IP\", \"IP:PORT\" or \"[IPv6]:PORT\", got {servers!r}")
+            for server in servers:
+                try:
+                    parse_server(server)
+                except ValueError as exc:
+                    raise ConfigError(f"{prefix}.servers", str(exc)) from None
+            values["servers"] = tuple(servers)
+        # (key, lowest allowed, whether the lowest is allowed, highest)
+        for key, low, low_ok, high in (("timeout", 0.0, False, 60.0),
+                                       ("stage_budget", 0.0, False, STAGE_BUDGET_MAX),
+                                       ("negative_ttl_max", 0.0, True, 86400.0)):
+            if key in table:
+                try:
+                    seconds = parse_duration(table[key])
+                except ValueError as exc:
+                    raise ConfigError(f"{prefix}.{key}", str(exc)) from None
+                if not (low <= seconds if low_ok else low < seconds) or seconds > high:
+                    floor = f"at least {low:g}s" if low_ok else f"more than {low:g}s"
+                    raise ConfigError(f"{prefix}.{key}", f"must be {floor} and at most {high:g}s, got {table[key]!r}")
+                values[key] = seconds
+        if "cache_size" in table:
+            size = table["cache_size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ConfigError(f"{prefix}.cache_size", f"expected a whole number of entries >= 0 (0 turns the cache off), got {size!r}")
+            values["cache_size"] = size
+        return cls(**values)
