@@ -25,7 +25,7 @@ class Recipient:
 
     @property
     def address(self) -> str:
-        return f"{self.local}@{self.domain}"
+        return f"{self.local}@{self.domain}" if self.domain else self.local
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +101,9 @@ def check_recipient(address: str, served: DomainSet) -> Recipient | str:
     §4.1.1.3: "SHOULD ignore the route"); a relay hack passes only when
     every destination it names is a served domain too.
     """
+    if address.lower() == "postmaster":
+        # RFC 5321 §4.1.1.3: "RCPT TO:<Postmaster>" without a domain must be accepted.
+        return Recipient(address, "")
     parts = split_recipient(address)
     if parts is None:
         return "BAD-ADDRESS"

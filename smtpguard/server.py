@@ -1,0 +1,338 @@
+"""Listeners and the wire: the only module that imports aiosmtpd.
+
+aiosmtpd owns the SMTP protocol; `GuardSMTP` adds what a filtering front
+needs and aiosmtpd lacks: the connect stage before the banner (it has no
+hook there, so `_handle_client` — a private method — is wrapped; the minor
+version is pinned in pyproject.toml and an end-to-end test proves the
+connect stage runs before 220), the SYN capture, our own reply format for
+aiosmtpd's protocol errors, an error budget, a 421 on idle timeout, and no
+AUTH. Listening sockets are made here: SO_REUSEPORT for one process per
+core, TCP_SAVE_SYN for the OS fingerprint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+from typing import Any
+
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import SMTP
+
+from smtpguard.config import Config
+from smtpguard.core import reply as replies
+from smtpguard.core.facts import ClientInfo
+from smtpguard.observe.log import event
+from smtpguard.session import ClientSession
+
+# Linux socket options (include/uapi/linux/tcp.h); read unprivileged since 4.2.
+TCP_SAVE_SYN = 27
+TCP_SAVED_SYN = 28
+SAVED_SYN_MAX = 512  # IPv6 (40) + TCP with options (60) fit many times over
+# Pending connections: Postfix's default listen backlog on Linux.
+LISTEN_BACKLOG = 100
+
+# aiosmtpd's own protocol-error replies, rewritten into the proxy's format
+# (prefix -> reason, code, enhanced code, text; None keeps aiosmtpd's text).
+AIOSMTPD_REPLIES: tuple[tuple[str, str, int, str, str | None], ...] = (
+    ("500 Error: bad syntax", "SYNTAX", 500, "5.5.2", "bad syntax"),
+    ("500 Command line too long", "LINE-TOO-LONG", 500, "5.5.2", None),
+    ("500 Line too long", "DATA-LINE-TOO-LONG", 500, "5.6.0", None),
+    ("500 Error: strict ASCII mode", "SYNTAX", 500, "5.6.7", "non-ASCII text without SMTPUTF8"),
+    ("500 Error: command ", "SYNTAX", 500, "5.5.1", "command not recognized"),
+    ("502 5.5.1 Too many unrecognized commands", "ERRORS", 421, "4.7.0", None),
+    ("502 EXPN", "SYNTAX", 502, "5.5.1", "EXPN is not available"),
+    ("552 Error: message size exceeds", "SIZE", 552, "5.3.4", None),
+    ("552 Error: Too much mail data", "SIZE", 552, "5.3.4", None),
+    ("553 5.1.3 Error: malformed address", "BAD-ADDRESS", 553, "5.1.3", "malformed address"),
+    ("555 ", "SYNTAX", 555, "5.5.4", "parameters not recognized or not implemented"),
+    ("501 Error: BODY", "SYNTAX", 501, "5.5.4", "BODY must be 7BIT or 8BITMIME"),
+    ("501 Error: SMTPUTF8", "SYNTAX", 501, "5.5.4", "SMTPUTF8 is not supported here"),
+    ("501 ", "SYNTAX", 501, "5.5.4", "syntax error"),
+    ("503 Error: need MAIL", "SEQUENCE", 503, "5.5.1", "need MAIL before RCPT"),
+    ("503 Error: need RCPT", "SEQUENCE", 503, "5.5.1", "need an accepted RCPT before DATA"),
+    ("503 Error: nested MAIL", "SEQUENCE", 503, "5.5.1", "nested MAIL command"),
+    ("503 Error: send HELO first", "SEQUENCE", 503, "5.5.1", "send HELO or EHLO first"),
+)
+
+
+def _rewrite(status: str) -> tuple[str, int] | None:
+    for prefix, reason, code, enhanced, text in AIOSMTPD_REPLIES:
+        if status.startswith(prefix):
+            body = text or status[4:].removeprefix("Error: ")
+            return replies.render(replies.Reply(code, enhanced, reason, body)), code
+    return None
+
+
+class GuardSMTP(SMTP):
+    """aiosmtpd's SMTP with the connect stage, SYN capture and our reply rules."""
+
+    def __init__(self, handler: ClientSession, server: "Server", **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.guard = handler
+        self.server = server
+        self.errors = 0
+        self.in_data = False
+        self._banner_line: str | None = None
+
+    # -- connection -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # the first call, not the STARTTLS one
+            peer = transport.get_extra_info("peername") or ("", 0)
+            local = transport.get_extra_info("sockname") or ("", 0)
+            syn = None
+            sock = transport.get_extra_info("socket")
+            if sock is not None and self.server.save_syn:
+                try:
+                    syn = sock.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, SAVED_SYN_MAX) or None
+                except OSError:
+                    syn = None
+            ip = peer[0].removeprefix("::ffff:") if isinstance(peer, tuple) else str(peer)
+            self.guard.client = ClientInfo(
+                session_id=self.server.new_session_id(), ip=ip, port=peer[1] if isinstance(peer, tuple) else 0,
+                local_ip=local[0] if isinstance(local, tuple) else "", local_port=local[1] if isinstance(local, tuple) else 0,
+                syn=syn)
+            self.guard.facts.update(ip=ip, port=self.guard.client.port)
+            self.server.sessions.add(self)
+        super().connection_made(transport)
+        if self.session is not None and self.session.ssl is not None:
+            info = self.session.ssl
+            cipher = info.get("cipher")
+            if cipher:
+                self.guard.tls_info = f"{cipher[1]} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+            else:
+                self.guard.tls_info = "TLS"
+            self.guard.facts["tls"] = True
+
+    def connection_lost(self, error: Exception | None) -> None:
+        first = self.transport is not None
+        super().connection_lost(error)
+        if first and self in self.server.sessions:
+            self.server.sessions.discard(self)
+            self.server.track(self.loop.create_task(self.guard.on_close()))
+
+    async def _handle_client(self) -> None:
+        # The connect stage (and the PROXY header before it) runs before the
+        # banner: aiosmtpd has no hook there (DESIGN.md).
+        if self.server.config.server.proxy_protocol:
+            self._reset_timeout(self.server.config.server.proxy_timeout)
+            data = await get_proxy(self._reader)
+            if not data or not data.valid or data.src_addr is None:
+                event("proxy.invalid", logging.WARNING, session=self.guard.client.session_id,
+                      ip=self.guard.client.ip)
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            c = self.guard.client
+            ip = str(data.src_addr).removeprefix("::ffff:")
+            self.guard.client = ClientInfo(c.session_id, ip, int(data.src_port or 0), c.local_ip,
+                                           c.local_port, None, via_proxy=True)
+            self.guard.facts.update(ip=ip, port=self.guard.client.port)
+            self._reset_timeout()
+        self._banner_line = await self.guard.on_connect()
+        await super()._handle_client()
+
+    # -- replies ----------------------------------------------------------
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            if self._banner_line is not None and status.startswith("220 "):
+                status, self._banner_line = self._banner_line, None
+            elif status is self.guard.verbatim:
+                self.guard.verbatim = None
+            elif status[:1] in "45" and "[" not in status[:12]:
+                rewritten = _rewrite(status)
+                if rewritten is not None:
+                    status = rewritten[0]
+            if status[:1] in "45":
+                self.errors += 1
+                if self.errors >= self.server.config.server.max_errors and not status.startswith("421"):
+                    await super().push(status)
+                    status = self.guard.render(replies.make("ERRORS"))
+                    self._close_after(status)
+        await super().push(status)
+        if isinstance(status, str) and status.startswith("421") and self.transport is not None:
+            self.transport.close()
+
+    def _close_after(self, status: str) -> None:
+        event("close.errors", logging.INFO, session=self.guard.client.session_id, ip=self.guard.client.ip,
+              errors=self.errors, reply=status)
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2: a server closing an idle session says so with 421.
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self._writer.write((self.guard.render(replies.make("IDLE")) + "\r\n").encode("ascii"))
+            except Exception:  # the transport may already be gone
+                pass
+        event("idle_timeout", session=self.guard.client.session_id, ip=self.guard.client.ip)
+        super()._timeout_cb()
+
+    # -- commands -----------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push(self.guard.render(replies.make("NO-AUTH")))
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
+        if self.server.stopping and self.transport is not None:
+            await self.push(self.guard.render(replies.make("SHUTDOWN")))
+
+    def shutdown(self) -> None:
+        """Graceful stop: 421 now unless in DATA, where the message may finish first."""
+        if not self.in_data and self.transport is not None:
+            try:
+                self._writer.write((self.guard.render(replies.make("SHUTDOWN")) + "\r\n").encode("ascii"))
+            except Exception:
+                pass
+            self.transport.close()
+
+
+class Server:
+    """The listeners of one process and the sessions they hold."""
+
+    def __init__(self, config: Config, services: Any) -> None:
+        self.config = config
+        self.services = services
+        self.sessions: set[GuardSMTP] = set()
+        self.stopping = False
+        self.save_syn = False
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._prefix = secrets.token_hex(3)
+        self._counter = itertools.count(1)
+        self.tls_context = self._tls_context()
+
+    def new_session_id(self) -> str:
+        # Unique per process and start, short enough to grep: not guessable
+        # across restarts, so it can sit in a resolution URL.
+        return f"{self._prefix}{next(self._counter):06x}"
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        s = self.config.server
+        if not (s.tls_cert and s.tls_key):
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        # RFC 7435 opportunistic security: any client may encrypt; a port-25
+        # server does not require client certificates.
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def _protocol(self) -> GuardSMTP:
+        s = self.config.server
+        handler = ClientSession(self.services, ClientInfo("", "", 0))
+        return GuardSMTP(
+            handler, self,
+            hostname=s.hostname,
+            ident="ESMTP smtpguard",
+            data_size_limit=s.max_message_size,
+            tls_context=self.tls_context,
+            timeout=s.idle_timeout,
+            auth_require_tls=True,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],
+        )
+
+    def _listen_socket(self, host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
+                self.save_syn = True
+            except OSError:
+                pass  # not Linux ≥ 4.2: the os fact will be unknown
+            sock.bind((host, port))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def start(self) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        bound: list[tuple[str, int]] = []
+        for host, port in self.config.server.listen:
+            sock = self._listen_socket(host, port)
+            srv = await loop.create_server(self._protocol, sock=sock)
+            self._servers.append(srv)
+            bound.append(sock.getsockname()[:2])
+        event("listening", addresses=" ".join(f"{h}:{p}" for h, p in bound),
+              upstream=f"{self.config.upstream.host}:{self.config.upstream.port}")
+        return bound
+
+    async def stop(self) -> None:
+        """Stop listening; let sessions in DATA finish within the grace period; 421 the rest."""
+        self.stopping = True
+        for srv in self._servers:
+            srv.close()
+        for sess in list(self.sessions):
+            sess.shutdown()
+        deadline = asyncio.get_running_loop().time() + self.config.server.grace_period
+        while self.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # polling a condition with a deadline, not synchronisation by sleep
+            for sess in list(self.sessions):
+                if not sess.in_data:
+                    sess.shutdown()
+        for sess in list(self.sessions):
+            sess.in_data = False
+            sess.shutdown()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        event("stopped", sessions_left=len(self.sessions))
+
+
+async def serve(config: Config, services: Any, ready: "asyncio.Future[list[tuple[str, int]]] | None" = None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP asks the services to reload."""
+    server = Server(config, services)
+    bound = await server.start()
+    if ready is not None and not ready.done():
+        ready.set_result(bound)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if hasattr(services, "reload"):
+        loop.add_signal_handler(signal.SIGHUP, lambda: server.track(loop.create_task(services.reload())))
+    housekeeping = loop.create_task(_housekeeping(services, stop))
+    try:
+        await stop.wait()
+    finally:
+        event("stopping", pid=os.getpid(), sessions=len(server.sessions))
+        await server.stop()
+        housekeeping.cancel()
+        await services.close()
+
+
+async def _housekeeping(services: Any, stop: asyncio.Event) -> None:
+    """Timers that never run inside a client's session (DESIGN.md)."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+        try:
+            await services.housekeeping()
+        except Exception:
+            event("housekeeping.error", logging.ERROR, exc_info=True)

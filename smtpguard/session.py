@@ -1,0 +1,395 @@
+"""One client's session: the orchestrator (DESIGN.md's one data path).
+
+At each stage (connect, helo, mail, rcpt, data) the session asks the fact
+sources for what that stage needs (concurrently, within one deadline), asks
+the pure policy for a verdict, and either writes the proxy's own reply or
+carries the command to the upstream MTA and forwards the MTA's reply. It is
+the only place that calls sources, policy and upstream, in stage order.
+
+Connection state (facts, HELO, TLS, the policy's sticky verdicts) is kept
+apart from transaction state (sender, recipients, the upstream
+transaction): RSET and the end of DATA clear the latter only (STYLE.md §12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from email.utils import formatdate
+from typing import Any, Protocol
+
+from smtpguard.adapters.upstream import ClientIdentity, Transaction, Upstream, UpstreamReply
+from smtpguard.config import Config
+from smtpguard.core import reply as replies
+from smtpguard.core.address import Recipient, check_recipient
+from smtpguard.core.facts import ClientInfo, FactValue
+from smtpguard.errors import UpstreamError
+from smtpguard.observe.log import event
+
+STAGES = ("connect", "helo", "mail", "rcpt", "data")
+
+
+class Verdict(Protocol):
+    """What the session needs of the policy's verdict (core/policy.py)."""
+
+    action: str
+    rule: str | None
+    reason: str
+    text: str
+    strict: bool
+    observed: tuple[Any, ...]
+    deferred_to: str | None
+
+
+class Services(Protocol):
+    """Per-process shared parts: config, upstream pool, fact sources, policy."""
+
+    config: Config
+    upstream: Upstream
+
+    async def facts(self, stage: str, session: "ClientSession") -> dict[str, FactValue]: ...
+
+    def decide(self, stage: str, facts: dict[str, FactValue]) -> Verdict | None: ...
+
+    async def graylist(self, session: "ClientSession", rcpt: str, strict: bool) -> dict[str, FactValue]: ...
+
+
+class ClientSession:
+    """The aiosmtpd handler of one connection (a new one per connection)."""
+
+    def __init__(self, services: Services, client: ClientInfo) -> None:
+        self.services = services
+        self.config = services.config
+        self.client = client
+        self.started = time.monotonic()
+        self.facts: dict[str, FactValue] = {"ip": client.ip, "port": client.port, "tls": False}
+        self.helo = ""
+        self.esmtp = False
+        self.tls_info = ""
+        # sticky policy state for the connection
+        self.accepted_by: str | None = None     # an `accept` rule: later rules skipped
+        self.pending: Verdict | None = None     # a reject/tempfail deferred to RCPT (reject_at)
+        self.grey: Verdict | None = None        # graylist required (strict or not)
+        self.tarpit = 0.0
+        # transaction state
+        self.sender: str | None = None
+        self.mail_options: list[str] = []
+        self.rcpt_count = 0
+        self.txn: Transaction | None = None
+        # counters for the summary line
+        self.messages = 0
+        self.refusals = 0
+        self.last_reason = ""
+        self.verbatim: str | None = None  # the upstream reply being forwarded as is
+
+    # --- replies -------------------------------------------------------
+
+    def url_context(self, rcpt: str = "") -> dict[str, str]:
+        return {"ip": self.client.ip, "helo": self.helo, "sender": self.sender or "",
+                "rcpt": rcpt, "session": self.client.session_id}
+
+    def render(self, reply: replies.Reply, rcpt: str = "") -> str:
+        return replies.render(reply, self.config.server.resolution_url, self.url_context(rcpt))
+
+    def refuse(self, stage: str, reply: replies.Reply, rcpt: str = "", rule: str | None = None,
+               action: str = "reject") -> str:
+        line = self.render(reply, rcpt)
+        self.refusals += 1
+        self.last_reason = reply.reason
+        event("reject" if reply.code >= 500 else "defer", logging.INFO,
+              session=self.client.session_id, ip=self.client.ip, port=self.client.port,
+              stage=stage, action=action, reason=reply.reason, rule=rule,
+              sender=self.sender, rcpt=rcpt, reply=line)
+        return line
+
+    def forward(self, r: UpstreamReply) -> str:
+        self.verbatim = r.wire()
+        return self.verbatim
+
+    # --- policy --------------------------------------------------------
+
+    async def run_stage(self, stage: str) -> Verdict | None:
+        """Gather the stage's facts, then decide; the verdict's effects are the caller's."""
+        self.facts.update(await self.services.facts(stage, self))
+        if self.accepted_by:
+            return None
+        verdict = self.services.decide(stage, self.facts)
+        if verdict is None:
+            return None
+        for observed in verdict.observed:
+            event("observe", session=self.client.session_id, ip=self.client.ip, stage=stage,
+                  would=str(observed))
+        if verdict.action == "accept":
+            self.accepted_by = verdict.rule or "accept"
+            self.pending = self.grey = None
+            event("accept", session=self.client.session_id, ip=self.client.ip, stage=stage, rule=verdict.rule)
+        elif verdict.action == "tarpit":
+            self.tarpit = max(self.tarpit, float(getattr(verdict, "delay", 0.0) or 0.0))
+        elif verdict.action == "graylist":
+            if self.grey is None or (verdict.strict and not self.grey.strict):
+                self.grey = verdict
+        elif verdict.action in ("reject", "tempfail") and verdict.deferred_to:
+            if self.pending is None:
+                self.pending = verdict
+                event("reject.deferred", session=self.client.session_id, ip=self.client.ip,
+                      stage=stage, rule=verdict.rule, reason=verdict.reason, until=verdict.deferred_to)
+        return verdict
+
+    def verdict_reply(self, verdict: Verdict, stage: str) -> replies.Reply:
+        code, enhanced, default_text = replies.REASONS.get(verdict.reason, replies.REASONS["POLICY"])
+        if verdict.action == "tempfail":
+            code, enhanced = (code, enhanced) if 400 <= code < 500 else (451, "4.7.1")
+        else:
+            code, enhanced = (code, enhanced) if code >= 500 else (550, "5.7.1")
+            if stage == "connect":
+                code = 554  # RFC 5321 §3.1: 554 in place of the 220 greeting
+        return replies.Reply(code, enhanced, verdict.reason, verdict.text or default_text)
+
+    async def slow(self) -> None:
+        if self.tarpit:
+            await asyncio.sleep(self.tarpit)  # spamd-style stuttering: a deliberate delay, not synchronisation
+
+    # --- stages (aiosmtpd hooks) -----------------------------------------
+
+    async def on_connect(self) -> str | None:
+        """Runs before the banner; a line returned replaces the 220 greeting."""
+        event("connect", logging.DEBUG, session=self.client.session_id, ip=self.client.ip, port=self.client.port)
+        verdict = await self.run_stage("connect")
+        if verdict is not None and verdict.action in ("reject", "tempfail") and not verdict.deferred_to:
+            self.banner_refusal = self.verdict_reply(verdict, "connect")
+            if verdict.action == "tempfail":
+                self.banner_refusal = replies.Reply(421, self.banner_refusal.enhanced,
+                                                    self.banner_refusal.reason, self.banner_refusal.text)
+            return self.refuse("connect", self.banner_refusal, rule=verdict.rule, action=verdict.action)
+        return None
+
+    banner_refusal: replies.Reply | None = None
+
+    def refused_session(self) -> str | None:
+        """After a 554 greeting every command but QUIT gets 503 (RFC 5321 §3.1)."""
+        if self.banner_refusal is None:
+            return None
+        r = self.banner_refusal
+        return self.render(replies.Reply(503, "5.5.1", r.reason, r.text))
+
+    async def _helo(self, hostname: str, esmtp: bool) -> str | None:
+        refused = self.refused_session()
+        if refused:
+            return refused
+        self.helo = hostname
+        self.esmtp = esmtp
+        self.facts["helo"] = hostname
+        await self._reset_transaction()
+        verdict = await self.run_stage("helo")
+        await self.slow()
+        if verdict is not None and verdict.action in ("reject", "tempfail") and not verdict.deferred_to:
+            return self.refuse("helo", self.verdict_reply(verdict, "helo"), rule=verdict.rule, action=verdict.action)
+        return None
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+        refused = await self._helo(hostname, esmtp=False)
+        if refused:
+            return refused
+        session.host_name = hostname
+        return f"250 {self.config.server.hostname}"
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        refused = await self._helo(hostname, esmtp=True)
+        if refused:
+            return [refused]
+        session.host_name = hostname
+        # No AUTH on an inbound port-25 front (aiosmtpd would offer it after
+        # STARTTLS); PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034)
+        # are what every reply here honours.
+        lines = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")]
+        lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+        return lines
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        refused = self.refused_session()
+        if refused:
+            return refused
+        await self._reset_transaction()
+        sender = "" if address == "<>" else address
+        self.sender = sender
+        self.mail_options = list(mail_options)
+        self.facts["sender"] = sender
+        self.facts["sender_domain"] = sender.rpartition("@")[2].lower() if "@" in sender else ""
+        verdict = await self.run_stage("mail")
+        await self.slow()
+        if verdict is not None and verdict.action in ("reject", "tempfail") and not verdict.deferred_to:
+            self.sender = None
+            return self.refuse("mail", self.verdict_reply(verdict, "mail"), rule=verdict.rule, action=verdict.action)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        refused = self.refused_session()
+        if refused:
+            return refused
+        limits = self.config.server
+        if len(envelope.rcpt_tos) >= limits.max_recipients:
+            return self.refuse("rcpt", replies.make("RCPT-LIMIT"), address)
+        checked = check_recipient(address, limits.served)
+        if isinstance(checked, str):
+            domain = address.rpartition("@")[2] or address
+            text = (f"relay to {replies.clean(domain)} is not allowed here" if checked == "RELAY" else None)
+            return self.refuse("rcpt", replies.make(checked, text), address)
+        self.facts["rcpt"] = checked.address
+        self.facts["rcpt_domain"] = checked.domain
+        verdict = await self.run_stage("rcpt")
+        await self.slow()
+        for v in (self.pending, verdict):
+            if v is not None and v.action in ("reject", "tempfail") and not self.accepted_by:
+                return self.refuse("rcpt", self.verdict_reply(v, "rcpt"), address, rule=v.rule, action=v.action)
+        if self.grey is not None and not self.accepted_by:
+            grey = await self.greylist(checked)
+            if grey is not None:
+                return grey
+        return await self.relay_rcpt(envelope, address, checked)
+
+    async def greylist(self, rcpt: Recipient) -> str | None:
+        assert self.grey is not None
+        facts = await self.services.graylist(self, rcpt.address, self.grey.strict)
+        self.facts.update(facts)
+        state = facts.get("graylist")
+        if state in ("passed", "allowed"):
+            return None
+        if state == "trapped":
+            return self.refuse("rcpt", replies.make("TRAP"), rcpt.address, rule=self.grey.rule)
+        if state == "unknown":
+            if facts.get("graylist_on_error") == "accept":
+                event("grey.store_error", logging.WARNING, session=self.client.session_id,
+                      ip=self.client.ip, action="accept", error=facts.get("graylist_error"))
+                return None
+            return self.refuse("rcpt", replies.make("GREY-STORE"), rcpt.address, rule=self.grey.rule, action="tempfail")
+        wait = int(facts.get("graylist_wait") or 0)  # type: ignore[call-overload]
+        reply = replies.make("GREY", f"greylisted, try again in {wait} seconds" if wait else None)
+        line = self.render(reply, rcpt.address)
+        self.refusals += 1
+        self.last_reason = "GREY"
+        event("grey.defer", session=self.client.session_id, ip=self.client.ip, rule=self.grey.rule,
+              sender=self.sender, rcpt=rcpt.address, wait=wait, reply=line)
+        return line
+
+    async def relay_rcpt(self, envelope: Any, address: str, rcpt: Recipient) -> str:
+        """Mirror the RCPT on the upstream and forward its reply (DESIGN.md: relay in real time)."""
+        try:
+            if self.txn is None or self.txn.mail_reply is None:
+                identity = ClientIdentity(self.client.ip, str(self.facts.get("rdns_name") or "")
+                                          if self.facts.get("rdns") == "confirmed" else "",
+                                          self.helo, self.esmtp)
+                self.txn = Transaction(self.services.upstream, identity)
+                mail = await self.txn.begin(self.sender or "", self.mail_options)
+                if not mail.ok:
+                    event("relay.mail_refused", session=self.client.session_id, ip=self.client.ip,
+                          sender=self.sender, code=mail.code, text=mail.text)
+            mail = self.txn.mail_reply
+            assert mail is not None
+            if not mail.ok:
+                # The MTA refused the sender: every recipient gets its answer.
+                return self.forward(mail)
+            r = await self.txn.rcpt(address)
+        except UpstreamError as e:
+            self.txn = None
+            return self.refuse("rcpt", replies.make(e.args[0] if e.args else "UPSTREAM"), address)
+        if r.ok:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend([])
+        else:
+            event("relay.rcpt_refused", session=self.client.session_id, ip=self.client.ip,
+                  sender=self.sender, rcpt=address, code=r.code, text=r.text)
+        return self.forward(r)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        verdict = await self.run_stage("data")
+        await self.slow()
+        if verdict is not None and verdict.action in ("reject", "tempfail"):
+            await self._reset_transaction()
+            return self.refuse("data", self.verdict_reply(verdict, "data"), rule=verdict.rule, action=verdict.action)
+        txn = self.txn
+        if txn is None or not txn.open:
+            return self.refuse("data", replies.make("UPSTREAM"))
+        content: bytes = envelope.original_content or b""
+        trace = self.received_header(envelope.rcpt_tos)
+        try:
+            r = await txn.data(trace + content)
+        except UpstreamError as e:
+            self.txn = None
+            return self.refuse("data", replies.make(e.args[0] if e.args else "UPSTREAM"))
+        self.txn = None
+        self.sender = None
+        if r.ok:
+            self.messages += 1
+            event("relay.accepted", session=self.client.session_id, ip=self.client.ip,
+                  size=len(content), rcpts=len(envelope.rcpt_tos), reply=r.text.split("\n")[-1])
+        else:
+            event("relay.refused", session=self.client.session_id, ip=self.client.ip,
+                  size=len(content), code=r.code, reply=r.text.split("\n")[-1])
+        return self.forward(r)
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        await self._reset_transaction()
+        return "250 2.0.0 OK"
+
+    async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+        return "250 2.0.0 OK"
+
+    async def handle_VRFY(self, server: Any, session: Any, envelope: Any, address: str) -> str:
+        # RFC 5321 §3.5.3: 252 when the server will not verify; never a callout.
+        return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        await self._reset_transaction()
+        return "221 2.0.0 Bye"
+
+    async def handle_PROXY(self, server: Any, session: Any, envelope: Any, proxy_data: Any) -> bool:
+        return True
+
+    async def handle_exception(self, error: Exception) -> str:
+        # No exception text ever reaches a client (DESIGN.md).
+        event("internal_error", logging.ERROR, exc_info=True, session=self.client.session_id,
+              ip=self.client.ip, error=type(error).__name__)
+        self.txn = None
+        return self.render(replies.make("INTERNAL"))
+
+    async def _reset_transaction(self) -> None:
+        self.sender = None
+        self.mail_options = []
+        txn, self.txn = self.txn, None
+        if txn is not None:
+            try:
+                await txn.reset()
+            except UpstreamError:
+                pass
+
+    async def on_close(self) -> None:
+        await self._reset_transaction()
+        digest = " ".join(f"{k}={v}" for k, v in self.facts.items()
+                          if k in ("country", "os", "rdns", "dnsbl_score", "graylist") and v not in (None, ""))
+        event("close", session=self.client.session_id, ip=self.client.ip, port=self.client.port,
+              helo=self.helo, duration=round(time.monotonic() - self.started, 3),
+              messages=self.messages, refusals=self.refusals, reason=self.last_reason or None,
+              rule=self.accepted_by, facts=digest or None)
+
+    # --- trace ------------------------------------------------------------
+
+    def received_header(self, rcpts: list[str]) -> bytes:
+        """RFC 5321 §4.4 trace: the real client, as the MTA behind cannot see it."""
+        helo = replies.clean(self.helo or "unknown", 255).replace(" ", "_")
+        rdns = self.facts.get("rdns_name") if self.facts.get("rdns") == "confirmed" else None
+        host = replies.clean(str(rdns), 255) if rdns else "unknown"
+        ip = self.client.ip
+        literal = f"IPv6:{ip}" if ":" in ip else ip
+        proto = ("ESMTPS" if self.tls_info else "ESMTP") if self.esmtp else ("SMTPS" if self.tls_info else "SMTP")
+        tls = f"\r\n\t(using {self.tls_info})" if self.tls_info else ""
+        for_clause = f"\r\n\tfor <{replies.clean(rcpts[0], 256)}>" if len(rcpts) == 1 else ""
+        header = (f"Received: from {helo} ({host} [{literal}]){tls}\r\n"
+                  f"\tby {self.config.server.hostname} (smtpguard) with {proto} id {self.client.session_id}"
+                  f"{for_clause};\r\n\t{formatdate(localtime=True)}\r\n")
+        return header.encode("ascii", "replace")
