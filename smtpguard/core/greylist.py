@@ -1,0 +1,453 @@
+"""Graylisting: who is asking (keys), and what the stored state says (transitions).
+
+Decides: for one RCPT, whether the (client, sender, recipient) triplet is
+  seen for the first time (`new`), retried too early (`deferred`), retried
+  after the delay (`passed`), trusted without graylisting (`allowed`), or sent
+  from a network caught writing to a spamtrap (`trapped`).
+Inputs: the client address, its forward-confirmed registrable rDNS domain (or
+  None), MAIL FROM, RCPT TO, the stored entries for the triplet and the client
+  identity (already decoded, or None), a `strict` flag and `now` (epoch
+  seconds, passed in: this module reads no clock).
+Output: a `TripletStep` (decision, seconds still to wait, the entry to write
+  and its expiry, whether the triplet passed just now) or a `ClientStep`; the
+  caller (sources/greylist.py) does the I/O and writes what it is told to.
+Failure modes: none raised for data that came from the store: a value that
+  does not decode is treated as absent (the triplet starts again as `new`,
+  which costs a sender one more delay and never accepts mail it should not).
+  A malformed client address is a ValueError (the session never has one).
+Defaults and why (see `GreyPolicy`): delay 180 s (many MTAs retry first
+  between 200 and 300 s and next only after an hour or more, so postgrey's
+  300 s costs real senders hours), retry window 2 days (postgrey's), passed
+  triplets and auto-allowed clients remembered 35 days after last use
+  (postgrey's max-age), auto-allow after 5 passed triplets (postgrey's
+  --auto-whitelist-clients), strict clients remembered 1 day, traps last
+  24 hours (spamd's greytrap blacklist time).
+
+Client identity: large senders retry from another address of their pool, so
+the identity is the confirmed registrable rDNS domain when there is one, else
+the /24 (IPv4) or /64 (IPv6) network. Traps are keyed by the network only: a
+confirmed domain may cover a provider's whole fleet, and one address writing
+to a trap should not cost every customer of that provider a day of mail.
+
+Sender normalisation: retries of one message and later messages of one sender
+must map to one key although bounce addresses carry per-message tags (VERP),
+daily signatures (BATV) or forwarder wrappers (SRS). See `normalise_sender`.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass, replace
+
+# ---------------------------------------------------------------------------
+# Policy (numbers only; the sources module parses them from [graylist]).
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class GreyPolicy:
+    """The numbers that drive the transitions. Durations in seconds."""
+
+    # Many MTAs first retry between 200 and 300 s and the next time only an
+    # hour or more later; postgrey's 300 s misses that first retry and costs
+    # real senders hours. 180 s still stops bots, which mostly never retry.
+    delay: float = 180.0
+    # postgrey's --retry-window (2 days): an MTA gives up after 4-5 days, so a
+    # retry two days later is still a real MTA; unretried entries expire then.
+    retry_window: float = 2 * DAY
+    # postgrey's --max-age (35 days): a passed triplet, refreshed on each use.
+    max_age: float = 35 * DAY
+    # postgrey's --auto-whitelist-clients default: 5 successful retries.
+    auto_allow_after: int = 5
+    # Suspicious clients (e.g. Windows fingerprints) must have passed a retry
+    # within the last day; one day keeps daily correspondents cheap.
+    strict_max_age: float = 1 * DAY
+    # spamd's greytrap blacklist lifetime (GREYTRAP 24 h, spamd(8)).
+    trap_ttl: float = 1 * DAY
+    # /24 and /64: the granularity postgrey (--lookup-by-subnet) and spamd
+    # use for pools; a provider's retry comes from a neighbour address.
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+    # Refresh a remembered entry's expiry at most this often: each refresh is
+    # a write, and a 35-day memory does not care about an hour. Also bounds
+    # the imprecision of strict_max_age (an hour of a day).
+    refresh_every: float = 3600.0
+
+
+class Decision(enum.Enum):
+    """The graylist fact values (FACTS['graylist']), minus `unknown`, which
+    only the source produces when the store cannot answer."""
+
+    NEW = "new"
+    DEFERRED = "deferred"
+    PASSED = "passed"
+    ALLOWED = "allowed"
+    TRAPPED = "trapped"
+
+
+# What each decision means on the wire when the policy follows the graylist
+# (code, enhanced code, reason). RFC 3463 §3.8: X.7.1 "delivery not
+# authorized"; 451 is a transient refusal (RFC 5321 §4.2.2). The store-down
+# row is GREY-STORE: tempfail by default (graylist.on_error).
+REPLIES: dict[str, tuple[int, str, str] | None] = {
+    Decision.NEW.value: (451, "4.7.1", "GREY"),
+    Decision.DEFERRED.value: (451, "4.7.1", "GREY"),
+    Decision.PASSED.value: None,
+    Decision.ALLOWED.value: None,
+    Decision.TRAPPED.value: (550, "5.7.1", "TRAP"),
+    "unknown": (451, "4.3.0", "GREY-STORE"),
+}
+
+
+# ---------------------------------------------------------------------------
+# Keys. One namespace per kind of entry; the store adds its own prefix.
+
+TRIPLET_PREFIX = "grey:t:"
+CLIENT_PREFIX = "grey:c:"
+TRAP_PREFIX = "grey:trap:"
+ALLOW_PREFIX = "grey:allow:"
+
+# Prefix lengths an admin allow entry may have; the check looks up every
+# supernet of the client of these lengths in one batched read, so the set is
+# bounded: IPv4 /8../32, IPv6 /16../128 on nibble boundaries (how IPv6
+# allocations are made, RFC 6177 §2).
+ALLOW_V4_LENGTHS: tuple[int, ...] = tuple(range(8, 33))
+ALLOW_V6_LENGTHS: tuple[int, ...] = tuple(range(16, 129, 4))
+
+
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
+    return addr
+
+
+def network_of(ip: str, policy: GreyPolicy) -> str:
+    """The client's pool network: `192.0.2.0/24`, `2001:db8:1:2::/64`."""
+    addr = _address(ip)
+    length = policy.ipv4_prefix if addr.version == 4 else policy.ipv6_prefix
+    return str(ipaddress.ip_network(f"{addr}/{length}", strict=False))
+
+
+def client_identity(ip: str, rdns_confirmed_domain: str | None, policy: GreyPolicy) -> str:
+    """The confirmed registrable rDNS domain, else the pool network."""
+    if rdns_confirmed_domain:
+        return rdns_confirmed_domain.strip().rstrip(".").lower()
+    return network_of(ip, policy)
+
+
+def _key_part(text: str) -> str:
+    # Keys stay readable (`grey:t:<client> <sender> <rcpt>`); a space inside
+    # a quoted local part (RFC 5321 §4.1.2) is escaped so the join is
+    # unambiguous.
+    return text.replace("%", "%25").replace(" ", "%20")
+
+
+def _unkey_part(text: str) -> str:
+    return text.replace("%20", " ").replace("%25", "%")
+
+
+def triplet_key(identity: str, sender: str, rcpt: str) -> str:
+    return TRIPLET_PREFIX + " ".join(_key_part(p) for p in (identity, sender, rcpt))
+
+
+def split_triplet_key(key: str) -> tuple[str, str, str] | None:
+    """(identity, sender, rcpt) from a triplet key, None for another key."""
+    if not key.startswith(TRIPLET_PREFIX):
+        return None
+    parts = key[len(TRIPLET_PREFIX):].split(" ")
+    if len(parts) != 3:
+        return None
+    return (_unkey_part(parts[0]), _unkey_part(parts[1]), _unkey_part(parts[2]))
+
+
+def client_key(identity: str) -> str:
+    return CLIENT_PREFIX + _key_part(identity)
+
+
+def trap_key(network: str) -> str:
+    return TRAP_PREFIX + network
+
+
+def allow_key(target: str) -> str:
+    """`grey:allow:<network or domain>`; `target` as `parse_allow_target` gives it."""
+    return ALLOW_PREFIX + target
+
+
+def parse_allow_target(text: str) -> str:
+    """Canonical form of an admin allow target: a CIDR network (an address
+    is its /32 or /128) or a registrable domain. ValueError says what is
+    allowed."""
+    text = text.strip().rstrip(".").lower()
+    if not text:
+        raise ValueError("expected a CIDR network or a domain, got an empty value")
+    if re.fullmatch(r"[0-9a-f:.]+(/\d+)?", text) and (":" in text or text[0].isdigit()):
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{text!r} is not a network: {exc}") from None
+        if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
+            raise ValueError(f"{text!r}: write IPv4-mapped networks as IPv4")
+        lengths = ALLOW_V4_LENGTHS if net.version == 4 else ALLOW_V6_LENGTHS
+        if net.prefixlen not in lengths:
+            raise ValueError(
+                f"{text!r}: allowed prefix lengths are /8../32 for IPv4 and "
+                f"/16../128 in steps of 4 for IPv6"
+            )
+        return str(net)
+    if not _DOMAIN.fullmatch(text):
+        raise ValueError(f"{text!r} is neither a CIDR network nor a domain name")
+    return text
+
+
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{2,63}")
+
+
+def allow_keys(ip: str, rdns_confirmed_domain: str | None) -> list[str]:
+    """Every admin allow key that would cover this client, for one batched read."""
+    addr = _address(ip)
+    lengths = ALLOW_V4_LENGTHS if addr.version == 4 else ALLOW_V6_LENGTHS
+    keys = [allow_key(str(ipaddress.ip_network(f"{addr}/{n}", strict=False))) for n in lengths]
+    if rdns_confirmed_domain:
+        keys.append(allow_key(rdns_confirmed_domain.strip().rstrip(".").lower()))
+    return keys
+
+
+# ---------------------------------------------------------------------------
+# Sender normalisation.
+
+# BATV (draft-levine-smtp-batv-01 §3.1): `prvs=TAG=user@domain`, the tag
+# changes daily; `msprvs1=TAG=user@` is a variant seen from bulk senders;
+# Barracuda writes `btv1==TAG==user@`.
+_BATV = (
+    re.compile(r"^(?:prvs|msprvs\d*)=[^=@]+=(.+)$"),
+    re.compile(r"^btv1==[^=@]+==(.+)$"),
+)
+# SRS (libsrs2 / Shevek's SRS spec): SRS0=HHH=TT=orig.domain=user@forwarder;
+# the separator after SRS0/SRS1 may be `=`, `+` or `-`. SRS1 wraps an SRS0
+# address once more: SRS1=HHH=first.forwarder==HHH=TT=orig.domain=user@second.
+_SRS0 = re.compile(r"^srs0[=+-][^=]*=[^=]*=([^=]+)=(.+)$")
+_SRS1 = re.compile(r"^srs1[=+-][^=]*=[^=]*=[=+-][^=]*=[^=]*=([^=]+)=(.+)$")
+# Local-part tokens between separators. A token with a digit, or a long hex
+# run, is a per-message tag (VERP ids, message ids, timestamps).
+_TOKEN_SPLIT = re.compile(r"([-=._])")
+_HEX_RUN = re.compile(r"^[0-9a-f]{8,}$")
+_VOLATILE = re.compile(r"#(?:[-=._]#)+")
+_DIGITS = re.compile(r"\d+")
+
+NULL_SENDER = "<>"
+
+
+def _volatile(token: str) -> bool:
+    return any(c.isdigit() for c in token) or bool(_HEX_RUN.match(token))
+
+
+def _unwrap(local: str, domain: str) -> tuple[str, str]:
+    """Strip BATV and SRS wrappers, innermost last; bounded nesting."""
+    for _ in range(4):
+        for pattern in _BATV:
+            m = pattern.match(local)
+            if m:
+                inner = m.group(1)
+                break
+        else:
+            inner = None
+        if inner is not None:
+            local = inner
+            continue
+        m = _SRS1.match(local) or _SRS0.match(local)
+        if m:
+            domain, local = m.group(1), m.group(2)
+            continue
+        break
+    return local, domain
+
+
+def normalise_sender(sender: str) -> str:
+    """The graylist form of MAIL FROM, stable across retries and messages.
+
+    1. `<>` (null sender, RFC 5321 §4.5.5) stays its own key.
+    2. The whole address is lowercased. RFC 5321 §2.4 lets a server treat
+       local parts case-sensitively, but also says exploiting that hinders
+       interoperability; a retry re-sends the same bytes anyway, so folding
+       can only merge two mailboxes that differ in case, which at worst lets
+       one skip a delay the other earned.
+    3. BATV and SRS wrappers are removed down to the original address.
+    4. The sub-address after the first `+` is dropped (RFC 5233; SendGrid
+       and list servers put the VERP id there).
+    5. Local-part tokens holding digits or long hex runs become `#`, a run
+       of them one `#` (Mailchimp, SES, list VERP ids).
+    6. Digit runs in domain labels other than the last two become `#`
+       (bulk senders use per-host bounce domains like mail42.atl11.example.net).
+    """
+    addr = sender.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1]
+    if not addr:
+        return NULL_SENDER
+    addr = addr.lower()
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        return addr
+    domain = domain.rstrip(".")
+    local, domain = _unwrap(local, domain)
+    local = local.split("+", 1)[0]
+    parts = _TOKEN_SPLIT.split(local)
+    # parts alternates token, separator, token, ...
+    local = "".join(
+        "#" if i % 2 == 0 and _volatile(p) else p for i, p in enumerate(parts)
+    )
+    local = _VOLATILE.sub("#", local)
+    labels = domain.split(".")
+    if len(labels) > 2:
+        labels = [_DIGITS.sub("#", lab) for lab in labels[:-2]] + labels[-2:]
+    return f"{local}@{'.'.join(labels)}"
+
+
+def normalise_rcpt(rcpt: str) -> str:
+    """RCPT TO as a key: angle brackets off, lowercased (see step 2 above).
+    No tag stripping: user+tag is a real, distinct destination."""
+    addr = rcpt.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1]
+    return addr.lower().rstrip(".")
+
+
+# ---------------------------------------------------------------------------
+# Stored entries and their string form (the store keeps strings).
+
+
+class TripletState(enum.Enum):
+    DEFERRED = "d"   # seen, not yet retried after the delay
+    PASSED = "p"     # retried after the delay: remembered for max_age
+
+
+@dataclass(frozen=True, slots=True)
+class TripletEntry:
+    state: TripletState
+    first_seen: float   # the first attempt: the clock the delay runs from
+    last_seen: float    # last refresh (DEFERRED: last attempt; PASSED: last use, +-refresh_every)
+    attempts: int       # attempts while deferred, including the first
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEntry:
+    passed: int         # triplets of this identity that passed a retry
+    last_seen: float    # last refresh; the entry lives max_age after it
+
+
+def encode_triplet(entry: TripletEntry) -> str:
+    return f"{entry.state.value} {entry.first_seen:.3f} {entry.last_seen:.3f} {entry.attempts}"
+
+
+def decode_triplet(value: str | None) -> TripletEntry | None:
+    if value is None:
+        return None
+    try:
+        state, first, last, attempts = value.split(" ")
+        return TripletEntry(TripletState(state), float(first), float(last), int(attempts))
+    except ValueError:
+        return None  # unreadable: start again (see Failure modes)
+
+
+def encode_client(entry: ClientEntry) -> str:
+    return f"{entry.passed} {entry.last_seen:.3f}"
+
+
+def decode_client(value: str | None) -> ClientEntry | None:
+    if value is None:
+        return None
+    try:
+        passed, last = value.split(" ")
+        return ClientEntry(int(passed), float(last))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Transitions.
+
+
+@dataclass(frozen=True, slots=True)
+class TripletStep:
+    decision: Decision            # NEW, DEFERRED or PASSED
+    wait: float                   # seconds until a retry would pass (0 when passed)
+    write: TripletEntry | None    # None: leave the stored entry as it is
+    expires_at: float             # expiry of `write` (ignored when write is None)
+    newly_passed: bool            # this attempt turned DEFERRED into PASSED
+
+
+def _new(now: float, policy: GreyPolicy) -> TripletStep:
+    entry = TripletEntry(TripletState.DEFERRED, now, now, 1)
+    return TripletStep(Decision.NEW, policy.delay, entry, now + policy.retry_window, False)
+
+
+def _deferred_step(entry: TripletEntry, now: float, policy: GreyPolicy, strict: bool) -> TripletStep:
+    elapsed = now - entry.first_seen
+    if elapsed < policy.delay:
+        # Too early: count the attempt but keep the clock and the expiry
+        # (a bot hammering every minute must not keep its entry alive).
+        again = replace(entry, last_seen=now, attempts=entry.attempts + 1)
+        return TripletStep(Decision.DEFERRED, policy.delay - elapsed, again,
+                           entry.first_seen + policy.retry_window, False)
+    passed = TripletEntry(TripletState.PASSED, entry.first_seen, now, entry.attempts)
+    memory = policy.strict_max_age if strict else policy.max_age
+    return TripletStep(Decision.PASSED, 0.0, passed, now + memory, True)
+
+
+def _passed_step(entry: TripletEntry, now: float, policy: GreyPolicy, strict: bool) -> TripletStep:
+    if strict and now - entry.last_seen > policy.strict_max_age:
+        # Strict clients get no credit for old traffic: start again.
+        return _new(now, policy)
+    if now - entry.last_seen < policy.refresh_every:
+        return TripletStep(Decision.PASSED, 0.0, None, 0.0, False)
+    memory = policy.strict_max_age if strict else policy.max_age
+    return TripletStep(Decision.PASSED, 0.0, replace(entry, last_seen=now), now + memory, False)
+
+
+_BY_STATE = {
+    TripletState.DEFERRED: _deferred_step,
+    TripletState.PASSED: _passed_step,
+}
+
+
+def triplet_step(entry: TripletEntry | None, *, now: float, strict: bool, policy: GreyPolicy) -> TripletStep:
+    """The decision for one attempt of a triplet and what to store.
+
+    `entry` is what the store returned for the triplet key (expired entries
+    are already gone: the store drops them at their expiry).
+    """
+    if entry is None:
+        return _new(now, policy)
+    return _BY_STATE[entry.state](entry, now, policy, strict)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStep:
+    write: ClientEntry | None
+    expires_at: float
+
+
+def client_passed(entry: ClientEntry | None, *, now: float, policy: GreyPolicy) -> ClientStep:
+    """One more triplet of this identity passed a retry (postgrey counts
+    successful retries for --auto-whitelist-clients)."""
+    passed = (entry.passed if entry else 0) + 1
+    return ClientStep(ClientEntry(passed, now), now + policy.max_age)
+
+
+def client_seen(entry: ClientEntry, *, now: float, policy: GreyPolicy) -> ClientStep:
+    """An auto-allowed identity came back: keep it for max_age after its
+    last use, refreshing at most every `refresh_every`."""
+    if now - entry.last_seen < policy.refresh_every:
+        return ClientStep(None, 0.0)
+    return ClientStep(replace(entry, last_seen=now), now + policy.max_age)
+
+
+def auto_allowed(entry: ClientEntry | None, *, strict: bool, policy: GreyPolicy) -> bool:
+    """Whether the identity skips graylisting. Strict mode never does."""
+    if strict or entry is None or policy.auto_allow_after <= 0:
+        return False
+    return entry.passed >= policy.auto_allow_after
