@@ -1,0 +1,216 @@
+;
+; smtpguard.fp -- smtpguard's own SYN signatures, in p0f v3 syntax
+; ------------------------------------------------------------------
+;
+; Format: p0f README section 5. Only [tcp:request] is read by smtpguard:
+;
+;   label = type:class:name:flavor     type s = specific, g = generic (last resort)
+;   sig   = ver:ittl:olen:mss:wsize,scale:olayout:quirks:pclass
+;
+; These entries were written for smtpguard from what is published about each
+; stack (its initial TTL, how it sizes the SYN window, its window-scale shift,
+; the order in which it writes TCP options, its IP ID and DF habits), not
+; copied from p0f.fp. Each group says where its numbers come from. The label
+; name decides the family a rule sees (core/syn.py FAMILY_BY_NAME):
+; Windows -> windows, Linux -> linux, Android -> android, macOS -> macos,
+; iOS -> ios, FreeBSD -> freebsd, OpenBSD -> openbsd, anything else -> other.
+;
+; Conventions used below:
+;  - ver '*': one line serves IPv4 and IPv6. Quirks of the other IP version
+;    are ignored, so 'df,id+,flow' means "DF and a non-zero IP ID" on IPv4
+;    and "a non-zero flow label" on IPv6.
+;  - df,id+: DF set for path MTU discovery (RFC 1191) with a non-zero IP ID;
+;    every modern stack here does that, except FreeBSD 13+ (see there).
+;  - flow: the stack labels IPv6 flows by default (RFC 6437). The matcher
+;    treats a differing flow label as fuzzy, never as a mismatch.
+;  - mss '*': the MSS follows the link (1460 on Ethernet, 1452 on PPPoE,
+;    1440 on IPv6, ...); only loopback values are written literally.
+;  - 'mss*N' windows also match when a router clamped the MSS option, because
+;    the matcher retries the multiple with the plain-Ethernet MSS.
+;
+
+classes = win,unix,other
+
+[tcp:request]
+
+; ======================================================================
+; Windows: initial TTL 128 on every NT version. Since Vista the SYN options
+; are MSS, NOP, window scale, NOP, NOP, SACK-permitted, and no timestamps
+; unless the admin enables RFC 1323 timestamps (netsh ... timestamps=enabled,
+; which yields MSS, NOP, WS, SACK-permitted, TS).
+; ======================================================================
+
+; NT 5.x (2000, XP, Server 2003): no window scaling and no timestamps by
+; default (registry Tcp1323Opts=0), so the options are MSS, NOP, NOP, SACK.
+; Window: 16 KB rounded up to whole segments, i.e. 17520 = 12 x 1460 on
+; Ethernet (Microsoft's Windows 2000/2003 TCP/IP implementation paper),
+; 64 KB rounded down on fast links (64240 = 44 x 1460), or a registry
+; TcpWindowSize of 65535 or 16384.
+label = s:win:Windows:XP, 2000 or Server 2003
+sig   = *:128:0:*:mss*12,0:mss,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:mss*44,0:mss,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:65535,0:mss,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:16384,0:mss,nop,nop,sok:df,id+:0
+
+; NT 6.0/6.1 clients (Vista, 7): receive-window auto-tuning announces a fixed
+; 8192-byte SYN window with a shift of 2 (Wireshark shows "Win=8192 WS=4").
+label = s:win:Windows:7 or Vista
+sig   = *:128:0:*:8192,2:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:8192,2:mss,nop,ws,sok,ts:df,id+:0
+
+; NT 6.1 server and NT 6.2/6.3 (Server 2008 R2, 8, 8.1, Server 2012): the
+; same 8192 window with a shift of 8 ("Win=8192 WS=256").
+label = s:win:Windows:8, 8.1 or Server 2008 R2-2012
+sig   = *:128:0:*:8192,8:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:8192,8:mss,nop,ws,sok,ts:df,id+:0
+
+; NT 10 (Windows 10, 11, Server 2016 and later): the SYN window is 64 KB
+; rounded down to whole segments, 64240 = 44 x 1460 on Ethernet ("Win=64240
+; WS=256"), 45 x 1440 on IPv6; 65535 with the loopback MSS of 65495.
+label = s:win:Windows:10/11 or Server 2016+
+sig   = *:128:0:*:mss*44,8:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:mss*45,8:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:65535,8:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:mss*44,8:mss,nop,ws,sok,ts:df,id+:0
+
+; Last resort: TTL 128 and a Windows option layout, any window or shift.
+label = g:win:Windows:NT 6 or newer
+sig   = *:128:0:*:*,*:mss,nop,ws,nop,nop,sok:df,id+:0
+label = g:win:Windows:NT 5
+sig   = *:128:0:*:*,0:mss,nop,nop,sok:df,id+:0
+
+; ======================================================================
+; Linux: initial TTL 64 (net.ipv4.ip_default_ttl). Options MSS, SACK-
+; permitted, TS, NOP, WS (net/ipv4/tcp_output.c writes them in that order
+; so that SACK-permitted shares a word with TS); with net.ipv4.tcp_timestamps=0
+; the order is MSS, NOP, NOP, SACK-permitted, NOP, WS. The window is a whole
+; number of segments; how many changed over the years:
+;   2.6.x               4 segments (5840 = 4 x 1460)
+;   2.6.39 - 3.x        10 segments (TCP_DEFAULT_INIT_RCVWND = 10)
+;   3.x - 4.18          20 segments (29200 = 20 x 1460, e.g. RHEL 7, Ubuntu 16.04)
+;   4.19 and newer      64 KB rounded down (64240 = 44 x 1460), after the
+;                       4.19 change "tcp: up initial rmem to 128KB and SYN
+;                       rwin to around 64KB"
+; The shift follows the largest receive buffer (tcp_rmem[2], rmem_max):
+; 7 for the 6 MB default, 9 for 16 MB and 10 for 32 MB, both common tunings.
+; ======================================================================
+
+label = s:unix:Linux:4.19-6.x
+sig   = *:64:0:*:mss*44,7:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,8:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,9:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,10:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*45,7:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*45,9:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,7:mss,nop,nop,sok,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,9:mss,nop,nop,sok,nop,ws:df,id+,flow:0
+
+label = s:unix:Linux:3.x-4.18
+sig   = *:64:0:*:mss*20,*:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*20,*:mss,nop,nop,sok,nop,ws:df,id+,flow:0
+
+label = s:unix:Linux:2.6.39-3.x
+sig   = *:64:0:*:mss*10,*:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*10,*:mss,nop,nop,sok,nop,ws:df,id+,flow:0
+
+label = s:unix:Linux:2.6.x
+sig   = *:64:0:*:mss*4,*:mss,sok,ts,nop,ws:df,id+,flow:0
+
+; Loopback (MTU 65536): MSS 65495 over IPv4 and 65476 over IPv6, and the
+; 64 KB window rounds down to exactly one segment.
+label = s:unix:Linux:loopback
+sig   = 4:64:0:65495:65495,*:mss,sok,ts,nop,ws:df,id+:0
+sig   = 6:64:0:65476:65476,*:mss,sok,ts,nop,ws:flow:0
+
+label = g:unix:Linux:2.6 or newer
+sig   = *:64:0:*:*,*:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:*,*:mss,nop,nop,sok,nop,ws:df,id+,flow:0
+
+; ======================================================================
+; Android: the Linux stack with Android's own buffer settings. Android
+; kernels before 4.19 carried a tcp_default_init_rwnd patch that let the
+; SYN window reach 64 KB (44 x 1460) while mainline Linux announced 10 or 20
+; segments, and Android's per-network tcp_rmem maxima (110208 bytes on
+; UMTS, about 1-2.5 MB on HSPA/Wi-Fi/LTE) give shifts of 1 to 6, below
+; mainline's 7. Android on a 4.19+ kernel sends the same SYN as desktop
+; Linux and is reported as linux: a SYN cannot tell them apart.
+; ======================================================================
+
+label = s:unix:Android:4.x-9
+sig   = *:64:0:*:mss*44,1:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,2:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,3:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,4:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,5:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,6:mss,sok,ts,nop,ws:df,id+,flow:0
+
+; ======================================================================
+; Apple (XNU): initial TTL 64, window 65535, options MSS, NOP, WS, NOP, NOP,
+; TS, SACK-permitted, then EOL with one byte of padding (XNU's tcp_output
+; appends SACK-permitted after the timestamp and pads with EOL). DF is set
+; and IP IDs are random (net.inet.ip.random_id=1); IPv6 flows are labelled
+; (net.inet6.ip6.auto_flowlabel=1). Since OS X 10.11 / iOS 9 Apple asks for
+; ECN on part of its connections and since macOS 10.13 / iOS 11 on most, so
+; each line also exists with the 'ecn' quirk (ECE and CWR set on the SYN).
+; The shift tells the generations apart; macOS 11+ and iOS 14+ both use 6,
+; and that SYN is reported as macos.
+; ======================================================================
+
+label = s:unix:macOS:11 or newer (or iOS 14+)
+sig   = *:64:0:*:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
+sig   = *:64:0:*:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ecn,flow:0
+
+label = s:unix:macOS:10.x
+sig   = *:64:0:*:65535,3:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
+sig   = *:64:0:*:65535,4:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
+sig   = *:64:0:*:65535,5:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
+sig   = *:64:0:*:65535,4:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ecn,flow:0
+sig   = *:64:0:*:65535,5:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ecn,flow:0
+
+; Older iPhones and iPads used the smaller shift of 2 (published p0f v3
+; observations of iOS devices).
+label = s:unix:iOS:iPhone or iPad
+sig   = *:64:0:*:65535,2:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
+sig   = *:64:0:*:65535,2:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ecn,flow:0
+
+label = g:unix:macOS:or iOS
+sig   = *:64:0:*:*,*:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
+sig   = *:64:0:*:*,*:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ecn,flow:0
+
+; ======================================================================
+; FreeBSD: initial TTL 64 (net.inet.ip.ttl), window 65535, options MSS,
+; NOP, WS, SACK-permitted, TS (sys/netinet/tcp_output.c). The BSD shift is
+; the smallest that lets 65535 << shift reach the socket-buffer ceiling
+; kern.ipc.maxsockbuf: 2 MB by default since 9.x gives 6; the 256 KB of 7.x
+; and 8.x gives 3. Since 13.0, net.inet.ip.rfc6864=1 sends IP ID 0 on
+; datagrams with DF set (RFC 6864 §4.1), hence 'df' without 'id+'.
+; ======================================================================
+
+label = s:unix:FreeBSD:13 or newer
+sig   = *:64:0:*:65535,6:mss,nop,ws,sok,ts:df,flow:0
+
+label = s:unix:FreeBSD:9-12
+sig   = *:64:0:*:65535,6:mss,nop,ws,sok,ts:df,id+,flow:0
+
+label = s:unix:FreeBSD:7-8
+sig   = *:64:0:*:65535,3:mss,nop,ws,sok,ts:df,id+,flow:0
+
+label = g:unix:FreeBSD:
+sig   = *:64:0:*:65535,*:mss,nop,ws,sok,ts:df,id+,flow:0
+sig   = *:64:0:*:65535,*:mss,nop,ws,sok,ts:df,flow:0
+
+; ======================================================================
+; OpenBSD: initial TTL 64, window 16384 (tcp_recvspace), options MSS, NOP,
+; NOP, SACK-permitted, NOP, WS, NOP, NOP, TS (sys/netinet/tcp_output.c);
+; random IP IDs with DF. The shift follows sb_max the BSD way: 256 KB gave
+; 3 (4.x, 5.x), the later 2 MB gives 6.
+; ======================================================================
+
+label = s:unix:OpenBSD:6.x or newer
+sig   = *:64:0:*:16384,6:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
+
+label = s:unix:OpenBSD:4.x-5.x
+sig   = *:64:0:*:16384,3:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
+
+label = g:unix:OpenBSD:
+sig   = *:64:0:*:16384,*:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0

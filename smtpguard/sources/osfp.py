@@ -1,0 +1,266 @@
+"""Passive OS fingerprint source: the client's own SYN, read from the kernel.
+
+What it decides: the `os`, `os_name`, `os_distance` and `os_match` facts of
+a client (core/syn.py does the matching; this module does the I/O).
+
+Inputs: ClientInfo.syn — the IP + TCP headers of the client's SYN, which the
+server reads with `read_saved_syn()` from each accepted socket after calling
+`enable_save_syn()` on its listening sockets (Linux ≥ 4.2 `TCP_SAVE_SYN`,
+unprivileged, no pcap, no daemon) — and a SignatureSet (the shipped
+`smtpguard/data/smtpguard.fp` or any p0f v3 `p0f.fp`). Optionally a running
+p0f v3 daemon, asked over its unix API socket when there is no SYN.
+
+Output: an OsFact (core/syn.py).
+
+Failure modes: a connection that came through the PROXY protocol
+(`via_proxy`) gives UNKNOWN: the SYN we hold is the proxy's, never a guess
+at the client's. No SYN (not Linux, option unsupported, already read) and no
+p0f socket gives UNKNOWN. A p0f daemon that is absent, slow (p0f_timeout),
+answers with a bad magic or "no match" gives UNKNOWN. Nothing raises into the
+session. A bad signatures file is a ConfigError at start naming
+`fingerprint.signatures`.
+
+Defaults and why:
+  * signatures = "" -> the shipped smtpguard.fp: our own entries, each with
+    its source; p0f's 2012-2016 file lacks Windows 10/11 and Linux 4.19+.
+  * p0f_socket = "" -> no daemon: our own SYN read needs none.
+  * p0f_timeout = 0.5 s: p0f answers from memory over a local socket in
+    microseconds; half a second bounds a hung daemon well inside the connect
+    stage (postscreen's greet wait is 6 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import os
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Mapping
+
+from smtpguard.core.facts import NONE, OK, ClientInfo
+from smtpguard.core.syn import (
+    MATCH_BY_P0F_QUALITY,
+    NO_MATCH,
+    UNKNOWN_OS,
+    OsFact,
+    SignatureSet,
+    classify,
+    family_of,
+    load_signatures,
+)
+from smtpguard.core.units import parse_duration
+from smtpguard.errors import ConfigError
+
+log = logging.getLogger("smtpguard.osfp")
+
+# include/uapi/linux/tcp.h (Linux 4.2, commit cd8ae85299d5 "tcp: provide SYN
+# headers for passive connections"); Python's socket module does not name them.
+SAVE_SYN = 27
+SAVED_SYN = 28
+# Room for the largest SYN headers: IPv4 60 or IPv6 40 + extension headers,
+# plus TCP 60. The kernel refuses a smaller buffer than the saved headers.
+SAVED_SYN_BUFFER = 512
+
+DEFAULT_SIGNATURES = "smtpguard.fp"   # in smtpguard/data
+
+# p0f v3 API (p0f README §4, api.h): native-endian, packed structs.
+P0F_QUERY_MAGIC = 0x50304601
+P0F_RESPONSE_MAGIC = 0x50304602
+P0F_STATUS_BADQUERY, P0F_STATUS_OK, P0F_STATUS_NOMATCH = 0x00, 0x10, 0x20
+P0F_ADDR_IPV4, P0F_ADDR_IPV6 = 4, 6
+P0F_QUERY = struct.Struct("=IB16s")                        # 21 bytes
+P0F_RESPONSE = struct.Struct("=IIIIIIIIIhBB32s32s32s32s32s32s")  # 232 bytes
+
+
+def enable_save_syn(sock: socket.socket) -> bool:
+    """Ask the kernel to keep each client's SYN headers; call before listen().
+
+    False where unsupported (not Linux, kernel < 4.2, not a TCP socket): the
+    server then runs without fingerprints, and the facts say "unknown".
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, SAVE_SYN, 1)
+    except OSError:
+        return False
+    return True
+
+
+def read_saved_syn(sock: socket.socket | None) -> bytes | None:
+    """The accepted connection's SYN headers, or None.
+
+    The kernel hands them out once and then frees them: call this once per
+    accepted socket, right after accept (transport.get_extra_info("socket")).
+    """
+    if sock is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        data = sock.getsockopt(socket.IPPROTO_TCP, SAVED_SYN, SAVED_SYN_BUFFER)
+    except OSError:
+        return None
+    return bytes(data) or None
+
+
+def load_signature_file(path: str | os.PathLike[str], key: str = "fingerprint.signatures") -> SignatureSet:
+    """Read and parse a p0f v3 signature file; ConfigError naming `key` if bad."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read signature file {os.fspath(path)!r}: {exc.strerror or exc}") from None
+    try:
+        sigs = load_signatures(text, source=os.fspath(path))
+    except ValueError as exc:
+        raise ConfigError(key, f"{os.fspath(path)}: {exc} (p0f v3 syntax expected)") from None
+    if not len(sigs):
+        raise ConfigError(key, f"{os.fspath(path)}: no [tcp:request] signatures in the file")
+    return sigs
+
+
+@functools.lru_cache(maxsize=1)
+def default_signatures() -> SignatureSet:
+    """The shipped smtpguard/data/smtpguard.fp, parsed once per process."""
+    text = resources.files("smtpguard").joinpath("data", DEFAULT_SIGNATURES).read_text(encoding="utf-8")
+    return load_signatures(text, source=DEFAULT_SIGNATURES)
+
+
+# --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintSettings:
+    """The `[fingerprint]` table."""
+
+    # "" = the shipped smtpguard.fp (see the module docstring); else a path
+    # to a p0f v3 file such as /etc/p0f/p0f.fp.
+    signatures: str = ""
+    # "" = do not ask a p0f daemon (our own SYN read needs none).
+    p0f_socket: str = ""
+    # seconds; p0f answers a local query in microseconds (module docstring).
+    p0f_timeout: float = 0.5
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any], prefix: str = "fingerprint") -> FingerprintSettings:
+        return from_mapping(table, prefix)
+
+
+P0F_TIMEOUT_MAX = 10.0  # a fingerprint is not worth holding a client longer
+_KEYS = ("signatures", "p0f_socket", "p0f_timeout")
+
+
+def from_mapping(table: Mapping[str, Any], prefix: str = "fingerprint") -> FingerprintSettings:
+    """Validate the `[fingerprint]` TOML table; ConfigError names the key."""
+    for key in table:
+        if key not in _KEYS:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(_KEYS)}")
+    defaults = FingerprintSettings()
+    values: dict[str, Any] = {}
+    for key in ("signatures", "p0f_socket"):
+        if key in table:
+            value = table[key]
+            if not isinstance(value, str):
+                raise ConfigError(f"{prefix}.{key}", f"expected a file path as a string, got {value!r}")
+            values[key] = value.strip()
+    if "p0f_timeout" in table:
+        try:
+            timeout = parse_duration(table["p0f_timeout"])
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}.p0f_timeout", str(exc)) from None
+        if not 0 < timeout <= P0F_TIMEOUT_MAX:
+            raise ConfigError(f"{prefix}.p0f_timeout",
+                              f"must be more than 0 and at most {P0F_TIMEOUT_MAX:g}s, got {table['p0f_timeout']!r}")
+        values["p0f_timeout"] = timeout
+    return FingerprintSettings(
+        signatures=values.get("signatures", defaults.signatures),
+        p0f_socket=values.get("p0f_socket", defaults.p0f_socket),
+        p0f_timeout=values.get("p0f_timeout", defaults.p0f_timeout),
+    )
+
+
+def signature_set(settings: FingerprintSettings, key: str = "fingerprint.signatures") -> SignatureSet:
+    """The signatures the settings name: call once at start (ConfigError if bad)."""
+    if not settings.signatures:
+        return default_signatures()
+    return load_signature_file(settings.signatures, key)
+
+
+# --------------------------------------------------------------------------
+# p0f v3 daemon API (optional)
+# --------------------------------------------------------------------------
+
+
+def p0f_query(ip: str) -> bytes:
+    """The 21-byte p0f v3 API query for one address (ValueError if not an IP)."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    kind = P0F_ADDR_IPV4 if addr.version == 4 else P0F_ADDR_IPV6
+    return P0F_QUERY.pack(P0F_QUERY_MAGIC, kind, addr.packed.ljust(16, b"\0"))
+
+
+def _cstring(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+
+
+def p0f_fact(response: bytes) -> OsFact:
+    """A p0f v3 API response (232 bytes) -> OsFact; UNKNOWN_OS unless usable."""
+    if len(response) != P0F_RESPONSE.size:
+        return UNKNOWN_OS
+    (magic, status, _first, _last, _conns, _uptime, _wrap, _nat, _chg, distance, _bad_sw,
+     quality, os_name, os_flavor, _http, _http_flavor, _link, _lang) = P0F_RESPONSE.unpack(response)
+    if magic != P0F_RESPONSE_MAGIC or status != P0F_STATUS_OK:
+        return UNKNOWN_OS
+    name, flavor = _cstring(os_name), _cstring(os_flavor)
+    hops = distance if distance >= 0 else None
+    if not name:   # p0f saw the host but matched no signature
+        return OsFact(status=NONE, os="unknown", os_name="unknown", os_distance=hops,
+                      os_match=NO_MATCH, source="p0f")
+    return OsFact(status=OK, os=family_of(name, flavor), os_name=f"{name} {flavor}".strip(),
+                  os_distance=hops, os_match=MATCH_BY_P0F_QUALITY.get(quality, "generic"), source="p0f")
+
+
+async def query_p0f(socket_path: str, ip: str, timeout: float) -> OsFact:
+    """Ask a p0f v3 daemon about `ip`; UNKNOWN_OS on any failure or timeout."""
+    try:
+        query = p0f_query(ip)
+    except ValueError:
+        return UNKNOWN_OS
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(socket_path)
+            writer.write(query)
+            await writer.drain()
+            response = await reader.readexactly(P0F_RESPONSE.size)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        log.warning("osfp.p0f_failed socket=%s error=%s", socket_path, type(exc).__name__)
+        return UNKNOWN_OS
+    finally:
+        if writer is not None:
+            writer.close()
+    return p0f_fact(response)
+
+
+# --------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------
+
+
+async def gather(client: ClientInfo, settings: FingerprintSettings, sigs: SignatureSet) -> OsFact:
+    """The client's OS fact: from its own SYN, else from p0f if configured."""
+    if client.via_proxy:
+        return UNKNOWN_OS
+    if client.syn:
+        return classify(client.syn, sigs)
+    if settings.p0f_socket:
+        return await query_p0f(settings.p0f_socket, client.ip, settings.p0f_timeout)
+    return UNKNOWN_OS
