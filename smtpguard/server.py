@@ -23,7 +23,7 @@ import ssl
 from typing import Any
 
 from aiosmtpd.proxy_protocol import get_proxy
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpguard.config import Config
 from smtpguard.core import reply as replies
@@ -48,8 +48,8 @@ AIOSMTPD_REPLIES: tuple[tuple[str, str, int, str, str | None], ...] = (
     ("500 Error: command ", "SYNTAX", 500, "5.5.1", "command not recognized"),
     ("502 5.5.1 Too many unrecognized commands", "ERRORS", 421, "4.7.0", None),
     ("502 EXPN", "SYNTAX", 502, "5.5.1", "EXPN is not available"),
-    ("552 Error: message size exceeds", "SIZE", 552, "5.3.4", None),
-    ("552 Error: Too much mail data", "SIZE", 552, "5.3.4", None),
+    ("552 Error: message size exceeds", "SIZE", 552, "5.3.4", "message size exceeds the limit of {size} bytes"),
+    ("552 Error: Too much mail data", "SIZE", 552, "5.3.4", "message size exceeds the limit of {size} bytes"),
     ("553 5.1.3 Error: malformed address", "BAD-ADDRESS", 553, "5.1.3", "malformed address"),
     ("555 ", "SYNTAX", 555, "5.5.4", "parameters not recognized or not implemented"),
     ("501 Error: BODY", "SYNTAX", 501, "5.5.4", "BODY must be 7BIT or 8BITMIME"),
@@ -62,11 +62,11 @@ AIOSMTPD_REPLIES: tuple[tuple[str, str, int, str, str | None], ...] = (
 )
 
 
-def _rewrite(status: str) -> tuple[str, int] | None:
+def _rewrite(status: str, size: int) -> str | None:
     for prefix, reason, code, enhanced, text in AIOSMTPD_REPLIES:
         if status.startswith(prefix):
-            body = text or status[4:].removeprefix("Error: ")
-            return replies.render(replies.Reply(code, enhanced, reason, body)), code
+            body = text.format(size=size) if text else status[4:].removeprefix("Error: ")
+            return replies.render(replies.Reply(code, enhanced, reason, body))
     return None
 
 
@@ -148,9 +148,9 @@ class GuardSMTP(SMTP):
             elif status is self.guard.verbatim:
                 self.guard.verbatim = None
             elif status[:1] in "45" and "[" not in status[:12]:
-                rewritten = _rewrite(status)
+                rewritten = _rewrite(status, self.server.config.server.max_message_size)
                 if rewritten is not None:
-                    status = rewritten[0]
+                    status = rewritten
             if status[:1] in "45":
                 self.errors += 1
                 if self.errors >= self.server.config.server.max_errors and not status.startswith("421"):
@@ -174,6 +174,14 @@ class GuardSMTP(SMTP):
                 pass
         event("idle_timeout", session=self.guard.client.session_id, ip=self.guard.client.ip)
         super()._timeout_cb()
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client that fails the handshake is the client's problem: no traceback.
+            event("tls.failed", logging.WARNING, session=self.guard.client.session_id, ip=self.guard.client.ip,
+                  error=str(error.__cause__ or error))
+            return self.guard.render(replies.make("INTERNAL", "TLS handshake failed"))
+        return await self.guard.handle_exception(error)
 
     # -- commands -----------------------------------------------------------
 

@@ -4,4 +4,5 @@ loopback, a redis-server process, an SMTP upstream recorder)."""
 pytest_plugins = [
     "tests.fixtures_dns",
     "tests.fixtures_redis",
+    "tests.fixtures_smtp",
 ]
