@@ -252,7 +252,9 @@ def smtp_sink() -> Iterator[tuple[str, int]]:
             pytest.fail("smtp-sink (Debian package postfix) is missing: .ci/run must install it")
         pytest.skip("smtp-sink (Debian package postfix) is not installed")
     port = free_port()
-    proc = subprocess.Popen([path, "-c", f"127.0.0.1:{port}", "100"], stdout=subprocess.DEVNULL,
+    # smtp-sink refuses to run as root without a user to drop privileges to.
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    proc = subprocess.Popen([path, *user, "-c", f"127.0.0.1:{port}", "100"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         wait_port("127.0.0.1", port)
