@@ -132,6 +132,7 @@ and an action of reject, tempfail or graylist is enforced at once.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
@@ -306,16 +307,22 @@ def _kind(fact: str) -> Kind:
     return derived[1] if derived else FACTS[fact]
 
 
-def _client_address(value: FactValue) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if not isinstance(value, str):
-        return None
+def _client_address(value: FactValue) -> tuple[int, int] | None:
+    """(version, integer) of the client address; None when it is not one."""
+    return _parse_address(value) if isinstance(value, str) else None
+
+
+# Parsed once per client, not once per condition (a 200-rule CIDR policy
+# spent most of its time in ipaddress.ip_address).
+@functools.lru_cache(maxsize=4096)
+def _parse_address(value: str) -> tuple[int, int] | None:
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped  # RFC 4291 §2.5.5.2: a dual-stack socket's IPv4 client
-    return addr
+        addr = addr.ipv4_mapped  # RFC 4291 §2.5.5.2: a dual-stack socket's IPv4 client
+    return addr.version, int(addr)
 
 
 _COMPARE: dict[str, Callable[[float, float], bool]] = {
@@ -341,39 +348,69 @@ class Condition:
     networks: tuple[IPNetwork, ...] = ()
     unknown: bool = False                     # "unknown" is among the values
 
+    # IP networks as (version, first, last) integers, derived from `networks`.
+    ranges: tuple[tuple[int, int, int], ...] = field(default=(), compare=False, repr=False)
+
     def holds(self, facts: Mapping[str, FactValue]) -> bool:
         value = _fact_value(facts, self.fact)
-        if self.kind is Kind.IP and value is not None and not _is_unknown(value):
-            if _client_address(value) is None:
-                value = UNKNOWN  # malformed: could not tell
-        if _is_unknown(value):
+        if isinstance(value, str) and value == UNKNOWN:
             # Negation and comparison never hold on UNKNOWN: an outage must
             # not reject. Only an explicit "unknown" matches it.
             return self.op == "in" and self.unknown
         if self.op == "in":
-            return value is not None and self._member(value)
+            return value is not None and _MEMBER[self.kind](self, value)
         if self.op == "not_in":
-            return value is None or not self._member(value)
+            if value is None:
+                return True
+            if self.kind is Kind.IP and _client_address(value) is None:
+                return False  # malformed: could not tell, so no negation holds
+            return not _MEMBER[self.kind](self, value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         return _COMPARE[self.op](float(value), self.numbers[0])
 
-    def _member(self, value: FactValue) -> bool:
-        if self.kind is Kind.TEXT:
-            text = str(value).lower()
-            if self.fact in DOMAIN_FACTS:
-                text = text.rstrip(".")
-            return text in self.texts or any(text.endswith(s) for s in self.suffixes)
-        if self.kind is Kind.BOOL:
-            return isinstance(value, bool) and value in self.bools
-        if self.kind is Kind.NUMBER:
-            return (not isinstance(value, bool) and isinstance(value, (int, float))
-                    and float(value) in self.numbers)
-        if self.kind is Kind.LIST:
-            items = value if isinstance(value, (tuple, list)) else ()
-            return any(str(item).lower() in self.texts for item in items)
-        addr = _client_address(value)
-        return addr is not None and any(addr in net for net in self.networks)
+
+def _text_member(c: Condition, value: FactValue) -> bool:
+    text = str(value).lower()
+    if c.suffixes or c.fact in DOMAIN_FACTS:
+        text = text.rstrip(".")
+        return text in c.texts or any(text.endswith(s) for s in c.suffixes)
+    return text in c.texts
+
+
+def _bool_member(c: Condition, value: FactValue) -> bool:
+    return isinstance(value, bool) and value in c.bools
+
+
+def _number_member(c: Condition, value: FactValue) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and float(value) in c.numbers)
+
+
+def _list_member(c: Condition, value: FactValue) -> bool:
+    items = value if isinstance(value, (tuple, list)) else ()
+    return any(str(item).lower() in c.texts for item in items)
+
+
+def _ip_member(c: Condition, value: FactValue) -> bool:
+    addr = _client_address(value)
+    if addr is None:
+        return False
+    version, number = addr
+    for v, first, last in c.ranges:
+        if v == version and first <= number <= last:
+            return True
+    return False
+
+
+# How `f = value` compares, by the fact's kind.
+_MEMBER: dict[Kind, Callable[[Condition, FactValue], bool]] = {
+    Kind.TEXT: _text_member,
+    Kind.BOOL: _bool_member,
+    Kind.NUMBER: _number_member,
+    Kind.LIST: _list_member,
+    Kind.IP: _ip_member,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +427,10 @@ class Rule:
     builtin: bool = False        # not written as [[rule]]: the postmaster allowlist
 
     def matches(self, facts: Mapping[str, FactValue]) -> bool:
-        return all(c.holds(facts) for c in self.when)
+        for condition in self.when:
+            if not condition.holds(facts):
+                return False
+        return True
 
     @property
     def facts(self) -> frozenset[str]:
@@ -669,8 +709,10 @@ def _condition(key: str, name: str, raw: Any, stage: str,
     if kind is Kind.NUMBER:
         return Condition(key=name, fact=fact, op=op, kind=kind, unknown=unknown,
                          numbers=tuple(float(v) for v in concrete))
-    return Condition(key=name, fact=fact, op=op, kind=kind, unknown=unknown,
-                     networks=tuple(ipaddress.ip_network(str(v)) for v in concrete))
+    networks = tuple(ipaddress.ip_network(str(v)) for v in concrete)
+    return Condition(key=name, fact=fact, op=op, kind=kind, unknown=unknown, networks=networks,
+                     ranges=tuple((n.version, int(n.network_address), int(n.broadcast_address))
+                                  for n in networks))
 
 
 def _bool(key: str, value: Any) -> bool:
