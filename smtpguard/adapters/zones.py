@@ -330,7 +330,7 @@ def _open_mmdb(path: str) -> Any:
         return maxminddb.open_database(path, maxminddb.MODE_AUTO)
     except FileNotFoundError:
         raise ConfigError("geo.mmdb", f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
         raise ConfigError("geo.mmdb", f"{path}: not a readable MaxMind database ({exc})") from None
 
 
