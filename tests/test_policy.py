@@ -121,10 +121,12 @@ CONDITION_CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
     ("an IPv4-mapped client matches as IPv4", {"ip_in": ["192.0.2.0/24"]},
      {"ip": "::ffff:192.0.2.9"}, True),
     ("an IPv4 address never matches an IPv6 network", {"ip_in": ["::/0"]}, {"ip": "192.0.2.1"}, False),
+    ("a malformed client address matches no network", {"ip_in": ["0.0.0.0/0"]},
+     {"ip": "not-an-ip"}, False),
     ("ip = a single address", {"ip": "192.0.2.1"}, {"ip": "192.0.2.1"}, True),
     ("ip_not_in holds outside every network", {"ip_not_in": ["10.0.0.0/8", "2001:db8::/32"]},
      {"ip": "192.0.2.1"}, True),
-    ("a malformed client address is unknown, so no negation holds", {"ip_not_in": ["10.0.0.0/8"]},
+    ("a malformed client address matches no negation", {"ip_not_in": ["10.0.0.0/8"]},
      {"ip": "not-an-ip"}, False),
     # domains
     ("a domain entry matches that name exactly", {"rdns_domain_in": ["example.com"]},

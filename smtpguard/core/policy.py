@@ -21,8 +21,9 @@ Failure modes:
     every mistake in the configuration raises ConfigError at start, its key
     naming the rule and the key in it (`rule[3] "foreign-windows".when.cuntry:
     unknown fact; known facts: ...`). `decide` never raises for odd fact
-    values: a missing or malformed fact is UNKNOWN. An unknown stage passed
-    to `decide` is a programming error (ValueError).
+    values: a missing fact is UNKNOWN; a malformed client address matches
+    neither a network nor its negation. An unknown stage passed to `decide`
+    is a programming error (ValueError).
 Defaults and why:
     * `reject_at = "rcpt"`: refusals decided at connect, helo or mail are
       held back and issued at RCPT, as Postfix does with smtpd_delay_reject
