@@ -237,7 +237,7 @@ async def allow(store: Store, target: str, *, ttl: float, now: float) -> str:
     """Add an admin allow entry for a CIDR network or a domain; `ttl` may be
     math.inf. Returns the canonical target. ValueError for a bad target."""
     canonical = g.parse_allow_target(target)
-    await store.set(g.allow_key(canonical), f"{now:.0f}", expires_at=now + ttl, now=now)
+    await store.set(g.allow_key(canonical), str(int(now)), expires_at=now + ttl, now=now)
     return canonical
 
 
