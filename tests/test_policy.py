@@ -329,7 +329,7 @@ GEO_ERRORS = [
     ("local cannot be denied", dict(allow=[], deny=["local"]), "geo.deny", "'local' is not an ISO"),
     ("a country string instead of a list", dict(allow="US"), "geo.allow", "expected a list"),
     ("an unknown action for unknown countries", dict(allow=["US"], unknown_action="drop"),
-     "geo.unknown", "expected one of continue, tempfail, reject"),
+     "geo.unknown", "expected one of continue, allow, tempfail, reject, deny"),
 ]
 
 
@@ -429,9 +429,12 @@ DECIDE_CASES: list[tuple[str, dict[str, Any], str, dict[str, Any], dict[str, Any
     ("an allowed client passes",
      doc({"name": "g", "action": "graylist"}), "rcpt", {"graylist": "allowed"},
      dict(action="continue", rule=None)),
-    ("a graylist store that cannot answer lets mail through",
-     doc({"name": "g", "action": "graylist"}), "rcpt", {"graylist": "unknown"},
-     dict(action="continue", rule=None)),
+    ("a trapped client ends evaluation for the session to answer TRAP",
+     doc({"name": "g", "action": "graylist"}, {"name": "b", "action": "accept"}), "rcpt",
+     {"graylist": "trapped"}, dict(action="graylist", rule="g", needs=())),
+    ("a store that cannot answer ends evaluation for graylist.on_error to settle",
+     doc({"name": "g", "action": "graylist"}, {"name": "b", "action": "accept"}), "rcpt",
+     {"graylist": "unknown"}, dict(action="graylist", rule="g", needs=())),
     # observe
     ("an observed rule records what it would do and does not act",
      doc({"name": "a", "action": "reject", "reason": "GEO", "observe": True}), "rcpt", {},
@@ -651,7 +654,15 @@ GEO_SHORTHAND = [
      {"country": "unknown"}, "geo-unknown"),
     ("unknown = reject refuses it", dict(allow=["US"], unknown_action="reject"),
      {"country": "unknown"}, "geo-unknown"),
+    ("unknown = deny (GeoSettings' word) refuses it", dict(allow=["US"], unknown_action="deny"),
+     {"country": "unknown"}, "geo-unknown"),
+    ("unknown = allow lets it through", dict(allow=["US"], unknown_action="allow"),
+     {"country": "unknown"}, None),
+    ("unknown = deny with a deny list refuses it too", dict(allow=[], deny=["RU"], unknown_action="deny"),
+     {"country": "unknown"}, "geo-unknown"),
     ("nothing configured makes no rule", dict(allow=[]), {"country": "RU"}, None),
+    ("without allow or deny there is no geoblocking, so unknown is not refused",
+     dict(allow=[], unknown_action="deny"), {"country": "unknown"}, None),
 ]
 
 

@@ -28,8 +28,9 @@ Defaults and why:
     * `reject_at = "rcpt"`: refusals decided at connect, helo or mail are
       held back and issued at RCPT, as Postfix does with smtpd_delay_reject
       = yes and postscreen with `enforce`: the log then shows sender and
-      recipient, clients that retry after a refusal at connect stop
-      retrying, and postmaster@ stays reachable (below).
+      recipient, clients that take a refused greeting for a temporary
+      failure and retry get a RCPT refusal they bounce, and postmaster@
+      stays reachable (below).
     * `default_postmaster = true`: RCPT to postmaster@ or abuse@ (any served
       domain, or the bare `Postmaster` of RFC 5321 §4.5.1) is accepted before
       any rule of the RCPT stage and before a held-back refusal, so that a
@@ -41,10 +42,12 @@ Defaults and why:
     * `observe = false`: rules act. With observe (global or per rule) a
       matching rule is recorded with the action it would have taken and
       evaluation goes on as if it had not matched.
-    * A graylist whose store cannot answer (`graylist = "unknown"`) lets
-      the recipient through, as Postfix does for a policy service that is
-      down with `default_action = DUNNO`: a store outage must not defer all
-      mail; the graylist source logs it.
+    * A graylist rule is satisfied only by "passed" or "allowed"; every
+      other state (new, deferred, trapped, and unknown when the store cannot
+      answer) ends evaluation with a graylist verdict, and the session maps
+      the state to the reply (core.greylist: GREY, TRAP, or GREY-STORE
+      unless `graylist.on_error = "accept"`): that setting, not the policy,
+      owns what a store outage does.
     * tarpit `delay = "10s"`: spamd(8)'s stutter time (`-S 10`); at most
       119 s, below the shortest client timeout of RFC 5321 §4.5.3.2 (DATA
       initiation, 2 minutes).
@@ -107,10 +110,10 @@ Actions:
                       asks for it (`needs = ("graylist",)`): the session
                       consults the graylist store (strict as the verdict
                       says: no auto-allow of the client), adds the fact and
-                      calls decide again. "passed" or "allowed" (or
-                      "unknown", see above): the rule is satisfied and
-                      evaluation continues; otherwise the verdict is
-                      graylist, a 451 deferral.
+                      calls decide again. "passed" or "allowed": the rule
+                      is satisfied and evaluation continues; otherwise the
+                      verdict is graylist with `needs = ()`, answered by
+                      the state (above).
     tarpit            slow every later reply of this session by `delay`
                       (spamd's stuttering), then keep evaluating: the delay
                       rides on whatever verdict follows.
@@ -128,7 +131,11 @@ verdict whose `deferred_to` was set. Before that stage decide returns the
 pending verdict unchanged (proceed normally); at it, the built-in postmaster
 allowlist may accept the recipient, otherwise the refusal is returned with
 `deferred_to = None`: enforce it now. A verdict with `deferred_to = None`
-and an action of reject, tempfail or graylist is enforced at once.
+and an action of reject, tempfail or graylist is enforced at once. Every
+verdict carries `delay`: keep the largest seen for the session's replies.
+The `graylist` fact belongs to one recipient: drop it before the first
+decide of each RCPT, or the next recipient would reuse the last triplet's
+answer.
 """
 
 from __future__ import annotations
@@ -201,8 +208,8 @@ ACCEPT_SCOPE: dict[str, str] = {
 }
 STICKY_SCOPES: frozenset[str] = frozenset({"session", "transaction"})
 
-# Graylist states that satisfy a graylist rule. "unknown" (store down)
-# passes too: see the module docstring.
+# Graylist states that satisfy a graylist rule; the others are answered by
+# the session from the state (module docstring).
 GRAYLIST_PASSED: frozenset[str] = frozenset({"passed", "allowed"})
 
 # spamd(8) -S: stutter for the first 10 seconds.
@@ -521,7 +528,7 @@ def decide(policy: Policy, stage: str, facts: Mapping[str, FactValue],
             state = facts.get("graylist")
             if state is None:
                 needs = ("graylist",)
-            elif state in GRAYLIST_PASSED or _is_unknown(state):
+            elif state in GRAYLIST_PASSED:
                 continue
         return _verdict(policy, rule, stage, tuple(observed), tuple(matched), delay, needs)
     return Verdict("continue", stage=stage, observe=policy.observe, observed=tuple(observed),
@@ -864,7 +871,13 @@ POSTMASTER_RULE: Rule = _rule(0, {
 }, {}, builtin=True)
 
 # [geo] unknown: what to do with an address that no zone lists.
-GEO_UNKNOWN_ACTIONS: tuple[str, ...] = ("continue", "tempfail", "reject")
+# [geo] unknown: what to do with an address that no zone lists, as an
+# action, or in the words of GeoSettings (sources/geo.py): allow, deny.
+GEO_UNKNOWN_ACTIONS: dict[str, str] = {
+    "continue": "continue", "allow": "continue",
+    "tempfail": "tempfail",
+    "reject": "reject", "deny": "reject",
+}
 
 
 def geo_rules(allow: Sequence[str], deny: Sequence[str] = (), unknown_action: str = "continue",
@@ -872,9 +885,10 @@ def geo_rules(allow: Sequence[str], deny: Sequence[str] = (), unknown_action: st
     """The [geo] shorthand as connect-stage rules, reason GEO, to pass as `implicit`.
 
     `allow`: only these countries (plus local addresses, never blocked);
-    `deny`: not these; `unknown_action` for addresses no zone lists:
-    continue (default: a missing record is common for new allocations and
-    must not block mail), tempfail or reject.
+    `deny`: not these; `unknown_action` for addresses no zone lists when
+    either list is set (without one there is no geoblocking): continue or
+    allow (a missing record is common for new allocations), tempfail, or
+    reject or deny.
     """
     for key, codes in (("allow", allow), ("deny", deny)):
         if isinstance(codes, str) or not all(isinstance(c, str) for c in codes):
@@ -886,6 +900,7 @@ def geo_rules(allow: Sequence[str], deny: Sequence[str] = (), unknown_action: st
     if unknown_action not in GEO_UNKNOWN_ACTIONS:
         raise ConfigError(f"{prefix}.unknown", f"expected one of {', '.join(GEO_UNKNOWN_ACTIONS)}"
                                                f", got {_describe(unknown_action)}")
+    unknown = GEO_UNKNOWN_ACTIONS[unknown_action]
     tables: list[dict[str, Any]] = []
     if deny:
         tables.append({"name": "geo-deny", "stage": "connect", "action": "reject",
@@ -894,11 +909,11 @@ def geo_rules(allow: Sequence[str], deny: Sequence[str] = (), unknown_action: st
         # "local" is never blocked; "unknown" is not matched by a negation.
         tables.append({"name": "geo-allow", "stage": "connect", "action": "reject",
                        "reason": "GEO", "when": {"country_not_in": [*allow, "local"]}})
-    if unknown_action != "continue":
-        tables.append({"name": "geo-unknown", "stage": "connect", "action": unknown_action,
+    if (allow or deny) and unknown != "continue":
+        tables.append({"name": "geo-unknown", "stage": "connect", "action": unknown,
                        "reason": "GEO", "when": {"country": "unknown"},
                        "text": "the country of the client address could not be determined"
-                       + (", try again later" if unknown_action == "tempfail" else "")})
+                       + (", try again later" if unknown == "tempfail" else "")})
     return tuple(_rule(0, t, {}) for t in tables)
 
 
