@@ -96,7 +96,9 @@ Unknown and absent facts: a fact missing from the mapping, or whose value
 is "unknown", is UNKNOWN. A positive condition holds on it only when it
 lists "unknown"; a negated condition (`_not`, `_not_in`) and a comparison
 never hold on it. A fact whose value is None is absent (answered, nothing
-there: no PTR name): positive conditions do not hold, negated ones do.
+there): positive conditions do not hold, negated ones do. An empty string is
+a value like any other: it is what the null sender is (`sender = ""`) and
+what rdns_name is without a PTR, where domain entries never match it.
 
 Stages: each rule runs only at its stage; first match wins among the rules
 of that stage. Facts of earlier stages remain known later, so a check that

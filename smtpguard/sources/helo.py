@@ -1,0 +1,107 @@
+"""The `helo*` facts: what the HELO/EHLO name says, and what DNS says of it.
+
+Decides:
+    nothing: core/helo.py reads the syntax; this module adds one A/AAAA
+    lookup of the name and the comparison with the rDNS name. RFC 5321
+    §4.1.4: a HELO that does not match the client is no reason to refuse by
+    itself; rules decide what these facts are worth.
+Inputs:
+    the HELO/EHLO argument, the client's IP, the rDNS fact already gathered
+    (None if it was not), the shared resolver (adapters/dns.py), who we are
+    (our hostnames, served domains, our addresses) and optionally the stage's
+    remaining budget in seconds.
+Output:
+    HeloFact (core/helo.py): `helo` (as sent, truncated to 255), `helo_valid`,
+    `helo_bare_ip`, `helo_literal_matches`, `helo_is_us` (core/helo.py), and
+    * `helo_resolves`: the name has A or AAAA records;
+    * `helo_matches_ip`: those contain the client's address;
+    * `helo_matches_rdns`: the name equals the rDNS name (case-insensitive).
+    An address literal, a bare IP or an invalid name is not looked up: the
+    three are then false (core/helo.py says what the literal is worth).
+Failure modes:
+    a failed lookup (timeout, SERVFAIL, the budget running out) makes
+    `helo_resolves` and `helo_matches_ip` `unknown` and the status UNKNOWN;
+    `helo_matches_rdns` is `unknown` when the PTR lookup failed or rDNS was
+    not gathered. Nothing raises.
+Defaults and why:
+    none of its own; the lookup's timeout is the resolver's ([dns] timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Iterable
+
+from smtpguard.core.facts import OK, UNKNOWN
+from smtpguard.core.helo import (
+    FQDN,
+    MAX_HELO_LENGTH,
+    HeloFact,
+    OurIdentity,
+    check,
+    fact_status,
+    identity,
+    matches_rdns,
+)
+from smtpguard.core.rdns import RdnsFact
+from smtpguard.sources.rdns import ResolverLike
+
+__all__ = ["HeloFact", "OurIdentity", "gather", "identity"]
+
+
+def _same_address(values: tuple[str, ...], client_ip: str) -> bool:
+    try:
+        client = ipaddress.ip_address(client_ip.strip())
+    except ValueError:
+        return False
+    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
+        client = client.ipv4_mapped
+    for value in values:
+        try:
+            if ipaddress.ip_address(value) == client:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+async def gather(
+    helo: str,
+    client_ip: str,
+    rdns: RdnsFact | None,
+    resolver: ResolverLike,
+    *,
+    our_names: Iterable[str] = (),
+    our_domains: Iterable[str] = (),
+    our_ips: Iterable[str] = (),
+    us: OurIdentity | None = None,
+    budget: float | None = None,
+) -> HeloFact:
+    """The HELO facts of `helo` sent by `client_ip`.
+
+    Pass `us` (built once with `identity()`) instead of the three `our_*`
+    lists to skip parsing them per session; `budget` (seconds) bounds the
+    lookup."""
+    if us is None:
+        us = identity(our_names, our_domains, our_ips)
+    syntax = check(helo, client_ip, us)
+    sent = helo.strip()[:MAX_HELO_LENGTH]
+    if rdns is None:
+        by_rdns = matches_rdns(syntax, UNKNOWN, "") if syntax.kind == FQDN else False
+    else:
+        by_rdns = matches_rdns(syntax, rdns.rdns, rdns.name)
+    if syntax.kind != FQDN:
+        return HeloFact(fact_status(syntax, None), sent, syntax, matches_rdns=by_rdns)
+
+    lookup = resolver.addresses(syntax.name)
+    try:
+        answer = await (lookup if budget is None else asyncio.wait_for(lookup, max(0.0, budget)))
+    except asyncio.TimeoutError:
+        return HeloFact(UNKNOWN, sent, syntax, UNKNOWN, UNKNOWN, by_rdns, reason="deadline")
+    if answer.status == UNKNOWN:
+        return HeloFact(UNKNOWN, sent, syntax, UNKNOWN, UNKNOWN, by_rdns, reason=answer.reason or "unknown")
+    resolves = answer.status == OK and bool(answer.values)
+    return HeloFact(fact_status(syntax, answer.status), sent, syntax, resolves,
+                    resolves and _same_address(answer.values, client_ip), by_rdns,
+                    addresses=answer.values if resolves else ())
