@@ -93,7 +93,7 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 class HeloSyntax:
     """What the HELO argument says on its face."""
 
-    name: str                   # normalised: lower case, no trailing dot, truncated
+    name: str                   # normalised (lower case, no trailing dot), truncated to 255
     kind: str                   # EMPTY FQDN LITERAL BARE_IP INVALID
     valid: bool
     bare_ip: bool
@@ -129,11 +129,12 @@ def identity(names: Iterable[str] = (), domains: Iterable[str] = (),
 
 
 def normalise(helo: str) -> str:
-    """Lower case, surrounding space and one trailing dot removed, truncated."""
+    """Lower case, surrounding space and one trailing dot removed (not
+    truncated: a name is judged whole, and only stored truncated)."""
     text = helo.strip().lower()
     if text.endswith(".") and not text.endswith(".."):
         text = text[:-1]
-    return text[:MAX_HELO_LENGTH]
+    return text
 
 
 def parse_address(text: str) -> IP | None:
@@ -220,7 +221,7 @@ def check(helo: str, client_ip: str, us: OurIdentity = OurIdentity()) -> HeloSyn
             name in us.names or name in us.domains
             or (name in _LOOPBACK_NAMES and not client_on_loopback))
     return HeloSyntax(
-        name=name,
+        name=name[:MAX_HELO_LENGTH],
         kind=kind,
         valid=valid,
         bare_ip=bare,

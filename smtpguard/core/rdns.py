@@ -397,16 +397,22 @@ def _v6_evidence(name: str, addr: ipaddress.IPv6Address) -> tuple[str, str] | No
         singles = ""
     groups = [int(g, 16) for g in addr.exploded.split(":")]
     forms = [{f"{g:04x}", f"{g:x}"} for g in groups]
-    best = 0
+    # Runs of consecutive groups; a partial run counts only at the host end
+    # (ending at the last group): the leading groups are the provider's
+    # prefix, which every customer's name shares.
+    best = tail = 0
     for start in range(len(pieces)):
         for g0 in range(8):
             n = 0
             while start + n < len(pieces) and g0 + n < 8 and pieces[start + n] in forms[g0 + n]:
                 n += 1
-            if n > best and sum(1 for g in groups[g0:g0 + n] if g) >= 2:
-                best = n
+            if sum(1 for g in groups[g0:g0 + n] if g) < 2:
+                continue
+            best = max(best, n)
+            if g0 + n == 8:
+                tail = max(tail, n)
     if best >= 4:
         return ("ip:full", "groups")
-    if best >= 2:
+    if tail >= 2:
         return ("ip:two", "groups")
     return None
