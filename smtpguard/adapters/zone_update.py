@@ -107,13 +107,18 @@ def fetch(url: str, timeout: float, max_bytes: int = MAX_BYTES,
             while True:
                 if clock() > deadline:
                     raise ZoneUpdateError(f"{url}: timed out after {timeout:g} s")
-                chunk = resp.read(_CHUNK)
+                # read1: return after one receive, so the deadline is checked
+                # while a server trickles (read() would wait for a full chunk).
+                chunk = resp.read1(_CHUNK)
                 if not chunk:
                     break
                 total += len(chunk)
                 if total > max_bytes:
                     raise ZoneUpdateError(f"{url}: larger than {max_bytes} bytes; not a country list")
                 chunks.append(chunk)
+            expected = resp.headers.get("Content-Length")
+            if expected is not None and expected.isdigit() and int(expected) != total:
+                raise ZoneUpdateError(f"{url}: the connection closed after {total} of {expected} bytes")
     except urllib.error.HTTPError as exc:
         raise ZoneUpdateError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
