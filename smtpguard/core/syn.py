@@ -33,6 +33,11 @@ Deliberate departures from p0f, and why:
     the family is never guessed from the TTL alone, because that is exactly
     the spoofable, weakest signal, and a rule that graylists "windows" must
     not hit a Linux server that happens to use TTL 128.
+  * A TTL more than MAX_DISTANCE below the initial TTL makes a specific
+    signature fuzzy (as in p0f) but rules a generic one out: a generic
+    signature already ignores window and scale, and with the TTL relaxed too
+    only the option layout would be left, which stacks share (Solaris 10
+    writes Windows' MSS,NOP,WS,NOP,NOP,SACK order with TTL 64).
   * The IPv6 `flow` quirk may appear or vanish as a fuzzy difference: flow
     labels (RFC 6437) are a per-host policy that stacks switched on over the
     years (Linux auto_flowlabels since 3.17), not a property of the stack.
@@ -715,6 +720,8 @@ def _matches(sig: Signature, f: SynFields, by_mss: frozenset[int], by_mtu: froze
     if f.ttl > sig.ittl:         # TTLs only go down (see the module docstring)
         return None
     if not sig.random_ttl and sig.ittl - f.ttl > MAX_DISTANCE:
+        if sig.label.generic:    # layout alone is too little (module docstring)
+            return None
         fuzzy = True
     return fuzzy
 
@@ -749,9 +756,7 @@ def match(fields: SynFields, sigs: SignatureSet) -> OsFact:
 
 
 def _fact(sig: Signature, fields: SynFields, quality: str) -> OsFact:
-    distance = sig.ittl - fields.ttl
-    if sig.random_ttl or distance > MAX_DISTANCE:
-        distance = fields.distance
+    distance = fields.distance if sig.random_ttl else sig.ittl - fields.ttl
     return OsFact(status=OK, os=sig.label.family, os_name=sig.label.display, os_distance=distance,
                   os_match=quality, label=sig.label.text, signature=sig.text, fields=fields)
 
