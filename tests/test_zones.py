@@ -97,6 +97,15 @@ def test_a_malformed_line_is_a_warning_with_file_and_line(tree: Path) -> None:
     assert db.country("198.51.100.1") == "US"   # the rest of the file still loads
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_are_tolerated(tmp_path: Path) -> None:
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "it.zone").write_bytes(b"\xef\xbb\xbf192.0.2.0/24\r\n198.51.100.0/24\r\n")
+    db = GeoDB.open(settings(tmp_path / "z"))
+    assert db.stats.warnings == ()
+    assert (db.country("192.0.2.1"), db.country("198.51.100.1")) == ("IT", "IT")
+    assert db.countries == frozenset({"IT"})
+
+
 def test_a_file_named_after_no_country_is_skipped_with_a_warning(tree: Path) -> None:
     write(tree / "blocklist.zone", "192.0.2.0/24\n")
     db = GeoDB.open(settings(tree))

@@ -419,6 +419,12 @@ class GeoDB:
             return found
         return LOCAL if classify_local(value, version) else UNKNOWN
 
+    @property
+    def countries(self) -> frozenset[str]:
+        """The countries the zone files list (to warn about an allow-list
+        naming a country with no data; an .mmdb's set is not enumerated)."""
+        return frozenset(self.table.countries)
+
     def close(self) -> None:
         """Release the .mmdb file (the zone table needs nothing)."""
         if self.reader is not None:
@@ -463,7 +469,8 @@ def _load_zones(settings: GeoSourceSettings) -> tuple[RangeTable, LoadStats, Any
             warnings_list.append(f"{zf.path}: the name does not start with a country code"
                                  " (like us.zone or us-aggregated.zone); file skipped")
             continue
-        nets, warns = parse_zone_text(data.decode("utf-8", "replace"), zf.path)
+        # utf-8-sig: a byte-order mark some Windows editors write is not a line.
+        nets, warns = parse_zone_text(data.decode("utf-8-sig", "replace"), zf.path)
         warnings_list.extend(warns)
         cc = zf.country
         bounds.extend((v, a, b, cc) for v, a, b in nets)
