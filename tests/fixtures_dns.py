@@ -364,6 +364,9 @@ class DnsServer:
         # the same number; retry if some other process holds it for TCP.
         for _ in range(50):
             udp = socket.socket(family, socket.SOCK_DGRAM)
+            # A burst of hundreds of queries (bench, in-flight tests) must not
+            # overflow the default ~200 KB buffer: the kernel would drop them.
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             udp.bind((self.host, 0))
             port = udp.getsockname()[1]
             tcp = socket.socket(family, socket.SOCK_STREAM)

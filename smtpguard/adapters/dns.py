@@ -1,47 +1,50 @@
 """The one DNS resolver: every lookup in smtpguard goes through here.
 
-Decides: nothing. It answers "what does DNS say about (name, type)" with
-three values a rule can use: OK (answered), NONE (NXDOMAIN or NODATA: the
-name or the data is not there) and UNKNOWN (timeout, SERVFAIL, REFUSED, a
-network error: could not tell). It never raises for a failed lookup.
-
-Inputs: names and record types; the nameservers ("IP", "IP:PORT",
-"[v6]:PORT"; None reads /etc/resolv.conf); a clock (injected for tests).
-
-Output: `Answer(status, values, ttl, reason)`; `values` in text form:
-addresses for A/AAAA, names for PTR/CNAME/NS/MX (lower case, no final dot;
-MX in preference order), strings for TXT.
-
-Behaviour, with the reasons:
-- One dnspython asyncio resolver (`dns.asyncresolver`) with our own cache
-  (dnspython's is off: it reads time.time(), not the injected clock).
-- Each query has a deadline of `timeout` seconds in all (issue 4: 5 s), in
-  which dnspython tries each server with attempts of timeout/2 (glibc's
-  resolv.conf default is `attempts:2`) and falls back to TCP on a truncated
-  UDP answer (RFC 7766 §5). Retries are bounded by that deadline.
-- A bounded LRU cache honours TTLs: positive answers for the smallest TTL of
-  the answer and its CNAME chain, capped at one day (Unbound's cache-max-ttl
-  default); negative answers for min(SOA TTL, SOA MINIMUM) (RFC 2308 §5),
-  capped at `negative_ttl_max` (1 h, within RFC 2308 §5's advice of 1-3 h).
-  A negative answer without an SOA is kept 60 s: RFC 2308 §5 advises not to
-  cache it at all, to stop loops between caching servers; we serve no one
-  else, and one minute spares a burst of connections from one host.
-- UNKNOWN is never cached. RFC 2308 §7.1 would allow 5 minutes for a
-  SERVFAIL, but a client we deferred retries within minutes and must meet a
-  repaired zone; and during an outage a failure cache saves nothing, since
-  every client address asks a different DNSBL name. Concurrent askers of the
-  same name already share one query (below).
-- At most one query per (name, type) is in flight: concurrent callers await
-  the same task (postscreen shares concurrent DNSBL queries). A caller that
-  gives up (a stage deadline) does not cancel it for the others, and its
-  answer still fills the cache.
-- `gather_within(budget, **lookups)` runs a stage's lookups concurrently
-  under one deadline: the stage costs its slowest lookup, never the sum, and
-  what is unfinished at the deadline is UNKNOWN ("deadline").
-
-Failure modes: a name that cannot exist in DNS (empty label, over 255
-octets) or an unparsable address answers NONE ("invalid name"); anything
-unexpected from the DNS library answers UNKNOWN ("error: ...") and is logged.
+Decides:
+    nothing about clients. It answers "what does DNS say about (name, type)"
+    with three values a rule can use: OK (answered), NONE (NXDOMAIN or
+    NODATA: the name or the data is not there) and UNKNOWN (timeout,
+    SERVFAIL, REFUSED, a network error: could not tell).
+Inputs:
+    names and record types; the nameservers ("IP", "IP:PORT", "[v6]:PORT";
+    None reads /etc/resolv.conf); a clock (injected for tests).
+Output:
+    `Answer(status, values, ttl, reason)`, `values` in text form and sorted
+    (an RRset has no order, RFC 2181 §5): addresses for A/AAAA, names for
+    PTR/CNAME/NS (lower case, no final dot), MX names in preference order,
+    strings for TXT. `gather_within(budget, **lookups)` runs a stage's
+    lookups concurrently under one deadline: the stage costs its slowest
+    lookup, never the sum, and what is unfinished at the deadline is UNKNOWN
+    ("deadline"). `stats()` counts lookups, queries, cache hits and joins.
+Failure modes:
+    none raise. A name that cannot exist in DNS (empty label, over 255
+    octets) or an unparsable address answers NONE ("invalid name"); anything
+    unexpected from the DNS library answers UNKNOWN ("error: ...") and is
+    logged. Only a bad `servers` setting raises, as ConfigError, at start.
+Defaults and why:
+    * One dnspython asyncio resolver (`dns.asyncresolver`) with our own cache
+      (dnspython's reads time.time(), not the injected clock).
+    * `timeout` 5 s (issue 4) is the hard deadline of one query, all attempts
+      and servers included; within it dnspython tries each server with
+      attempts of timeout/2 (glibc's resolv.conf default is `attempts:2`) and
+      falls back to TCP on a truncated UDP answer (RFC 7766 §5). EDNS payload
+      1232 (DNS Flag Day 2020: no IP fragmentation).
+    * A bounded LRU cache honours TTLs: positive answers for the smallest TTL
+      of the answer and its CNAME chain, capped at one day (Unbound's
+      cache-max-ttl default); negative answers for min(SOA TTL, SOA MINIMUM)
+      (RFC 2308 §5), capped at `negative_ttl_max` (1 h, within RFC 2308 §5's
+      advice of 1-3 h). A negative answer without an SOA is kept 60 s: RFC
+      2308 §5 advises not to cache it, to stop loops between caching servers;
+      we serve no one else, and one minute spares a burst from one host.
+    * UNKNOWN is never cached. RFC 2308 §7.1 would allow 5 minutes for a
+      SERVFAIL, but a client we deferred retries within minutes and must meet
+      a repaired zone; and during an outage a failure cache saves nothing,
+      since every client address asks a different DNSBL name. Concurrent
+      askers of one name already share one query (next point).
+    * At most one query per (name, type) is in flight: concurrent callers
+      await the same task (postscreen shares concurrent DNSBL queries). A
+      caller that gives up (a stage deadline) does not cancel it for the
+      others, and its answer still fills the cache.
 """
 
 from __future__ import annotations
