@@ -228,7 +228,7 @@ def p0f_fact(response: bytes) -> OsFact:
                   os_distance=hops, os_match=MATCH_BY_P0F_QUALITY.get(quality, "generic"), source="p0f")
 
 
-async def query_p0f(socket_path: str, ip: str, timeout: float) -> OsFact:
+async def query_p0f(socket_path: str, ip: str, timeout: float, session_id: str = "") -> OsFact:
     """Ask a p0f v3 daemon about `ip`; UNKNOWN_OS on any failure or timeout."""
     try:
         query = p0f_query(ip)
@@ -242,7 +242,8 @@ async def query_p0f(socket_path: str, ip: str, timeout: float) -> OsFact:
             await writer.drain()
             response = await reader.readexactly(P0F_RESPONSE.size)
     except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        log.warning("osfp.p0f_failed socket=%s error=%s", socket_path, type(exc).__name__)
+        log.warning("osfp.p0f_failed session=%s socket=%s error=%s",
+                    session_id or "-", socket_path, type(exc).__name__)
         return UNKNOWN_OS
     finally:
         if writer is not None:
@@ -262,5 +263,5 @@ async def gather(client: ClientInfo, settings: FingerprintSettings, sigs: Signat
     if client.syn:
         return classify(client.syn, sigs)
     if settings.p0f_socket:
-        return await query_p0f(settings.p0f_socket, client.ip, settings.p0f_timeout)
+        return await query_p0f(settings.p0f_socket, client.ip, settings.p0f_timeout, client.session_id)
     return UNKNOWN_OS
