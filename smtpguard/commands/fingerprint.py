@@ -22,7 +22,9 @@ naming the flag and exit 2.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import socket
 import string
 import sys
@@ -96,6 +98,19 @@ def _parse_address(text: str) -> tuple[str, int] | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; 0 on success, 2 for bad input, 1 if listening failed."""
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # The reader went away (`... | head -n 3`): stop quietly like other
+        # Unix tools, and keep the interpreter's final flush from failing too.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.hex is not None and args.listen is not None:
         return _fail("HEX and --listen: give one of them, not both")
     if args.hex is None and args.listen is None:
