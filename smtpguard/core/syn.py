@@ -19,8 +19,10 @@ Matching, in the order p0f v3 documents it:
   2. fuzzy: a specific signature matching except that `df`/`id+` vanished,
      `id-`/`ecn` appeared, the IPv6 flow label differs, or the TTL is more
      than MAX_DISTANCE hops below the signature's initial TTL;
-  3. generic: a `g:` signature, exact first, then fuzzy;
-  4. none: nothing matched. `os` is "unknown", `os_match` is "none".
+  3. generic: a `g:` signature, exact first, then fuzzy (quirks only: a
+     generic signature needs a TTL within MAX_DISTANCE, see below);
+  4. none: a SYN that nothing matched: `os` "unknown", `os_match` "none",
+     status NONE. Without a usable SYN every fact is "unknown" (UNKNOWN_OS).
 The first matching signature in file order wins within each tier.
 
 Deliberate departures from p0f, and why:
