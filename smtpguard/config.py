@@ -20,9 +20,16 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from smtpguard.adapters.dns import DnsSettings
 from smtpguard.core.address import DomainSet, normalise_domain
+from smtpguard.core.policy import Policy, geo_rules, parse_policy
 from smtpguard.core.units import parse_duration, parse_size
 from smtpguard.errors import ConfigError
+from smtpguard.sources.dnsbl import DnsblSettings
+from smtpguard.sources.geo import GeoSettings
+from smtpguard.sources.greylist import GraylistSettings, StateSettings
+from smtpguard.sources.osfp import FingerprintSettings
+from smtpguard.sources.rdns import RdnsSettings
 
 # RFC 5321 §4.5.3.2.7: the server waits at least 5 minutes for a command.
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -97,11 +104,19 @@ class LogSettings:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """Every setting, each area's own dataclass; built once, never mutated."""
+
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     log: LogSettings = field(default_factory=LogSettings)
-    dns_servers: tuple[str, ...] = ()
-    raw: Mapping[str, Any] = field(default_factory=dict)  # the merged document, for the other areas
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    geo: GeoSettings = field(default_factory=GeoSettings)
+    fingerprint: FingerprintSettings = field(default_factory=FingerprintSettings)
+    rdns: RdnsSettings = field(default_factory=RdnsSettings)
+    dnsbl: DnsblSettings = field(default_factory=DnsblSettings)
+    graylist: GraylistSettings = field(default_factory=GraylistSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    policy: Policy = field(default_factory=Policy)
     path: str = ""
 
 
@@ -209,15 +224,6 @@ def _url_template(key: str, value: Any) -> str:
     return text
 
 
-def _dns_server(key: str, value: Any) -> str:
-    host, port = parse_hostport(key, value, default_port=53)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(key, f"expected an IP address, got {host!r}") from None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # key -> parser, per table: the tables that code, tests and docs read alike.
 Parser = Callable[[str, Any], Any]
 SERVER_KEYS: dict[str, Parser] = {
@@ -248,13 +254,10 @@ LOG_KEYS: dict[str, Parser] = {
     "format": lambda k, v: _choice(k, v, LOG_FORMATS),
     "level": lambda k, v: _choice(k, v, LOG_LEVELS),
 }
-DNS_KEYS: dict[str, Parser] = {
-    "servers": lambda k, v: tuple(_dns_server(k, x) for x in _list(k, v)),
-}
 # Tables read by the other areas' own `from_mapping`; listed so that an
 # unknown top-level table is an error.
-OTHER_TABLES = ("geo", "fingerprint", "rdns", "dnsbl", "graylist", "state",
-                "policy", "lists", "rule", "helo")
+OTHER_TABLES = ("dns", "geo", "fingerprint", "rdns", "dnsbl", "graylist", "state",
+                "policy", "lists", "rule")
 
 # flag dest -> (table, key): every flag has a key in the file.
 FLAG_KEYS: dict[str, tuple[str, str]] = {
@@ -329,14 +332,21 @@ def _machine_fqdn() -> str:
 def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str = "") -> Config:
     """Validate a TOML document (with flags merged in) into a Config."""
     origin = merge_flags(doc, flags or {})
-    known = {"server", "upstream", "log", "dns", *OTHER_TABLES}
+    known = {"server", "upstream", "log", *OTHER_TABLES}
     for table in doc:
         if table not in known:
             raise ConfigError(table, f"unknown table; known: {', '.join(sorted(known))}")
     server = _section(doc, "server", SERVER_KEYS, origin)
     upstream = _section(doc, "upstream", UPSTREAM_KEYS, origin)
     log = _section(doc, "log", LOG_KEYS, origin)
-    dns = _section(doc, "dns", {**DNS_KEYS, **_OTHER_DNS_KEYS}, origin)
+    try:
+        areas = _areas(doc)
+    except ConfigError as e:
+        # A value that came from a flag is reported under the flag's name.
+        flag = origin.get(e.key)
+        if flag is None:
+            raise
+        raise ConfigError(flag, e.message) from None
 
     if "address" not in upstream:
         raise ConfigError("--upstream", "the real MTA's HOST:PORT is required (flag --upstream or [upstream] address)")
@@ -360,18 +370,33 @@ def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str
         server=ServerSettings(**server),
         upstream=UpstreamSettings(host=host, port=port, **upstream),
         log=LogSettings(**log),
-        dns_servers=dns.get("servers", ()),
-        raw=doc,
         path=path,
+        **areas,
     )
 
 
-# [dns] keys owned by the resolver's own settings; accepted here, validated there.
-_OTHER_DNS_KEYS: dict[str, Parser] = {
-    "timeout": _duration,
-    "stage_budget": _duration,
-    "cache_size": lambda k, v: _int(k, v, 0),
-}
+def _table(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(name, "expected a table")
+    return value
+
+
+def _areas(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The other areas' settings, each validated by its own code."""
+    geo = GeoSettings.from_mapping(_table(doc, "geo"))
+    implicit = geo_rules(geo.allow, geo.deny, geo.unknown) if (geo.allow or geo.deny) else ()
+    dnsbl = doc.get("dnsbl", [])
+    return {
+        "dns": DnsSettings.from_mapping(_table(doc, "dns")),
+        "geo": geo,
+        "fingerprint": FingerprintSettings.from_mapping(_table(doc, "fingerprint")),
+        "rdns": RdnsSettings.from_mapping(_table(doc, "rdns")),
+        "dnsbl": DnsblSettings.from_list(dnsbl),
+        "graylist": GraylistSettings.from_mapping(_table(doc, "graylist")),
+        "state": StateSettings.from_mapping(_table(doc, "state")),
+        "policy": parse_policy(doc, implicit),
+    }
 
 
 def load(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:

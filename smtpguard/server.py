@@ -30,11 +30,8 @@ from smtpguard.core import reply as replies
 from smtpguard.core.facts import ClientInfo
 from smtpguard.observe.log import event
 from smtpguard.session import ClientSession
+from smtpguard.sources import osfp
 
-# Linux socket options (include/uapi/linux/tcp.h); read unprivileged since 4.2.
-TCP_SAVE_SYN = 27
-TCP_SAVED_SYN = 28
-SAVED_SYN_MAX = 512  # IPv6 (40) + TCP with options (60) fit many times over
 # Pending connections: Postfix's default listen backlog on Linux.
 LISTEN_BACKLOG = 100
 
@@ -87,13 +84,8 @@ class GuardSMTP(SMTP):
         if self.transport is None:  # the first call, not the STARTTLS one
             peer = transport.get_extra_info("peername") or ("", 0)
             local = transport.get_extra_info("sockname") or ("", 0)
-            syn = None
-            sock = transport.get_extra_info("socket")
-            if sock is not None and self.server.save_syn:
-                try:
-                    syn = sock.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, SAVED_SYN_MAX) or None
-                except OSError:
-                    syn = None
+            # The client's SYN, saved by the kernel (TCP_SAVE_SYN): read once.
+            syn = osfp.read_saved_syn(transport.get_extra_info("socket")) if self.server.save_syn else None
             ip = peer[0].removeprefix("::ffff:") if isinstance(peer, tuple) else str(peer)
             self.guard.client = ClientInfo(
                 session_id=self.server.new_session_id(), ip=ip, port=peer[1] if isinstance(peer, tuple) else 0,
@@ -265,11 +257,8 @@ class Server:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
-                self.save_syn = True
-            except OSError:
-                pass  # not Linux ≥ 4.2: the os fact will be unknown
+            # not Linux ≥ 4.2: False, and the os fact will be unknown
+            self.save_syn = osfp.enable_save_syn(sock) or self.save_syn
             sock.bind((host, port))
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)

@@ -1,43 +1,193 @@
 """The per-process composition root: config, upstream pool, fact sources, policy.
 
 Built once at start (and again on SIGHUP); a session reaches every shared
-part through it. It owns the order in which a stage's facts are gathered
-and the deadline they share; the sources themselves decide nothing.
+part through it. It owns which sources run at which stage and the one
+deadline they share (`[dns] stage_budget`): the cost of a stage is its
+slowest lookup, not the sum. A source runs only when a rule reads one of its
+facts (as postscreen runs only the tests that are enabled), or when the
+relay itself needs it (the confirmed rDNS name for XCLIENT and the trace,
+the rDNS domain for graylist identities).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Awaitable
 
+from smtpguard.adapters.dns import Resolver, within
+from smtpguard.adapters.store import Store, open_store
 from smtpguard.adapters.upstream import Upstream
-from smtpguard.config import Config
-from smtpguard.core.facts import FactValue
+from smtpguard.config import Config, load
+from smtpguard.core import policy as pol
+from smtpguard.core.facts import UNKNOWN, FactValue
+from smtpguard.core.helo import OurIdentity, identity
+from smtpguard.core.rdns import RdnsFact
+from smtpguard.errors import ConfigError
+from smtpguard.observe.log import event
+from smtpguard.sources import dnsbl, geo, greylist, helo, osfp, rdns
 
 if TYPE_CHECKING:
     from smtpguard.session import ClientSession
 
+# Which source provides which facts (the policy says which facts it reads).
+SOURCE_FACTS: dict[str, frozenset[str]] = {
+    "geo": frozenset({"country"}),
+    "osfp": frozenset({"os", "os_name", "os_distance", "os_match"}),
+    "rdns": frozenset({"rdns", "rdns_name", "rdns_domain", "rdns_generic"}),
+    "dnsbl": frozenset({"dnsbl_score", "dnsbl_hits"}),
+    "helo": frozenset({"helo_valid", "helo_bare_ip", "helo_literal_matches", "helo_is_us",
+                       "helo_resolves", "helo_matches_ip", "helo_matches_rdns"}),
+}
+UNKNOWN_RDNS = RdnsFact("unknown", generic=UNKNOWN, error="deadline")
+
 
 class Services:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, geodb: Any = None, signatures: Any = None,
+                 store: Store | None = None, clock: Any = time.time) -> None:
         self.config = config
+        self.clock = clock
         self.upstream = Upstream(config.upstream, config.server.hostname)
+        self.resolver = Resolver.from_settings(config.dns)
+        self.geodb = geodb
+        self.signatures = signatures
+        self.store = store
+        self._configure(config)
+
+    def _configure(self, config: Config) -> None:
+        self.config = config
+        self.policy = config.policy
+        wanted = self.policy.facts()
+        self.run = {name: bool(facts & wanted) for name, facts in SOURCE_FACTS.items()}
+        # The relay itself uses the confirmed rDNS name (XCLIENT NAME, the
+        # Received header) and the graylist keys on the rDNS domain.
+        self.run["rdns"] = self.run["rdns"] or config.upstream.xclient or uses_graylist(config) \
+            or self.run["helo"]
+        self.run["geo"] = self.run["geo"] and self.geodb is not None
+        listen_ips = [h for h, _ in config.server.listen if h not in ("0.0.0.0", "::", "")]
+        self.us: OurIdentity = identity([config.server.hostname], config.server.domains, listen_ips)
+
+    # --- facts ---------------------------------------------------------------
 
     async def facts(self, stage: str, session: "ClientSession") -> dict[str, FactValue]:
+        if stage == "connect":
+            return await self._connect_facts(session)
+        if stage == "helo" and self.run["helo"]:
+            return await self._helo_facts(session)
         return {}
 
-    def decide(self, stage: str, facts: dict[str, FactValue]) -> Any:
-        return None
+    async def _connect_facts(self, session: "ClientSession") -> dict[str, FactValue]:
+        client = session.client
+        out: dict[str, FactValue] = {}
+        if self.run["geo"]:
+            fact = geo.gather(client.ip, self.geodb)
+            out.update(fact.as_facts())
+        lookups: dict[str, Awaitable[Any]] = {}
+        if self.run["osfp"]:
+            lookups["osfp"] = osfp.gather(client, self.config.fingerprint, self.signatures)
+        if self.run["rdns"]:
+            lookups["rdns"] = rdns.gather(client.ip, self.resolver, self.config.rdns)
+        if self.run["dnsbl"] and self.config.dnsbl.lists:
+            lookups["dnsbl"] = dnsbl.gather(client.ip, self.config.dnsbl.lists, self.resolver,
+                                            self.config.dns.stage_budget)
+        if lookups:
+            got = await within(self.config.dns.stage_budget, lookups, lambda _k: None)
+            for name, fact in got.items():
+                if fact is None:
+                    out.update({k: UNKNOWN for k in SOURCE_FACTS[name]})
+                    continue
+                out.update(fact.as_facts())
+                if name == "rdns":
+                    session.rdns = fact
+                elif name == "dnsbl" and fact.text:
+                    session.dnsbl_text = fact.text
+        return out
+
+    async def _helo_facts(self, session: "ClientSession") -> dict[str, FactValue]:
+        us = self.us
+        local = session.client.local_ip
+        if local and local not in self._listen_ips():
+            us = identity(us.names, self.config.server.domains,
+                          [str(n) for n in us.networks] + [local])
+        fact = await helo.gather(session.helo, session.client.ip, getattr(session, "rdns", None),
+                                 self.resolver, us=us, budget=self.config.dns.stage_budget)
+        return fact.as_facts()
+
+    def _listen_ips(self) -> set[str]:
+        return {h for h, _ in self.config.server.listen}
+
+    # --- policy ----------------------------------------------------------------
+
+    def decide(self, stage: str, facts: dict[str, FactValue], pending: Any = None) -> pol.Verdict:
+        return pol.decide(self.policy, stage, facts, pending)
 
     async def graylist(self, session: "ClientSession", rcpt: str, strict: bool) -> dict[str, FactValue]:
-        return {"graylist": "passed"}
+        """The graylist state of one recipient; a store outage is the value `unknown`."""
+        if self.store is None:
+            return {"graylist": UNKNOWN, "graylist_error": "no state store"}
+        facts = session.facts
+        domain = facts.get("rdns_domain") if facts.get("rdns") == "confirmed" else None
+        fact = await greylist.check(self.store, self.config.graylist, ip=session.client.ip,
+                                    rdns_confirmed_domain=str(domain) if domain else None,
+                                    sender=session.sender or "", rcpt=rcpt, strict=strict, now=self.clock())
+        out = fact.as_facts()
+        out["graylist_wait"] = fact.wait
+        out["graylist_on_error"] = self.config.graylist.on_error
+        if fact.error:
+            out["graylist_error"] = fact.error
+        return out
+
+    # --- housekeeping ----------------------------------------------------------
 
     async def housekeeping(self) -> None:
         self.upstream.purge()
 
+    async def reload(self) -> None:
+        """SIGHUP: a new config and country data, or the running ones and a log line why not."""
+        if not self.config.path:
+            event("reload.skipped", reason="no --config file to reload")
+            return
+        try:
+            config = load(self.config.path, self._flags)
+            geodb = open_geo(config)
+            signatures = osfp.signature_set(config.fingerprint)
+        except ConfigError as e:
+            event("reload.failed", logging.ERROR, error=str(e))
+            return
+        except Exception as e:  # a reload must never take the running proxy down
+            event("reload.failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
+            return
+        self.geodb, self.signatures = geodb, signatures
+        self._configure(config)
+        event("reload.done", rules=len(config.policy.rules),
+              countries=getattr(getattr(geodb, "stats", None), "countries", 0))
+
+    _flags: dict[str, Any] = {}
+
     async def close(self) -> None:
         await self.upstream.close()
+        if self.store is not None:
+            await self.store.close()
 
 
-def build_services(config: Config) -> Services:
+def uses_graylist(config: Config) -> bool:
+    return any(r.action == "graylist" for r in config.policy.rules) or bool(config.graylist.traps)
+
+
+def open_geo(config: Config) -> Any:
+    if not config.geo.enabled:
+        return None
+    from smtpguard.adapters.zones import GeoDB
+    return GeoDB.open(config.geo)
+
+
+def build_services(config: Config, flags: dict[str, Any] | None = None) -> Services:
     """Everything a session needs, validated before any socket is opened."""
-    return Services(config)
+    geodb = open_geo(config)
+    signatures = osfp.signature_set(config.fingerprint)
+    store = None
+    if uses_graylist(config):
+        store = open_store(config.state.url, timeout=config.state.timeout)
+    services = Services(config, geodb, signatures, store)
+    services._flags = dict(flags or {})
+    return services

@@ -24,22 +24,11 @@ from smtpguard.config import Config
 from smtpguard.core import reply as replies
 from smtpguard.core.address import Recipient, check_recipient
 from smtpguard.core.facts import ClientInfo, FactValue
+from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
 
 STAGES = ("connect", "helo", "mail", "rcpt", "data")
-
-
-class Verdict(Protocol):
-    """What the session needs of the policy's verdict (core/policy.py)."""
-
-    action: str
-    rule: str | None
-    reason: str
-    text: str
-    strict: bool
-    observed: tuple[Any, ...]
-    deferred_to: str | None
 
 
 class Services(Protocol):
@@ -50,7 +39,7 @@ class Services(Protocol):
 
     async def facts(self, stage: str, session: "ClientSession") -> dict[str, FactValue]: ...
 
-    def decide(self, stage: str, facts: dict[str, FactValue]) -> Verdict | None: ...
+    def decide(self, stage: str, facts: dict[str, FactValue], pending: Verdict | None = None) -> Verdict: ...
 
     async def graylist(self, session: "ClientSession", rcpt: str, strict: bool) -> dict[str, FactValue]: ...
 
@@ -67,10 +56,12 @@ class ClientSession:
         self.helo = ""
         self.esmtp = False
         self.tls_info = ""
+        self.rdns: Any = None                   # the RdnsFact, when gathered
+        self.dnsbl_text = ""                    # "listed by zen.spamhaus.org (127.0.0.2)"
         # sticky policy state for the connection
-        self.accepted_by: str | None = None     # an `accept` rule: later rules skipped
-        self.pending: Verdict | None = None     # a reject/tempfail deferred to RCPT (reject_at)
-        self.grey: Verdict | None = None        # graylist required (strict or not)
+        self.accepted_by: str | None = None     # a session-scoped `accept` rule: later rules skipped
+        self.txn_accepted_by: str | None = None # a transaction-scoped one (MAIL stage)
+        self.pending: Verdict | None = None     # a refusal held back to RCPT (reject_at)
         self.tarpit = 0.0
         # transaction state
         self.sender: str | None = None
@@ -110,41 +101,42 @@ class ClientSession:
     # --- policy --------------------------------------------------------
 
     async def run_stage(self, stage: str) -> Verdict | None:
-        """Gather the stage's facts, then decide; the verdict's effects are the caller's."""
+        """Gather the stage's facts, then decide; None when an accept rule already holds."""
         self.facts.update(await self.services.facts(stage, self))
-        if self.accepted_by:
+        if self.accepted_by or (self.txn_accepted_by and stage != "connect"):
             return None
-        verdict = self.services.decide(stage, self.facts)
-        if verdict is None:
-            return None
-        for observed in verdict.observed:
+        return self.decide(stage)
+
+    def decide(self, stage: str) -> Verdict:
+        verdict = self.services.decide(stage, self.facts, self.pending)
+        for rule, action, reason in verdict.observed:
             event("observe", session=self.client.session_id, ip=self.client.ip, stage=stage,
-                  would=str(observed))
-        if verdict.action == "accept":
-            self.accepted_by = verdict.rule or "accept"
-            self.pending = self.grey = None
-            event("accept", session=self.client.session_id, ip=self.client.ip, stage=stage, rule=verdict.rule)
-        elif verdict.action == "tarpit":
-            self.tarpit = max(self.tarpit, float(getattr(verdict, "delay", 0.0) or 0.0))
-        elif verdict.action == "graylist":
-            if self.grey is None or (verdict.strict and not self.grey.strict):
-                self.grey = verdict
-        elif verdict.action in ("reject", "tempfail") and verdict.deferred_to:
-            if self.pending is None:
-                self.pending = verdict
-                event("reject.deferred", session=self.client.session_id, ip=self.client.ip,
-                      stage=stage, rule=verdict.rule, reason=verdict.reason, until=verdict.deferred_to)
+                  rule=rule, would=action, reason=reason, sender=self.sender, rcpt=self.facts.get("rcpt"))
+        self.tarpit = max(self.tarpit, verdict.delay)
+        if verdict.action == "accept" and verdict.sticky:
+            if ACCEPT_SCOPE[stage] == "session":
+                self.accepted_by = verdict.rule
+                self.pending = None
+            else:
+                self.txn_accepted_by = verdict.rule
+            event("accept", session=self.client.session_id, ip=self.client.ip, stage=stage,
+                  rule=verdict.rule, scope=ACCEPT_SCOPE[stage])
+        elif verdict.deferred_to and verdict is not self.pending and self.pending is None:
+            self.pending = verdict
+            event("reject.deferred", session=self.client.session_id, ip=self.client.ip, stage=stage,
+                  rule=verdict.rule, reason=verdict.reason, until=verdict.deferred_to)
         return verdict
 
+    @staticmethod
+    def refuses_now(verdict: Verdict | None) -> bool:
+        return verdict is not None and verdict.action in ("reject", "tempfail") and not verdict.deferred_to
+
     def verdict_reply(self, verdict: Verdict, stage: str) -> replies.Reply:
-        code, enhanced, default_text = replies.REASONS.get(verdict.reason, replies.REASONS["POLICY"])
-        if verdict.action == "tempfail":
-            code, enhanced = (code, enhanced) if 400 <= code < 500 else (451, "4.7.1")
-        else:
-            code, enhanced = (code, enhanced) if code >= 500 else (550, "5.7.1")
-            if stage == "connect":
-                code = 554  # RFC 5321 §3.1: 554 in place of the 220 greeting
-        return replies.Reply(code, enhanced, verdict.reason, verdict.text or default_text)
+        code, enhanced = reply_code(verdict.action, verdict.reason, stage) or (550, "5.7.1")
+        text = verdict.text or replies.REASONS.get(verdict.reason, replies.REASONS["POLICY"])[2]
+        if verdict.reason == "DNSBL" and self.dnsbl_text:
+            text = f"{text}: {self.dnsbl_text}"
+        return replies.Reply(code, enhanced, verdict.reason, text)
 
     async def slow(self) -> None:
         if self.tarpit:
@@ -156,11 +148,10 @@ class ClientSession:
         """Runs before the banner; a line returned replaces the 220 greeting."""
         event("connect", logging.DEBUG, session=self.client.session_id, ip=self.client.ip, port=self.client.port)
         verdict = await self.run_stage("connect")
-        if verdict is not None and verdict.action in ("reject", "tempfail") and not verdict.deferred_to:
+        await self.slow()
+        if verdict is not None and self.refuses_now(verdict):
+            # RFC 5321 §3.1: 554 in place of the greeting (421 for a tempfail, §4.3.2)
             self.banner_refusal = self.verdict_reply(verdict, "connect")
-            if verdict.action == "tempfail":
-                self.banner_refusal = replies.Reply(421, self.banner_refusal.enhanced,
-                                                    self.banner_refusal.reason, self.banner_refusal.text)
             return self.refuse("connect", self.banner_refusal, rule=verdict.rule, action=verdict.action)
         return None
 
@@ -183,7 +174,8 @@ class ClientSession:
         await self._reset_transaction()
         verdict = await self.run_stage("helo")
         await self.slow()
-        if verdict is not None and verdict.action in ("reject", "tempfail") and not verdict.deferred_to:
+        if self.refuses_now(verdict):
+            assert verdict is not None
             return self.refuse("helo", self.verdict_reply(verdict, "helo"), rule=verdict.rule, action=verdict.action)
         return None
 
@@ -220,7 +212,8 @@ class ClientSession:
         self.facts["sender_domain"] = sender.rpartition("@")[2].lower() if "@" in sender else ""
         verdict = await self.run_stage("mail")
         await self.slow()
-        if verdict is not None and verdict.action in ("reject", "tempfail") and not verdict.deferred_to:
+        if self.refuses_now(verdict):
+            assert verdict is not None
             self.sender = None
             return self.refuse("mail", self.verdict_reply(verdict, "mail"), rule=verdict.rule, action=verdict.action)
         envelope.mail_from = address
@@ -242,39 +235,46 @@ class ClientSession:
             return self.refuse("rcpt", replies.make(checked, text), address)
         self.facts["rcpt"] = checked.address
         self.facts["rcpt_domain"] = checked.domain
+        # The graylist fact belongs to one recipient.
+        for key in ("graylist", "graylist_wait", "graylist_error", "graylist_on_error"):
+            self.facts.pop(key, None)
         verdict = await self.run_stage("rcpt")
+        if verdict is not None and "graylist" in verdict.needs:
+            self.facts.update(await self.services.graylist(self, checked.address, verdict.strict))
+            verdict = self.decide("rcpt")
         await self.slow()
-        for v in (self.pending, verdict):
-            if v is not None and v.action in ("reject", "tempfail") and not self.accepted_by:
-                return self.refuse("rcpt", self.verdict_reply(v, "rcpt"), address, rule=v.rule, action=v.action)
-        if self.grey is not None and not self.accepted_by:
-            grey = await self.greylist(checked)
-            if grey is not None:
-                return grey
+        if verdict is not None:
+            if self.refuses_now(verdict):
+                return self.refuse("rcpt", self.verdict_reply(verdict, "rcpt"), address, rule=verdict.rule,
+                                   action=verdict.action)
+            if verdict.action == "graylist":
+                refused = self.graylisted(verdict, checked)
+                if refused is not None:
+                    return refused
         return await self.relay_rcpt(envelope, address, checked)
 
-    async def greylist(self, rcpt: Recipient) -> str | None:
-        assert self.grey is not None
-        facts = await self.services.graylist(self, rcpt.address, self.grey.strict)
-        self.facts.update(facts)
-        state = facts.get("graylist")
-        if state in ("passed", "allowed"):
-            return None
+    def graylisted(self, verdict: Verdict, rcpt: Recipient) -> str | None:
+        """The reply for a recipient the graylist has not passed (postgrey/spamd semantics)."""
+        state = self.facts.get("graylist")
         if state == "trapped":
-            return self.refuse("rcpt", replies.make("TRAP"), rcpt.address, rule=self.grey.rule)
+            return self.refuse("rcpt", replies.make("TRAP"), rcpt.address, rule=verdict.rule)
         if state == "unknown":
-            if facts.get("graylist_on_error") == "accept":
+            if self.facts.get("graylist_on_error") == "accept":
                 event("grey.store_error", logging.WARNING, session=self.client.session_id,
-                      ip=self.client.ip, action="accept", error=facts.get("graylist_error"))
+                      ip=self.client.ip, action="accept", error=self.facts.get("graylist_error"))
                 return None
-            return self.refuse("rcpt", replies.make("GREY-STORE"), rcpt.address, rule=self.grey.rule, action="tempfail")
-        wait = int(facts.get("graylist_wait") or 0)  # type: ignore[call-overload]
+            event("grey.store_error", logging.ERROR, session=self.client.session_id,
+                  ip=self.client.ip, action="tempfail", error=self.facts.get("graylist_error"))
+            return self.refuse("rcpt", replies.make("GREY-STORE"), rcpt.address, rule=verdict.rule,
+                               action="tempfail")
+        wait = self.facts.get("graylist_wait")
+        wait = wait if isinstance(wait, int) else 0
         reply = replies.make("GREY", f"greylisted, try again in {wait} seconds" if wait else None)
         line = self.render(reply, rcpt.address)
         self.refusals += 1
         self.last_reason = "GREY"
-        event("grey.defer", session=self.client.session_id, ip=self.client.ip, rule=self.grey.rule,
-              sender=self.sender, rcpt=rcpt.address, wait=wait, reply=line)
+        event("grey.defer", session=self.client.session_id, ip=self.client.ip, rule=verdict.rule,
+              state=state, sender=self.sender, rcpt=rcpt.address, wait=wait, reply=line)
         return line
 
     async def relay_rcpt(self, envelope: Any, address: str, rcpt: Recipient) -> str:
@@ -309,7 +309,8 @@ class ClientSession:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         verdict = await self.run_stage("data")
         await self.slow()
-        if verdict is not None and verdict.action in ("reject", "tempfail"):
+        if self.refuses_now(verdict):
+            assert verdict is not None
             await self._reset_transaction()
             return self.refuse("data", self.verdict_reply(verdict, "data"), rule=verdict.rule, action=verdict.action)
         txn = self.txn
@@ -360,6 +361,7 @@ class ClientSession:
 
     async def _reset_transaction(self) -> None:
         self.sender = None
+        self.txn_accepted_by = None
         self.mail_options = []
         txn, self.txn = self.txn, None
         if txn is not None:

@@ -4,6 +4,8 @@ itself, each on a free loopback port in a thread of its own."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import shutil
 import socket
@@ -202,7 +204,8 @@ def recorder_factory() -> Iterator[Callable[..., Recorder]]:
 class Guard:
     """smtpguard serving in a thread of its own, built from flags and a TOML document."""
 
-    def __init__(self, doc: dict[str, Any] | None = None, **flags: Any) -> None:
+    def __init__(self, doc: dict[str, Any] | None = None, clock: Callable[[], float] | None = None,
+                 **flags: Any) -> None:
         from smtpguard.observe import log
         from smtpguard.server import Server
         from smtpguard.services import build_services
@@ -211,12 +214,20 @@ class Guard:
         flags.setdefault("domain", ["example.test"])
         flags.setdefault("hostname", "mx.example.test")
         self.config = cfg.build(doc or {}, flags)
-        log.setup("text", "info")
+        self.log = io.StringIO()
+        log.setup("json", "debug", stream=self.log)
         self._loop = LoopThread()
         self.services = build_services(self.config)
+        if clock is not None:
+            self.services.clock = clock
         self.server = Server(self.config, self.services)
         bound = self._loop.run(self.server.start())
         self.host, self.port = bound[0]
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The decision log so far, parsed (one JSON object per line)."""
+        out = [json.loads(line) for line in self.log.getvalue().splitlines() if line.startswith("{")]
+        return [e for e in out if name is None or e["event"] == name]
 
     def stop(self) -> None:
         self._loop.run(self.server.stop())
