@@ -137,6 +137,9 @@ class GuardSMTP(SMTP):
         if isinstance(status, str):
             if self._banner_line is not None and status.startswith("220 "):
                 status, self._banner_line = self._banner_line, None
+            elif self.guard.banner_refusal is not None and status[:1] in "45" and not status.startswith("554 "):
+                # After a 554 greeting, every command but QUIT gets 503 (RFC 5321 §3.1).
+                status = self.guard.refused_session() or status
             elif status is self.guard.verbatim:
                 self.guard.verbatim = None
             elif status[:1] in "45" and "[" not in status[:12]:
