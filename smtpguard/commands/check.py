@@ -1,0 +1,162 @@
+"""`smtpguard check IP`: what would smtpguard do with this client, and why?
+
+Runs the same fact gathering and the same policy as a live session, without
+SMTP and without touching the upstream or the graylist store, and prints
+every fact, which rule matched at each stage, and the exact reply the client
+would get. The admin's diagnosis tool when a legitimate sender complains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import sys
+from typing import Any
+
+from smtpguard import config as cfg
+from smtpguard.commands.serve import add_common_config_flags
+from smtpguard.core import reply as replies
+from smtpguard.core.address import check_recipient
+from smtpguard.core.facts import ClientInfo
+from smtpguard.core.policy import STAGES, explain
+from smtpguard.errors import ConfigError
+from smtpguard.observe import log
+
+# check never connects upstream; a config written for `serve` has one, a
+# quick check from the command line may not.
+PLACEHOLDER_UPSTREAM = "127.0.0.1:25"
+PLACEHOLDER_DOMAIN = "check.invalid"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "check", help="show the facts and the decision for a client, without SMTP",
+        description="Gather the facts about IP as a live session would (country, OS from --syn, "
+        "reverse DNS, HELO, DNS lists), run the policy at every stage and print the reply the "
+        "client would get. Nothing is sent to the MTA and the graylist store is not changed.")
+    p.add_argument("ip", metavar="IP", help="the client's address (IPv4 or IPv6)")
+    p.add_argument("--helo", default="", metavar="NAME", help="the HELO/EHLO name the client gives")
+    p.add_argument("--sender", default="", metavar="ADDR", help="MAIL FROM address")
+    p.add_argument("--rcpt", default="", metavar="ADDR", help="RCPT TO address")
+    p.add_argument("--syn", default="", metavar="HEX", help="the client's SYN (IP+TCP headers as hex) for the os fact")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    add_common_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> cfg.Config:
+    doc = cfg.read_toml(args.config) if args.config else {}
+    flags = dict(vars(args))
+    upstream = doc.get("upstream", {}) if isinstance(doc.get("upstream"), dict) else {}
+    server = doc.get("server", {}) if isinstance(doc.get("server"), dict) else {}
+    if not upstream.get("address"):
+        flags["upstream"] = PLACEHOLDER_UPSTREAM
+    if not server.get("domains") and not args.domain:
+        flags["domain"] = [PLACEHOLDER_DOMAIN]
+    return cfg.build(doc, flags, args.config or "")
+
+
+async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = "", rcpt: str = "",
+                   syn: bytes | None = None) -> dict[str, Any]:
+    """The facts and per-stage decisions for one client, as a live session makes them."""
+    from smtpguard.services import Services, open_geo
+    from smtpguard.session import ClientSession
+    from smtpguard.sources import osfp
+
+    services = Services(config, open_geo(config), osfp.signature_set(config.fingerprint), store=None)
+    session = ClientSession(services, ClientInfo("check", ip, 0, syn=syn))
+    session.helo, session.esmtp = helo, True
+    result: dict[str, Any] = {"ip": ip, "stages": [], "reply": "250 (delivered to the MTA, whose answer decides)"}
+    envelope = {
+        "helo": {"helo": helo},
+        "mail": {"sender": sender, "sender_domain": sender.rpartition("@")[2].lower() if "@" in sender else ""},
+        "rcpt": {},
+    }
+    try:
+        for stage in STAGES[:4]:
+            session.facts.update(envelope.get(stage, {}))
+            if stage == "helo" and not helo:
+                continue
+            if stage == "mail":
+                session.sender = sender
+            if stage == "rcpt":
+                if not rcpt:
+                    break
+                checked = check_recipient(rcpt, config.server.served)
+                if isinstance(checked, str):
+                    reply = session.render(replies.make(checked), rcpt)
+                    result["stages"].append({"stage": "rcpt", "action": "reject", "rule": None,
+                                             "reason": checked, "note": "not a served domain"})
+                    result["reply"] = reply
+                    break
+                session.facts.update(rcpt=checked.address, rcpt_domain=checked.domain)
+            session.facts.update(await services.facts(stage, session))
+            verdict = session.decide(stage)
+            entry: dict[str, Any] = {
+                "stage": stage, "action": verdict.action, "rule": verdict.rule, "reason": verdict.reason or None,
+                "deferred_to": verdict.deferred_to, "observed": [list(o) for o in verdict.observed],
+                "rules": [{"rule": r, "matched": m, "failed": f or None}
+                          for r, m, f in explain(services.policy, stage, session.facts)],
+            }
+            if verdict.action == "graylist" or "graylist" in verdict.needs:
+                entry["action"] = "graylist"
+                entry["note"] = ("graylisted" + (" (strict)" if verdict.strict else "")
+                                 + ": the first attempt of a new triplet is deferred; check does not read the store")
+                result["stages"].append(entry)
+                result["reply"] = session.render(replies.make("GREY"), rcpt)
+                break
+            result["stages"].append(entry)
+            if session.refuses_now(verdict):
+                result["reply"] = session.render(session.verdict_reply(verdict, stage), rcpt)
+                break
+            if verdict.action == "accept" and stage == "rcpt":
+                break
+    finally:
+        await services.close()
+    result["facts"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in session.facts.items() if k != "port"}
+    return result
+
+
+def _text(result: dict[str, Any]) -> str:
+    lines = [f"client {result['ip']}", "facts:"]
+    for key in sorted(result["facts"]):
+        lines.append(f"  {key:<22} {result['facts'][key]}")
+    for st in result["stages"]:
+        head = f"{st['stage']}: {st['action']}"
+        if st.get("rule"):
+            head += f" by rule \"{st['rule']}\""
+        if st.get("reason"):
+            head += f" [{st['reason']}]"
+        if st.get("deferred_to"):
+            head += f", held back until {st['deferred_to']}"
+        lines.append(head)
+        for r in st.get("rules", []):
+            mark = "matched" if r["matched"] else f"no ({r['failed']})"
+            lines.append(f"    {r['rule']:<28} {mark}")
+        for o in st.get("observed", []):
+            lines.append(f"    observe: {o[0]} would {o[1]} [{o[2]}]")
+        if st.get("note"):
+            lines.append(f"    {st['note']}")
+    lines.append(f"reply: {result['reply']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        ipaddress.ip_address(args.ip)
+    except ValueError:
+        raise ConfigError("IP", f"{args.ip!r} is not an IPv4 or IPv6 address") from None
+    syn = None
+    if args.syn:
+        try:
+            syn = bytes.fromhex(args.syn.replace(":", "").replace(" ", ""))
+        except ValueError:
+            raise ConfigError("--syn", "expected the SYN's IP+TCP header bytes as hex") from None
+    config = _config(args)
+    log.setup(config.log.format, args.log_level or "warning")
+    result = asyncio.run(evaluate(config, args.ip, args.helo, args.sender, args.rcpt, syn))
+    print(json.dumps(result, indent=2, default=str) if args.json else _text(result))
+    sys.stdout.flush()
+    return 0
