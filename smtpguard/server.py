@@ -206,8 +206,8 @@ class Server:
     """The listeners of one process and the sessions they hold."""
 
     def __init__(self, config: Config, services: Any) -> None:
-        self.config = config
         self.services = services
+        self._listen = config.server.listen
         self.sessions: set[GuardSMTP] = set()
         self.stopping = False
         self.save_syn = False
@@ -216,6 +216,12 @@ class Server:
         self._prefix = secrets.token_hex(3)
         self._counter = itertools.count(1)
         self.tls_context = self._tls_context()
+        self._tls_files = (config.server.tls_cert, config.server.tls_key)
+
+    @property
+    def config(self) -> Config:
+        """The running config: a SIGHUP reload replaces it in the services."""
+        return self.services.config  # type: ignore[no-any-return]
 
     def new_session_id(self) -> str:
         # Unique per process and start, short enough to grep: not guessable
@@ -239,6 +245,10 @@ class Server:
 
     def _protocol(self) -> GuardSMTP:
         s = self.config.server
+        if (s.tls_cert, s.tls_key) != self._tls_files:
+            # a reload named other certificate files: new sessions use them
+            self._tls_files = (s.tls_cert, s.tls_key)
+            self.tls_context = self._tls_context()
         handler = ClientSession(self.services, ClientInfo("", "", 0))
         return GuardSMTP(
             handler, self,
@@ -273,7 +283,7 @@ class Server:
     async def start(self) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
         bound: list[tuple[str, int]] = []
-        for host, port in self.config.server.listen:
+        for host, port in self._listen:
             sock = self._listen_socket(host, port)
             srv = await loop.create_server(self._protocol, sock=sock)
             self._servers.append(srv)

@@ -157,6 +157,12 @@ class Services:
         except Exception as e:  # a reload must never take the running proxy down
             event("reload.failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
             return
+        if config.server.listen != self.config.server.listen:
+            event("reload.listen_unchanged", logging.WARNING,
+                  note="listen addresses change only with a restart")
+        if config.upstream != self.config.upstream or config.server.hostname != self.config.server.hostname:
+            old, self.upstream = self.upstream, Upstream(config.upstream, config.server.hostname)
+            await old.close()
         self.geodb, self.signatures = geodb, signatures
         self._configure(config)
         event("reload.done", rules=len(config.policy.rules),

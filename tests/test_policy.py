@@ -675,10 +675,14 @@ def test_geo_shorthand(label: str, kwargs: dict[str, Any], facts: dict[str, Any]
     assert all(rl.stage == "connect" and rl.reason == "GEO" for rl in policy.rules)
 
 
-def test_geo_rules_run_before_written_rules() -> None:
-    policy = parse_policy({"rule": [{"name": "ok", "stage": "connect", "action": "accept"}]},
-                          implicit=geo_rules(["US"]))
-    assert [rl.name for rl in policy.rules] == ["geo-allow", "ok"]
+def test_geo_rules_run_after_connect_allowlists_and_before_other_written_rules() -> None:
+    written = [{"name": "partner", "stage": "connect", "when": {"ip_in": ["192.0.2.0/24"]}, "action": "accept"},
+               {"name": "no-rdns", "stage": "connect", "when": {"rdns": "none"}, "action": "reject"}]
+    policy = parse_policy({"rule": written}, implicit=geo_rules(["US"]))
+    assert [rl.name for rl in policy.rules] == ["partner", "geo-allow", "no-rdns"]
+    # a partner abroad passes the default-deny shorthand; everyone else abroad does not
+    assert decide(policy, "connect", {"ip": "192.0.2.7", "country": "CN"}).action == "accept"
+    assert decide(policy, "connect", {"ip": "198.51.100.7", "country": "CN", "rdns": "none"}).rule == "geo-allow"
     assert decide(policy, "connect", {"country": "DE"}).rule == "geo-allow"
 
 

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from smtpguard.services import build_services
 
     log.setup(config.log.format, config.log.level)
-    services = build_services(config)   # raises ConfigError too, before any socket
+    services = build_services(config, vars(args))   # raises ConfigError too, before any socket
     try:
         asyncio.run(serve(config, services))
     except OSError as e:

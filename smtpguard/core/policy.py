@@ -9,7 +9,7 @@ Inputs:
     `parse_policy(doc)` takes the whole TOML document ([policy], [lists] and
     the [[rule]] array) and returns a `Policy`; `geo_rules(allow, deny,
     unknown)` compiles the [geo] shorthand into rules the caller passes as
-    `implicit` (they run before the written rules). `decide(policy, stage,
+    `implicit` (they run after the written connect-stage accepts). `decide(policy, stage,
     facts, pending)` takes the stage, the flat fact mapping of
     `smtpguard.core.facts` and the refusal the session holds back, if any.
 Output:
@@ -451,7 +451,7 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    rules: tuple[Rule, ...] = ()             # implicit rules first, then [[rule]] in order
+    rules: tuple[Rule, ...] = ()             # [[rule]] in order, implicit ones after the connect accepts
     observe: bool = False
     reject_at: str = "rcpt"
     default_postmaster: bool = True
@@ -826,7 +826,10 @@ def _lists(raw: Any) -> dict[str, tuple[Any, ...]]:
 
 
 def parse_policy(doc: Mapping[str, Any], implicit: Sequence[Rule] = ()) -> Policy:
-    """The policy of a whole TOML document; `implicit` rules (geo_rules) run first."""
+    """The policy of a whole TOML document.
+
+    `implicit` rules (geo_rules) run after the last written `accept` rule
+    of the connect stage; otherwise the written order holds."""
     settings = doc.get("policy", {})
     if not isinstance(settings, dict):
         raise ConfigError("policy", "expected a table: [policy]")
@@ -848,14 +851,20 @@ def parse_policy(doc: Mapping[str, Any], implicit: Sequence[Rule] = ()) -> Polic
     seen: dict[str, str] = {r.name: "an implicit rule" for r in implicit}
     if postmaster:
         seen[POSTMASTER_RULE.name] = "the built-in postmaster allowlist"
-    rules = list(implicit)
+    written: list[Rule] = []
     for index, table in enumerate(raw_rules, start=1):
         rule = _rule(index, table, lists)
         if rule.name in seen:
             raise ConfigError(f"{_rule_key(index, rule.name)}.name",
                               f"duplicate name, already used by {seen[rule.name]}")
         seen[rule.name] = _rule_key(index, rule.name)
-        rules.append(rule)
+        written.append(rule)
+    # The geo shorthand (connect stage) goes after the last written accept
+    # rule of that stage, so an allowlist can let a partner abroad in; the
+    # written order is kept.
+    cut = max((i + 1 for i, r in enumerate(written) if r.action == "accept" and r.stage == "connect"),
+              default=0)
+    rules = written[:cut] + list(implicit) + written[cut:]
     return Policy(rules=tuple(rules), observe=observe, reject_at=reject_at,
                   default_postmaster=postmaster)
 
@@ -872,7 +881,6 @@ POSTMASTER_RULE: Rule = _rule(0, {
     "reason": "POSTMASTER",
 }, {}, builtin=True)
 
-# [geo] unknown: what to do with an address that no zone lists.
 # [geo] unknown: what to do with an address that no zone lists, as an
 # action, or in the words of GeoSettings (sources/geo.py): allow, deny.
 GEO_UNKNOWN_ACTIONS: dict[str, str] = {
