@@ -138,9 +138,9 @@ def test_an_admin_allow_skips_graylisting_and_traps_until_denied(nodes: Any) -> 
         allowed = await ask(b, T0)
         assert (allowed.graylist, allowed.via) == ("allowed", "admin")
         assert (await ask(b, T0, rcpt="trap@example.com")).graylist == "allowed"
-        assert await source.deny(a, "192.0.0.0/16") == ("192.0.0.0/16", True)
+        assert await source.deny(a, "192.0.0.0/16", now=T0) == ("192.0.0.0/16", True)
         assert (await ask(b, T0)).graylist == "new"
-        assert await source.deny(a, "192.0.0.0/16") == ("192.0.0.0/16", False)
+        assert await source.deny(a, "192.0.0.0/16", now=T0) == ("192.0.0.0/16", False)
     with_nodes(nodes, body)
 
 
@@ -252,3 +252,19 @@ def test_a_bad_state_setting_names_its_key(table: dict[str, Any], key: str) -> N
     with pytest.raises(ConfigError) as info:
         StateSettings.from_mapping(table)
     assert info.value.key == key
+
+
+def test_two_admin_networks_in_one_bucket_are_allowed_and_denied_separately(nodes: Any) -> None:
+    async def body(a: Store, b: Store) -> None:
+        await source.allow(a, "192.0.2.0/24", ttl=math.inf, now=T0)
+        await source.allow(b, "192.1.0.0/16", ttl=60, now=T0)
+        await source.allow(a, "2001:db8::/32", ttl=math.inf, now=T0)
+        assert (await ask(b, T0, ip="192.0.2.5")).graylist == "allowed"
+        assert (await ask(b, T0, ip="192.1.77.5")).graylist == "allowed"
+        assert (await ask(b, T0, ip="2001:db8:5::1")).graylist == "allowed"
+        assert (await ask(b, T0, ip="192.2.0.1")).graylist == "new", "same /8 bucket, not allowed"
+        assert (await ask(b, T0 + 60, ip="192.1.77.5")).graylist == "new", "the /16 expired"
+        assert (await source.deny(b, "192.0.2.0/24", now=T0))[1] is True
+        assert (await ask(a, T0, ip="192.0.2.5")).graylist == "new"
+        assert sorted([t async for t, _, _ in source.allowed(a, now=T0)]) == ["192.1.0.0/16", "2001:db8::/32"]
+    with_nodes(nodes, body)

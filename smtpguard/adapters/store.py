@@ -28,8 +28,10 @@ Defaults and why:
     relative PX TTL (expires_at - now): Redis expiry collects the garbage,
     the stored expiry keeps the `now` semantics identical to the other
     backends, and clock skew between nodes does not matter. Key prefix
-    `smtpguard:` (`?prefix=` changes it). Read-modify-write uses
-    WATCH/MULTI (the update function is Python), counters a Lua script.
+    `smtpguard:` (`?prefix=` changes it). Read-modify-write reads, runs
+    the (Python) update function, and writes with a Lua compare-and-set
+    that fails if another node wrote in between (then it reads again);
+    counters are one Lua script.
   - `memory://`: tests and one-off runs; LOSES ALL STATE ON RESTART and is
     not shared between processes.
   - timeout 2 s per store operation (a RCPT stage deadline is seconds).
@@ -41,6 +43,7 @@ import abc
 import asyncio
 import math
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
@@ -61,8 +64,8 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 # Rows per scan batch and per purge transaction: keeps each lock short.
 BATCH = 1000
 PURGE_BATCH = 10000
-# WATCH/MULTI attempts for one update: N concurrent updaters of one key need
-# at most N rounds; graylist keys see a handful at most.
+# Compare-and-set attempts for one redis update: N concurrent updaters of one
+# key need at most N rounds; graylist keys see a handful at most.
 MAX_UPDATE_ATTEMPTS = 100
 
 
@@ -269,15 +272,31 @@ class SqliteStore(Store):
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+                self._setup(conn)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
         return self._conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL needs the exclusive lock and sqlite
+        # answers "locked" at once, without its busy handler, while another
+        # process opens the same file: retry within the busy timeout. This
+        # runs on the store thread, never on the event loop.
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _call(self, fn: Callable[[sqlite3.Connection], R]) -> R:
         if self._closed:
@@ -460,6 +479,27 @@ return value
 """
 
 
+# Compare-and-set: write only if the key still holds the raw value the caller
+# read. ARGV: expected raw, "1" if a value was read ("0": it was absent), new
+# raw value, PX milliseconds ("0": no expiry, "del": delete). 1 if written.
+_CAS_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[2] == '1' then
+  if cur ~= ARGV[1] then return 0 end
+elseif cur then
+  return 0
+end
+if ARGV[4] == 'del' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[4] == '0' then
+  redis.call('SET', KEYS[1], ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+end
+return 1
+"""
+
+
 def _encode_expiry(expires_at: float) -> str:
     return "inf" if math.isinf(expires_at) else repr(float(expires_at))  # round-trips exactly
 
@@ -487,13 +527,12 @@ class RedisStore(Store):
 
     def __init__(self, client: Any, *, prefix: str = DEFAULT_REDIS_PREFIX, url: str = "",
                  closers: Iterable[Any] = ()) -> None:
-        from redis.exceptions import WatchError
         self.url = url
         self._r = client
         self._prefix = prefix
         self._closers = list(closers)
-        self._watch_error = WatchError
         self._incr = client.register_script(_INCR_LUA)
+        self._cas = client.register_script(_CAS_LUA)
 
     async def _do(self, op: Callable[[], Awaitable[T]]) -> T:
         from redis.exceptions import RedisError
@@ -535,32 +574,24 @@ class RedisStore(Store):
         return bool(await self._do(lambda: self._r.delete(self._k(key))))
 
     async def update(self, key: str, fn: Update[R], *, now: float) -> R:
+        # Optimistic: read, decide in Python, then write only if the raw
+        # value is still what was read (one Lua compare-and-set, atomic on
+        # the server). Two round trips; a lost race reads again.
         k = self._k(key)
-
-        async def attempt() -> tuple[bool, R | None]:
-            async with self._r.pipeline(transaction=True) as pipe:
-                await pipe.watch(k)
-                hit = _redis_decode(await pipe.get(k), now)
-                put, result = fn(None if hit is None else hit[0])
-                if put is None:
-                    await pipe.unwatch()
-                    return True, result
-                pipe.multi()
-                if put.expires_at <= now:
-                    pipe.delete(k)
-                else:
-                    pipe.set(k, f"{_encode_expiry(put.expires_at)}:{put.value}",
-                             px=self._px(put.expires_at, now))
-                try:
-                    await pipe.execute()
-                except self._watch_error:
-                    return False, None  # another writer won: read again
-                return True, result
-
         for _ in range(MAX_UPDATE_ATTEMPTS):
-            done, result = await self._do(attempt)
-            if done:
-                return result  # type: ignore[return-value]  # R itself may include None
+            raw = await self._do(lambda: self._r.get(k))
+            hit = _redis_decode(raw, now)
+            put, result = fn(None if hit is None else hit[0])
+            if put is None:
+                return result
+            if put.expires_at <= now:
+                args = [raw or "", "1" if raw is not None else "0", "", "del"]
+            else:
+                px = self._px(put.expires_at, now)
+                args = [raw or "", "1" if raw is not None else "0",
+                        f"{_encode_expiry(put.expires_at)}:{put.value}", str(px or 0)]
+            if await self._do(lambda: self._cas(keys=[k], args=args)):
+                return result
         raise StoreError(f"redis {self.url}: {key!r} changed under {MAX_UPDATE_ATTEMPTS} attempts")
 
     async def incr(self, key: str, amount: int = 1, *, expires_at: float, now: float) -> int:

@@ -22,7 +22,7 @@ import sys
 import time
 import tomllib
 from collections import Counter
-from typing import Any
+from typing import Any, AsyncIterator, Callable
 
 from smtpguard.adapters.store import DEFAULT_URL, Item, Store, open_store
 from smtpguard.core import greylist as g
@@ -147,16 +147,6 @@ def _limit(text: str) -> int:
     return n
 
 
-async def _first(store: Store, prefix: str, now: float, limit: int) -> tuple[list[Item], bool]:
-    """At most `limit` items, and whether there were more."""
-    out: list[Item] = []
-    async for item in store.scan(prefix, now=now):
-        if len(out) == limit:
-            return out, True
-        out.append(item)
-    return out, False
-
-
 def _triplet_row(item: Item) -> dict[str, Any] | None:
     parts = g.split_triplet_key(item.key)
     entry = g.decode_triplet(item.value)
@@ -168,33 +158,43 @@ def _triplet_row(item: Item) -> dict[str, Any] | None:
             "attempts": entry.attempts, "expires": _when(item.expires_at)}
 
 
-def _trap_row(item: Item) -> dict[str, Any]:
-    return {"network": item.key[len(g.TRAP_PREFIX):], "trap": item.value, "expires": _when(item.expires_at)}
+async def _triplets(store: Store, now: float) -> AsyncIterator[dict[str, Any]]:
+    async for item in store.scan(g.TRIPLET_PREFIX, now=now):
+        row = _triplet_row(item)
+        if row is not None:
+            yield row
 
 
-def _allow_row(item: Item) -> dict[str, Any]:
-    try:
-        added = _when(float(item.value))
-    except ValueError:
-        added = "?"
-    return {"target": item.key[len(g.ALLOW_PREFIX):], "added": added, "expires": _when(item.expires_at)}
+async def _trapped(store: Store, now: float) -> AsyncIterator[dict[str, Any]]:
+    async for item in store.scan(g.TRAP_PREFIX, now=now):
+        yield {"network": item.key[len(g.TRAP_PREFIX):], "trap": item.value, "expires": _when(item.expires_at)}
 
 
-_LISTS = {
-    # what: (key prefix, row builder, table columns, message when empty)
-    "triplets": (g.TRIPLET_PREFIX, _triplet_row,
-                 ("state", "attempts", "first_seen", "expires", "client", "sender", "rcpt"), "no triplets"),
-    "trapped": (g.TRAP_PREFIX, _trap_row, ("network", "trap", "expires"), "no trapped networks"),
-    "allowed": (g.ALLOW_PREFIX, _allow_row, ("target", "added", "expires"), "no allow entries"),
+async def _allowed(store: Store, now: float) -> AsyncIterator[dict[str, Any]]:
+    async for target, expires_at, added in source.allowed(store, now=now):
+        yield {"target": target, "added": _when(added), "expires": _when(expires_at)}
+
+
+_LISTS: dict[str, tuple[Callable[[Store, float], AsyncIterator[dict[str, Any]]], tuple[str, ...], str]] = {
+    # what: (rows, table columns, message when empty)
+    "triplets": (_triplets, ("state", "attempts", "first_seen", "expires", "client", "sender", "rcpt"),
+                 "no triplets"),
+    "trapped": (_trapped, ("network", "trap", "expires"), "no trapped networks"),
+    "allowed": (_allowed, ("target", "added", "expires"), "no allow entries"),
 }
 
 
 async def _list(store: Store, args: argparse.Namespace, settings: GraylistSettings, now: float) -> int:
     limit = _limit(args.limit)
     kind = "trapped" if args.trapped else "allowed" if args.allowed else "triplets"
-    prefix, build, columns, empty = _LISTS[kind]
-    items, more = await _first(store, prefix, now, limit)
-    rows = [r for r in (build(i) for i in items) if r is not None]
+    produce, columns, empty = _LISTS[kind]
+    rows: list[dict[str, Any]] = []
+    more = False
+    async for row in produce(store, now):
+        if len(rows) == limit:
+            more = True  # stop reading: never fetch more than asked for
+            break
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=1))
     elif rows:
@@ -228,7 +228,7 @@ async def _allow(store: Store, args: argparse.Namespace, settings: GraylistSetti
 
 async def _deny(store: Store, args: argparse.Namespace, settings: GraylistSettings, now: float) -> int:
     try:
-        target, existed = await source.deny(store, args.target)
+        target, existed = await source.deny(store, args.target, now=now)
     except ValueError as exc:
         raise BadInput(f"CIDR|DOMAIN: {exc}") from None
     print(f"removed the allow entry for {target}" if existed else f"no allow entry for {target}")
@@ -244,7 +244,7 @@ async def _purge(store: Store, args: argparse.Namespace, settings: GraylistSetti
 async def _stats(store: Store, args: argparse.Namespace, settings: GraylistSettings, now: float) -> int:
     counts: Counter[str] = Counter()
     kinds = {g.TRIPLET_PREFIX: "triplet", g.CLIENT_PREFIX: "client", g.TRAP_PREFIX: "trapped",
-             g.ALLOW_PREFIX: "allowed"}
+             g.ALLOW_PREFIX: "allowed", g.ALLOW_NET_PREFIX: "networks"}
     async for item in store.scan("grey:", now=now):
         kind = next((k for p, k in kinds.items() if item.key.startswith(p)), None)
         if kind == "triplet":
@@ -257,6 +257,8 @@ async def _stats(store: Store, args: argparse.Namespace, settings: GraylistSetti
                 counts["clients"] += 1
                 if g.auto_allowed(client, strict=False, policy=settings.policy):
                     counts["auto_allowed"] += 1
+        elif kind == "networks":
+            counts["allowed"] += sum(1 for e in g.decode_bucket(item.value) if e.expires_at > now)
         elif kind is not None:
             counts[kind] += 1
     names = ("deferred", "passed", "clients", "auto_allowed", "trapped", "allowed")

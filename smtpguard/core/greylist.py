@@ -108,14 +108,16 @@ REPLIES: dict[str, tuple[int, str, str] | None] = {
 TRIPLET_PREFIX = "grey:t:"
 CLIENT_PREFIX = "grey:c:"
 TRAP_PREFIX = "grey:trap:"
-ALLOW_PREFIX = "grey:allow:"
+ALLOW_PREFIX = "grey:allow:"         # + domain: one admin allow entry
+ALLOW_NET_PREFIX = "grey:allownet:"  # + /8 or /16 bucket: the admin networks inside it
 
-# Prefix lengths an admin allow entry may have; the check looks up every
-# supernet of the client of these lengths in one batched read, so the set is
-# bounded: IPv4 /8../32, IPv6 /16../128 on nibble boundaries (how IPv6
-# allocations are made, RFC 6177 §2).
-ALLOW_V4_LENGTHS: tuple[int, ...] = tuple(range(8, 33))
-ALLOW_V6_LENGTHS: tuple[int, ...] = tuple(range(16, 129, 4))
+# Admin network entries are grouped by the IPv4 /8 or IPv6 /16 that holds
+# them, so a check reads ONE bucket key whatever the entry's prefix length
+# (and parses it only when the bucket holds anything, which is rare).
+# Entries wider than the bucket are refused: an admin allowing more than a
+# /8 or a /16 is a typo.
+BUCKET_V4 = 8
+BUCKET_V6 = 16
 
 
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -172,15 +174,19 @@ def trap_key(network: str) -> str:
     return TRAP_PREFIX + network
 
 
-def allow_key(target: str) -> str:
-    """`grey:allow:<network or domain>`; `target` as `parse_allow_target` gives it."""
-    return ALLOW_PREFIX + target
+def allow_key(domain: str) -> str:
+    """`grey:allow:<domain>`, the domain as `parse_allow_target` gives it."""
+    return ALLOW_PREFIX + domain
+
+
+def is_network(target: str) -> bool:
+    """Whether a canonical allow target is a network (domains have no `/`)."""
+    return "/" in target
 
 
 def parse_allow_target(text: str) -> str:
     """Canonical form of an admin allow target: a CIDR network (an address
-    is its /32 or /128) or a registrable domain. ValueError says what is
-    allowed."""
+    is its /32 or /128) or a domain. ValueError says what is allowed."""
     text = text.strip().rstrip(".").lower()
     if not text:
         raise ValueError("expected a CIDR network or a domain, got an empty value")
@@ -191,12 +197,8 @@ def parse_allow_target(text: str) -> str:
             raise ValueError(f"{text!r} is not a network: {exc}") from None
         if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped is not None:
             raise ValueError(f"{text!r}: write IPv4-mapped networks as IPv4")
-        lengths = ALLOW_V4_LENGTHS if net.version == 4 else ALLOW_V6_LENGTHS
-        if net.prefixlen not in lengths:
-            raise ValueError(
-                f"{text!r}: allowed prefix lengths are /8../32 for IPv4 and "
-                f"/16../128 in steps of 4 for IPv6"
-            )
+        if net.prefixlen < (BUCKET_V4 if net.version == 4 else BUCKET_V6):
+            raise ValueError(f"{text!r}: a network must be at most an IPv4 /{BUCKET_V4} or an IPv6 /{BUCKET_V6}")
         return str(net)
     if not _DOMAIN.fullmatch(text):
         raise ValueError(f"{text!r} is neither a CIDR network nor a domain name")
@@ -206,14 +208,61 @@ def parse_allow_target(text: str) -> str:
 _DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.)+[a-z0-9-]{2,63}")
 
 
-def allow_keys(ip: str, rdns_confirmed_domain: str | None) -> list[str]:
-    """Every admin allow key that would cover this client, for one batched read."""
+def bucket_key(ip_or_network: str) -> str:
+    """`grey:allownet:<the /8 or /16>` holding an address or an allowed network."""
+    addr = _address(ip_or_network.partition("/")[0])
+    value = int(addr)
+    if addr.version == 4:
+        return f"{ALLOW_NET_PREFIX}{value >> 24}.0.0.0/{BUCKET_V4}"
+    top = value >> 112
+    return f"{ALLOW_NET_PREFIX}{top:x}::/{BUCKET_V6}" if top else f"{ALLOW_NET_PREFIX}::/{BUCKET_V6}"
+
+
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    network: str        # canonical, as parse_allow_target gives it
+    expires_at: float   # math.inf: until denied
+    added: float
+
+
+def decode_bucket(value: str | None) -> tuple[AllowEntry, ...]:
+    if not value:
+        return ()
+    out = []
+    for line in value.split("\n"):
+        try:
+            network, expires, added = line.split(" ")
+            out.append(AllowEntry(network, float(expires), float(added)))
+        except ValueError:
+            continue  # an unreadable line allows nothing
+    return tuple(out)
+
+
+def encode_bucket(entries: tuple[AllowEntry, ...]) -> str:
+    return "\n".join(f"{e.network} {e.expires_at!r} {e.added!r}" for e in entries)
+
+
+def bucket_put(entries: tuple[AllowEntry, ...], entry: AllowEntry | None, *, drop: str, now: float
+               ) -> tuple[tuple[AllowEntry, ...], float]:
+    """The bucket without expired entries and without `drop`, plus `entry`;
+    and the bucket key's expiry (its longest-lived entry; `now` when empty,
+    which deletes it)."""
+    kept = tuple(e for e in entries if e.expires_at > now and e.network != drop)
+    if entry is not None:
+        kept += (entry,)
+    return kept, max((e.expires_at for e in kept), default=now)
+
+
+def bucket_covers(entries: tuple[AllowEntry, ...], ip: str, *, now: float) -> bool:
+    if not entries:
+        return False
     addr = _address(ip)
-    lengths = ALLOW_V4_LENGTHS if addr.version == 4 else ALLOW_V6_LENGTHS
-    keys = [allow_key(str(ipaddress.ip_network(f"{addr}/{n}", strict=False))) for n in lengths]
-    if rdns_confirmed_domain:
-        keys.append(allow_key(rdns_confirmed_domain.strip().rstrip(".").lower()))
-    return keys
+    for entry in entries:
+        if entry.expires_at > now:
+            net = ipaddress.ip_network(entry.network)
+            if net.version == addr.version and addr in net:
+                return True
+    return False
 
 
 # ---------------------------------------------------------------------------

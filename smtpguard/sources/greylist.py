@@ -18,7 +18,8 @@ Defaults and why: see GreyPolicy in core/greylist.py for the numbers; no
   outage must not turn the graylist off for every bot at once, and real MTAs
   retry a 451.
 
-Order of the questions (one batched read, then at most two writes):
+Order of the questions (one batched read, which answers a known triplet;
+then at most two atomic updates):
   1. an admin allow entry covers the client's address or domain -> allowed;
   2. the identity is auto-allowed (non-strict only) -> allowed;
   3. the recipient is a spamtrap -> trap the client's network, trapped;
@@ -37,7 +38,7 @@ count: suspicious traffic earns no trust.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,9 +178,12 @@ async def check(store: Store, settings: GraylistSettings, *, ip: str, rdns_confi
     recipient = g.normalise_rcpt(rcpt)
     ckey = g.client_key(identity)
     try:
-        trapped, client_raw, *allows = await store.get_many(
-            [g.trap_key(network), ckey, *g.allow_keys(ip, rdns_confirmed_domain)], now=now)
-        if any(a is not None for a in allows):
+        tkey = g.triplet_key(identity, g.normalise_sender(sender), recipient)
+        keys = [tkey, g.trap_key(network), ckey, g.bucket_key(ip)]
+        if rdns_confirmed_domain:
+            keys.append(g.allow_key(identity))  # the identity is that domain
+        triplet, trapped, client_raw, bucket, *domain = await store.get_many(keys, now=now)
+        if (domain and domain[0] is not None) or g.bucket_covers(g.decode_bucket(bucket), ip, now=now):
             return _fact(g.Decision.ALLOWED, identity, via="admin")
 
         client = g.decode_client(client_raw)
@@ -199,8 +203,12 @@ async def check(store: Store, settings: GraylistSettings, *, ip: str, rdns_confi
             put = None if step.write is None else Put(g.encode_triplet(step.write), step.expires_at)
             return put, step
 
-        tkey = g.triplet_key(identity, g.normalise_sender(sender), recipient)
-        step = await store.update(tkey, transition, now=now)
+        # A known triplet that needs no write (the common case) is answered
+        # from the batched read; anything to write goes through the atomic
+        # update, which reads again and decides on what it read.
+        put, step = transition(triplet)
+        if put is not None:
+            step = await store.update(tkey, transition, now=now)
         if step.newly_passed and not strict:
             await store.update(ckey, _count_pass(now, policy), now=now)
         return _fact(step.decision, identity, wait=step.wait)
@@ -237,11 +245,42 @@ async def allow(store: Store, target: str, *, ttl: float, now: float) -> str:
     """Add an admin allow entry for a CIDR network or a domain; `ttl` may be
     math.inf. Returns the canonical target. ValueError for a bad target."""
     canonical = g.parse_allow_target(target)
-    await store.set(g.allow_key(canonical), str(int(now)), expires_at=now + ttl, now=now)
+    if not g.is_network(canonical):
+        await store.set(g.allow_key(canonical), str(int(now)), expires_at=now + ttl, now=now)
+        return canonical
+    entry = g.AllowEntry(canonical, now + ttl, float(int(now)))
+
+    def add(current: str | None) -> tuple[Put | None, None]:
+        entries, expiry = g.bucket_put(g.decode_bucket(current), entry, drop=canonical, now=now)
+        return Put(g.encode_bucket(entries), expiry), None
+    await store.update(g.bucket_key(canonical), add, now=now)
     return canonical
 
 
-async def deny(store: Store, target: str) -> tuple[str, bool]:
+async def deny(store: Store, target: str, *, now: float) -> tuple[str, bool]:
     """Remove an admin allow entry; (canonical target, whether it existed)."""
     canonical = g.parse_allow_target(target)
-    return canonical, await store.delete(g.allow_key(canonical))
+    if not g.is_network(canonical):
+        return canonical, await store.delete(g.allow_key(canonical))
+
+    def remove(current: str | None) -> tuple[Put | None, bool]:
+        entries = g.decode_bucket(current)
+        if not any(e.network == canonical and e.expires_at > now for e in entries):
+            return None, False
+        kept, expiry = g.bucket_put(entries, None, drop=canonical, now=now)
+        return Put(g.encode_bucket(kept), expiry), True
+    return canonical, await store.update(g.bucket_key(canonical), remove, now=now)
+
+
+async def allowed(store: Store, *, now: float) -> AsyncIterator[tuple[str, float, float]]:
+    """Every live admin allow entry: (target, expires_at, added)."""
+    async for item in store.scan(g.ALLOW_PREFIX, now=now):
+        try:
+            added = float(item.value)
+        except ValueError:
+            added = 0.0
+        yield item.key[len(g.ALLOW_PREFIX):], item.expires_at, added
+    async for item in store.scan(g.ALLOW_NET_PREFIX, now=now):
+        for entry in g.decode_bucket(item.value):
+            if entry.expires_at > now:
+                yield entry.network, entry.expires_at, entry.added
