@@ -20,8 +20,8 @@ Defaults and why:
     crash can roll back the last commits, and losing graylist state costs a
     sender one more delay, never a message. `?synchronous=full` fsyncs every
     commit for those who want that too (bench/bench_greylist.py prints the
-    cost). busy_timeout 5 s and BEGIN IMMEDIATE for read-modify-write make
-    several worker processes on one host safe. All sqlite calls run on one
+    cost). busy_timeout (the store timeout) and BEGIN IMMEDIATE for
+    read-modify-write make several worker processes on one host safe. All sqlite calls run on one
     dedicated thread per store: the event loop never blocks on the file.
   - `redis://`, `rediss://`, `redis+sentinel://h:p,h:p/service/db`: shared by
     several MX hosts. Values are stored as `<expires_at>:<value>` with a
@@ -34,7 +34,8 @@ Defaults and why:
     counters are one Lua script.
   - `memory://`: tests and one-off runs; LOSES ALL STATE ON RESTART and is
     not shared between processes.
-  - timeout 2 s per store operation (a RCPT stage deadline is seconds).
+  - timeout 2 s: redis socket and connect timeouts, sqlite's wait for
+    another process's lock (a RCPT stage deadline is seconds).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from smtpguard.errors import ConfigError, StoreError
 
@@ -59,8 +60,6 @@ DEFAULT_REDIS_PREFIX = "smtpguard:"
 # A store round trip is well under a millisecond; 2 s bounds a hung backend
 # well inside the RCPT stage deadline (RFC 5321 §4.5.3.2: 5 min for RCPT).
 DEFAULT_TIMEOUT = 2.0
-# How long a sqlite writer waits for another process's lock before giving up.
-SQLITE_BUSY_TIMEOUT_MS = 5000
 # Rows per scan batch and per purge transaction: keeps each lock short.
 BATCH = 1000
 PURGE_BATCH = 10000
@@ -426,12 +425,14 @@ class SqliteStore(Store):
             return
 
         def op() -> None:
+            # Set on the store thread: an operation queued behind close()
+            # finds the store closed instead of reopening the file.
+            self._closed = True
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, op)
-        self._closed = True
         self._executor.shutdown(wait=False)
 
 
