@@ -84,8 +84,15 @@ class GuardSMTP(SMTP):
         if self.transport is None:  # the first call, not the STARTTLS one
             peer = transport.get_extra_info("peername") or ("", 0)
             local = transport.get_extra_info("sockname") or ("", 0)
+            sock = transport.get_extra_info("socket")
             # The client's SYN, saved by the kernel (TCP_SAVE_SYN): read once.
-            syn = osfp.read_saved_syn(transport.get_extra_info("socket")) if self.server.save_syn else None
+            syn = osfp.read_saved_syn(sock) if self.server.save_syn else None
+            if sock is not None:
+                # Replies are small and each waits for the client: no Nagle delay.
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
             ip = peer[0].removeprefix("::ffff:") if isinstance(peer, tuple) else str(peer)
             self.guard.client = ClientInfo(
                 session_id=self.server.new_session_id(), ip=ip, port=peer[1] if isinstance(peer, tuple) else 0,
@@ -263,7 +270,9 @@ class Server:
 
     def _listen_socket(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP: accepted sockets inherit it, and asyncio sets
+        # TCP_NODELAY only on sockets that say they are TCP.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if hasattr(socket, "SO_REUSEPORT"):

@@ -209,3 +209,17 @@ def test_os_fingerprint_tells_ttl_128_from_the_default(recorder: Recorder, guard
     digests = [c.get("facts", "") for c in closes]
     assert "os=linux" in digests[0]
     assert "os=linux" not in digests[1] and "os=unknown" in digests[1]
+
+
+def test_tarpit_slows_every_later_reply(recorder: Recorder, guard_factory: Any) -> None:
+    import time
+    doc = rules({"name": "slow", "stage": "connect", "when": {"ip_in": ["127.0.0.0/8"]}, "action": "tarpit",
+                 "delay": "0.3s"})
+    g = guard_factory(doc, upstream=recorder.address)
+    start = time.monotonic()
+    with smtplib.SMTP(g.host, g.port, timeout=10) as s:
+        s.ehlo("c.test")
+        s.mail("a@sender.test")
+    # banner, EHLO and MAIL each waited the stutter time (spamd -S), and mail still flows
+    assert time.monotonic() - start >= 0.9
+    assert len(recorder.messages) == 0

@@ -339,3 +339,15 @@ def test_graceful_stop_lets_data_finish_then_421(recorder: Recorder, guard_facto
     # stopped listening
     with pytest.raises(OSError):
         socket.create_connection((g.host, g.port), timeout=2).close()
+
+
+def test_tcp_nodelay_on_both_sides(guard: Guard, recorder: Recorder) -> None:
+    with client(guard) as s:
+        s.ehlo("c.test")
+        s.sendmail("a@sender.test", ["b@example.test"], MESSAGE)
+        [session] = list(guard.server.sessions)
+        inbound = session.transport.get_extra_info("socket")
+        assert inbound.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        [pooled] = list(guard.services.upstream._idle)
+        outbound = pooled.smtp.transport.get_extra_info("socket")
+        assert outbound.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
