@@ -324,6 +324,7 @@ class Server:
 
 async def serve(config: Config, services: Any, ready: "asyncio.Future[list[tuple[str, int]]] | None" = None) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP asks the services to reload."""
+    await services.start()  # may raise ConfigError: nothing is listening yet
     server = Server(config, services)
     bound = await server.start()
     if ready is not None and not ready.done():

@@ -23,7 +23,7 @@ from smtpguard.core import policy as pol
 from smtpguard.core.facts import UNKNOWN, FactValue
 from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.core.rdns import RdnsFact
-from smtpguard.errors import ConfigError
+from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
 from smtpguard.sources import dnsbl, geo, greylist, helo, osfp, rdns
 
@@ -66,6 +66,10 @@ class Services:
         self.run["geo"] = self.run["geo"] and self.geodb is not None
         listen_ips = [h for h, _ in config.server.listen if h not in ("0.0.0.0", "::", "")]
         self.us: OurIdentity = identity([config.server.hostname], config.server.domains, listen_ips)
+
+    async def start(self) -> None:
+        """Checks that need the event loop, before any socket is opened."""
+        await check_store(self)
 
     # --- facts ---------------------------------------------------------------
 
@@ -125,10 +129,8 @@ class Services:
         """The graylist state of one recipient; a store outage is the value `unknown`."""
         if self.store is None:
             return {"graylist": UNKNOWN, "graylist_error": "no state store"}
-        facts = session.facts
-        domain = facts.get("rdns_domain") if facts.get("rdns") == "confirmed" else None
         fact = await greylist.check(self.store, self.config.graylist, ip=session.client.ip,
-                                    rdns_confirmed_domain=str(domain) if domain else None,
+                                    rdns_confirmed_domain=self._confirmed_domain(session),
                                     sender=session.sender or "", rcpt=rcpt, strict=strict, now=self.clock())
         out = fact.as_facts()
         out["graylist_wait"] = fact.wait
@@ -137,10 +139,46 @@ class Services:
             out["graylist_error"] = fact.error
         return out
 
+    async def trap(self, session: "ClientSession", rcpt: str) -> dict[str, FactValue]:
+        """Spamtraps for a recipient no graylist rule covered: `trapped`, or nothing."""
+        if self.store is None or not self.config.graylist.traps:
+            return {}
+        fact = await greylist.trap(self.store, self.config.graylist, ip=session.client.ip,
+                                   rdns_confirmed_domain=self._confirmed_domain(session), rcpt=rcpt,
+                                   now=self.clock())
+        if fact is None:
+            return {}
+        if fact.error:
+            # a trap lookup that fails does not refuse anyone: log it, go on
+            event("trap.store_error", logging.ERROR, session=session.client.session_id,
+                  ip=session.client.ip, error=fact.error)
+            return {}
+        return {"graylist": fact.graylist}
+
+    @staticmethod
+    def _confirmed_domain(session: "ClientSession") -> str | None:
+        facts = session.facts
+        domain = facts.get("rdns_domain") if facts.get("rdns") == "confirmed" else None
+        return str(domain) if domain else None
+
     # --- housekeeping ----------------------------------------------------------
+
+    # Expired rows are purged hourly: postgrey's and spamd's maintenance interval.
+    PURGE_EVERY = 3600.0
+    _last_purge = 0.0
 
     async def housekeeping(self) -> None:
         self.upstream.purge()
+        now = self.clock()
+        if self.store is not None and now - self._last_purge >= self.PURGE_EVERY:
+            self._last_purge = now
+            try:
+                purged = await self.store.purge(now=now)
+            except StoreError as e:
+                event("store.purge_failed", logging.WARNING, error=str(e))
+            else:
+                if purged:
+                    event("store.purged", rows=purged)
 
     async def reload(self) -> None:
         """SIGHUP: a new config and country data, or the running ones and a log line why not."""
@@ -197,3 +235,27 @@ def build_services(config: Config, flags: dict[str, Any] | None = None) -> Servi
     services = Services(config, geodb, signatures, store)
     services._flags = dict(flags or {})
     return services
+
+
+async def check_store(services: Services) -> None:
+    """At start: an sqlite file that cannot be opened is a config error (exit 2);
+    an unreachable Redis is logged loudly and left to `graylist.on_error`,
+    since the other MX hosts' Redis may come back while we run."""
+    if services.store is None:
+        return
+    try:
+        await services.store.ping()
+    except StoreError as e:
+        if services.config.state.url.startswith("sqlite"):
+            raise ConfigError("state.url", f"cannot open the state store: {e}") from None
+        event("store.unreachable", logging.ERROR, url=_redacted(services.config.state.url), error=str(e),
+              on_error=services.config.graylist.on_error)
+
+
+def _redacted(url: str) -> str:
+    """A store URL without its password, for the log."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{host}"
+
+

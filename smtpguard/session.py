@@ -43,6 +43,8 @@ class Services(Protocol):
 
     async def graylist(self, session: "ClientSession", rcpt: str, strict: bool) -> dict[str, FactValue]: ...
 
+    async def trap(self, session: "ClientSession", rcpt: str) -> dict[str, FactValue]: ...
+
 
 class ClientSession:
     """The aiosmtpd handler of one connection (a new one per connection)."""
@@ -251,6 +253,11 @@ class ClientSession:
                 refused = self.graylisted(verdict, checked)
                 if refused is not None:
                     return refused
+            elif verdict.action != "accept":
+                # Spamtraps hold for every client, graylisted or not (spamd's greytrapping).
+                self.facts.update(await self.services.trap(self, checked.address))
+                if self.facts.get("graylist") == "trapped":
+                    return self.refuse("rcpt", replies.make("TRAP"), address, rule="trap")
         return await self.relay_rcpt(envelope, address, checked)
 
     def graylisted(self, verdict: Verdict, rcpt: Recipient) -> str | None:

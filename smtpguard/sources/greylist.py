@@ -216,6 +216,36 @@ async def check(store: Store, settings: GraylistSettings, *, ip: str, rdns_confi
         return GraylistFact(UNKNOWN, UNKNOWN, 0, identity, "", str(exc))
 
 
+async def trap(store: Store, settings: GraylistSettings, *, ip: str, rdns_confirmed_domain: str | None,
+               rcpt: str, now: float) -> GraylistFact | None:
+    """Spamtraps for a client that no graylist rule covers: TRAPPED, or None.
+
+    The same trap keys as `check` (so a trap set on one node is seen on
+    every node); admin allow entries are never trapped, as in `check`.
+    """
+    if not settings.traps:
+        return None
+    policy = settings.policy
+    identity = g.client_identity(ip, rdns_confirmed_domain, policy)
+    network = g.network_of(ip, policy)
+    recipient = g.normalise_rcpt(rcpt)
+    try:
+        keys = [g.trap_key(network), g.bucket_key(ip)]
+        if rdns_confirmed_domain:
+            keys.append(g.allow_key(identity))
+        trapped, bucket, *domain = await store.get_many(keys, now=now)
+        if (domain and domain[0] is not None) or g.bucket_covers(g.decode_bucket(bucket), ip, now=now):
+            return None
+        if recipient in settings.traps:
+            await store.set(g.trap_key(network), recipient, expires_at=now + policy.trap_ttl, now=now)
+            return _fact(g.Decision.TRAPPED, identity, via="trap")
+        if trapped is not None:
+            return _fact(g.Decision.TRAPPED, identity, via="network")
+        return None
+    except StoreError as exc:
+        return GraylistFact(UNKNOWN, UNKNOWN, 0, identity, "", str(exc))
+
+
 def _client_put(step: g.ClientStep) -> Put | None:
     return None if step.write is None else Put(g.encode_client(step.write), step.expires_at)
 
