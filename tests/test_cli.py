@@ -140,6 +140,7 @@ def test_swaks_through_smtpguard_to_smtp_sink_with_a_json_decision_log(tmp_path:
 def test_sink_stores_into_a_maildir(tmp_path: Path) -> None:
     swaks = _need("swaks")
     port = free_port()
+    (tmp_path / "md").mkdir()  # an existing, empty directory, as `make run` leaves it
     proc = subprocess.Popen([*SMTPGUARD, "sink", "--listen", f"127.0.0.1:{port}", "--maildir", str(tmp_path / "md")],
                             stderr=subprocess.PIPE, text=True)
     try:

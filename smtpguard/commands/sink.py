@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import mailbox
+import os
 import signal
 import sys
 from typing import Any
@@ -21,7 +22,14 @@ from smtpguard.errors import ConfigError
 
 class MaildirHandler:
     def __init__(self, path: str) -> None:
-        self.maildir = mailbox.Maildir(path, create=True)
+        # Maildir(create=True) makes tmp/new/cur only when DIR itself is new.
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(path, sub), exist_ok=True)
+        self.maildir = mailbox.Maildir(path, create=False)
+
+    async def handle_exception(self, error: Exception) -> str:
+        print(f"smtpguard sink: cannot store a message: {error}", file=sys.stderr, flush=True)
+        return "451 4.3.0 the sink could not store the message"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         head = (f"Return-Path: <{envelope.mail_from if envelope.mail_from != '<>' else ''}>\r\n"
