@@ -19,7 +19,16 @@ class ConfigError(SmtpguardError):
 
 
 class UpstreamError(SmtpguardError):
-    """The real MTA could not be reached, timed out or misbehaved."""
+    """The real MTA could not be reached, timed out or misbehaved.
+
+    `reason` is the reply's reason code (UPSTREAM or UPSTREAM-TIMEOUT);
+    `detail` is for the log only, never for the client.
+    """
+
+    def __init__(self, reason: str = "UPSTREAM", detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
 
 
 class StoreError(SmtpguardError):

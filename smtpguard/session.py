@@ -28,9 +28,6 @@ from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
 
-STAGES = ("connect", "helo", "mail", "rcpt", "data")
-
-
 class Services(Protocol):
     """Per-process shared parts: config, upstream pool, fact sources, policy."""
 
@@ -65,10 +62,10 @@ class ClientSession:
         self.txn_accepted_by: str | None = None # a transaction-scoped one (MAIL stage)
         self.pending: Verdict | None = None     # a refusal held back to RCPT (reject_at)
         self.tarpit = 0.0
+        self.banner_refusal: replies.Reply | None = None  # a 554 greeting was given
         # transaction state
         self.sender: str | None = None
         self.mail_options: list[str] = []
-        self.rcpt_count = 0
         self.txn: Transaction | None = None
         # counters for the summary line
         self.messages = 0
@@ -156,8 +153,6 @@ class ClientSession:
             self.banner_refusal = self.verdict_reply(verdict, "connect")
             return self.refuse("connect", self.banner_refusal, rule=verdict.rule, action=verdict.action)
         return None
-
-    banner_refusal: replies.Reply | None = None
 
     def refused_session(self) -> str | None:
         """After a 554 greeting every command but QUIT gets 503 (RFC 5321 §3.1)."""
@@ -304,10 +299,9 @@ class ClientSession:
             r = await self.txn.rcpt(address)
         except UpstreamError as e:
             self.txn = None
-            return self.refuse("rcpt", replies.make(e.args[0] if e.args else "UPSTREAM"), address)
+            return self.refuse("rcpt", replies.make(e.reason), address)
         if r.ok:
             envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend([])
         else:
             event("relay.rcpt_refused", session=self.client.session_id, ip=self.client.ip,
                   sender=self.sender, rcpt=address, code=r.code, text=r.text)
@@ -329,7 +323,7 @@ class ClientSession:
             r = await txn.data(trace + content)
         except UpstreamError as e:
             self.txn = None
-            return self.refuse("data", replies.make(e.args[0] if e.args else "UPSTREAM"))
+            return self.refuse("data", replies.make(e.reason))
         self.txn = None
         self.sender = None
         if r.ok:
@@ -363,7 +357,9 @@ class ClientSession:
         # No exception text ever reaches a client (DESIGN.md).
         event("internal_error", logging.ERROR, exc_info=True, session=self.client.session_id,
               ip=self.client.ip, error=type(error).__name__)
-        self.txn = None
+        txn, self.txn = self.txn, None
+        if txn is not None:
+            txn.abort()  # its state is unknown: never reuse the connection
         return self.render(replies.make("INTERNAL"))
 
     async def _reset_transaction(self) -> None:

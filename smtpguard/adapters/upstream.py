@@ -306,6 +306,12 @@ class Transaction:
             return
         self.upstream.release(conn, reusable=reply.ok)
 
+    def abort(self) -> None:
+        """Drop the connection without a word: after an error its state is unknown."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
     async def reset(self) -> None:
         """Client RSET, a new MAIL, or the end of the client's session."""
         conn, self.conn = self.conn, None
