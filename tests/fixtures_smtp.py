@@ -60,6 +60,7 @@ class Received:
     xclient: dict[str, str]
     xforward: dict[str, str]
     helo: str
+    tls: bool = False
 
 
 class LoopThread:
@@ -163,7 +164,7 @@ class Recorder:
                 recorder.messages.append(Received(
                     envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
                     list(envelope.mail_options), dict(server.xclient), dict(server.xforward),
-                    session.host_name or ""))
+                    session.host_name or "", session.ssl is not None))
                 server.xforward = {}
                 return "250 2.0.0 Ok: queued as TEST"
 
@@ -236,10 +237,13 @@ class Guard:
 
 
 @pytest.fixture
-def guard_factory() -> Iterator[Callable[..., Guard]]:
+def guard_factory(dns_server: Any) -> Iterator[Callable[..., Guard]]:
+    """smtpguard instances whose resolver is a DNS server of the test's own on
+    loopback (never the system's): names it was not told about are NXDOMAIN."""
     guards: list[Guard] = []
 
     def make(doc: dict[str, Any] | None = None, **flags: Any) -> Guard:
+        flags.setdefault("dns_server", [dns_server.address])
         g = Guard(doc, **flags)
         guards.append(g)
         return g

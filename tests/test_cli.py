@@ -46,6 +46,10 @@ BAD_CONFIGS = [
     ("[server]\nidle_timeout = '5 parsecs'\n", [], "server.idle_timeout"),
     ("[upstream]\naddress = '127.0.0.1:2526'\ntls = 'sometimes'\n", ["--domain", "example.test"], "upstream.tls"),
     ("[serverr]\n", [], "serverr"),
+    ("[[rule]]\nname = 'foreign'\nwhen = { cuntry = 'US' }\naction = 'reject'\n", ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], 'rule[1] "foreign".when.cuntry'),
+    ("[[rule]]\nname = 'foreign'\nwhen = { country = 'XX' }\naction = 'reject'\n", ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], 'rule[1] "foreign".when.country'),
+    ("[[rule]]\nname = 'foreign'\naction = 'bounce'\n", ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], 'rule[1] "foreign".action'),
+    ("", ["--upstream", "127.0.0.1:2526", "--domain", "example.test", "--zones", "/nonexistent", "--allow-country", "US,ZZ"], "--allow-country"),
     ("this is = not toml [\n", [], "--config"),
 ]
 

@@ -64,7 +64,7 @@ def test_store_down_tempfails_by_default_and_accepts_when_told(recorder: Recorde
     assert attempt(g2.host, g2.port)[0] == 250
 
 
-def test_sqlite_state_survives_a_crash_of_the_proxy(recorder: Recorder, tmp_path: Path) -> None:
+def test_sqlite_state_survives_a_crash_of_the_proxy(recorder: Recorder, tmp_path: Path, dns_server: Any) -> None:
     port = free_port()
     conf = tmp_path / "c.toml"
     conf.write_text(f"""
@@ -74,6 +74,8 @@ hostname = "mx.example.test"
 domains = ["example.test"]
 [upstream]
 address = "{recorder.address}"
+[dns]
+servers = ["{dns_server.address}"]
 [state]
 url = "sqlite:///{tmp_path}/state.db"
 [graylist]

@@ -77,7 +77,7 @@ def test_local_addresses_are_not_geoblocked_by_the_shorthand(recorder: Recorder,
 def test_no_ptr_is_refused_at_rcpt_with_reason_and_url(recorder: Recorder, guard_factory: Any, dns_server: DnsServer) -> None:
     dns_server.nxdomain(PTR)
     doc = rules({"name": "no-rdns", "stage": "connect", "when": {"rdns": "none"}, "action": "reject", "reason": "RDNS"})
-    g = guard_factory(doc, upstream=recorder.address, resolution_url=URL, dns_server=[dns_server.address])
+    g = guard_factory(doc, upstream=recorder.address, resolution_url=URL)
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         s.ehlo("c.test")
         s.mail("a@sender.test")
@@ -92,7 +92,7 @@ def test_a_dns_outage_never_rejects(recorder: Recorder, guard_factory: Any, dns_
     dns_server.servfail(PTR)
     doc = rules({"name": "no-rdns", "stage": "connect", "when": {"rdns": "none"}, "action": "reject", "reason": "RDNS"},
                 {"name": "rdns-temp", "stage": "connect", "when": {"rdns": "unknown"}, "action": "tempfail", "reason": "DNS-TEMP"})
-    g = guard_factory(doc, upstream=recorder.address, dns_server=[dns_server.address])
+    g = guard_factory(doc, upstream=recorder.address)
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         s.ehlo("c.test")
         s.mail("a@sender.test")
@@ -104,7 +104,7 @@ def test_confirmed_rdns_is_passed_to_the_mta_and_the_trace(recorder_factory: Any
     up = recorder_factory(xclient=True)
     dns_server.set(PTR, "PTR", ["mail.sender.test."])
     dns_server.set("mail.sender.test", "A", ["127.0.0.1"])
-    g = guard_factory({"upstream": {"xclient": True}}, upstream=up.address, dns_server=[dns_server.address])
+    g = guard_factory({"upstream": {"xclient": True}}, upstream=up.address)
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         s.ehlo("mail.sender.test")
         s.sendmail("a@sender.test", ["b@example.test"], MESSAGE)
@@ -117,7 +117,7 @@ def test_dnsbl_listing_is_refused_naming_the_list(recorder: Recorder, guard_fact
     dns_server.nxdomain(PTR)
     doc = {"dnsbl": [{"zone": "bl.test", "weight": 3}],
            **rules({"name": "dnsbl", "stage": "connect", "when": {"dnsbl_score_ge": 3}, "action": "reject", "reason": "DNSBL"})}
-    g = guard_factory(doc, upstream=recorder.address, dns_server=[dns_server.address])
+    g = guard_factory(doc, upstream=recorder.address)
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         s.ehlo("c.test")
         s.mail("a@sender.test")
@@ -138,7 +138,7 @@ def test_observe_mode_logs_and_delivers(recorder: Recorder, guard_factory: Any) 
 def test_helo_claiming_to_be_us_is_refused(recorder: Recorder, guard_factory: Any, dns_server: DnsServer) -> None:
     dns_server.nxdomain(PTR)
     doc = rules({"name": "helo-forged", "stage": "helo", "when": {"helo_is_us": True}, "action": "reject", "reason": "HELO-FORGED"})
-    g = guard_factory(doc, upstream=recorder.address, dns_server=[dns_server.address])
+    g = guard_factory(doc, upstream=recorder.address)
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         assert s.ehlo("MX.Example.TEST")[0] == 250  # held back to RCPT (reject_at = "rcpt")
         s.mail("a@sender.test")

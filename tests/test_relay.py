@@ -351,3 +351,52 @@ def test_tcp_nodelay_on_both_sides(guard: Guard, recorder: Recorder) -> None:
         [pooled] = list(guard.services.upstream._idle)
         outbound = pooled.smtp.transport.get_extra_info("socket")
         assert outbound.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def _server_tls(tmp_path: Any) -> ssl.SSLContext:
+    trustme = pytest.importorskip("trustme")
+    cert = trustme.CA().issue_cert("recorder.test")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "up.pem"))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tmp_path / "up.pem"))
+    return ctx
+
+
+@pytest.mark.parametrize("mode,offers,delivered,tls", [
+    ("required", True, True, True),
+    ("opportunistic", True, True, True),
+    ("opportunistic", False, True, False),
+    ("required", False, False, False),
+    ("none", True, True, False),
+], ids=lambda v: str(v))
+def test_upstream_tls_modes(recorder_factory: Any, guard_factory: Any, tmp_path: Any,
+                            mode: str, offers: bool, delivered: bool, tls: bool) -> None:
+    up = recorder_factory(tls=_server_tls(tmp_path) if offers else None)
+    g = guard_factory({"upstream": {"tls": mode}}, upstream=up.address)
+    with client(g) as s:
+        s.ehlo("c.test")
+        s.mail("a@sender.test")
+        code, text = s.rcpt("b@example.test")
+        if delivered:
+            assert code == 250
+            s.data(MESSAGE)
+        else:
+            assert code == 451 and b"[UPSTREAM]" in text  # never delivered in clear when TLS is required
+    assert [m.tls for m in up.messages] == ([tls] if delivered else [])
+
+
+def test_a_client_vanishing_mid_transaction_ends_the_upstream_transaction(guard: Guard, recorder: Recorder) -> None:
+    sock = socket.create_connection((guard.host, guard.port), timeout=10)
+    f = sock.makefile("rb")
+    f.readline()
+    sock.sendall(b"HELO c.test\r\nMAIL FROM:<gone@sender.test>\r\nRCPT TO:<b@example.test>\r\n")
+    assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"250"]
+    f.close()
+    sock.close()  # no QUIT, no DATA: the client is gone
+    wait_for(lambda: guard.services.upstream._idle)  # reset and back in the pool
+    with client(guard) as s:
+        s.ehlo("c.test")
+        s.sendmail("a@sender.test", ["c@example.test"], MESSAGE)
+    [m] = recorder.messages
+    assert m.mail_from == "a@sender.test" and m.rcpt_tos == ["c@example.test"]  # nothing of the vanished client
+    assert recorder.connections == 1
