@@ -291,8 +291,8 @@ class ClientSession:
                 if not mail.ok:
                     event("relay.mail_refused", session=self.client.session_id, ip=self.client.ip,
                           sender=self.sender, code=mail.code, text=mail.text)
-            mail = self.txn.mail_reply
-            assert mail is not None
+            else:
+                mail = self.txn.mail_reply
             if not mail.ok:
                 # The MTA refused the sender: every recipient gets its answer.
                 return self.forward(mail)
