@@ -18,7 +18,6 @@ from smtpguard.core.policy import (
     DEFAULT_TARPIT_DELAY,
     Policy,
     Rule,
-    Verdict,
     decide,
     default_rules_toml,
     explain,

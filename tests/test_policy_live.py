@@ -8,7 +8,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests.fixtures_dns import DnsServer
 from tests.fixtures_smtp import Recorder, wait_for

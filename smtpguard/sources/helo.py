@@ -30,7 +30,6 @@ Defaults and why:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from typing import Iterable
 
 from smtpguard.core.facts import OK, UNKNOWN
@@ -45,25 +44,9 @@ from smtpguard.core.helo import (
     matches_rdns,
 )
 from smtpguard.core.rdns import RdnsFact
-from smtpguard.sources.rdns import ResolverLike
+from smtpguard.sources.rdns import ResolverLike, answers_contain
 
 __all__ = ["HeloFact", "OurIdentity", "gather", "identity"]
-
-
-def _same_address(values: tuple[str, ...], client_ip: str) -> bool:
-    try:
-        client = ipaddress.ip_address(client_ip.strip())
-    except ValueError:
-        return False
-    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
-        client = client.ipv4_mapped
-    for value in values:
-        try:
-            if ipaddress.ip_address(value) == client:
-                return True
-        except ValueError:
-            continue
-    return False
 
 
 async def gather(
@@ -103,5 +86,5 @@ async def gather(
         return HeloFact(UNKNOWN, sent, syntax, UNKNOWN, UNKNOWN, by_rdns, reason=answer.reason or "unknown")
     resolves = answer.status == OK and bool(answer.values)
     return HeloFact(fact_status(syntax, answer.status), sent, syntax, resolves,
-                    resolves and _same_address(answer.values, client_ip), by_rdns,
+                    resolves and answers_contain(answer.values, client_ip), by_rdns,
                     addresses=answer.values if resolves else ())

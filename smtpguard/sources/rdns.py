@@ -151,6 +151,12 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr
 
 
+def answers_contain(values: tuple[str, ...], client_ip: str) -> bool:
+    """Whether an A/AAAA answer holds the client's address (IPv4-mapped as IPv4)."""
+    client = _address(client_ip)
+    return client is not None and _contains(values, client)
+
+
 def _contains(values: tuple[str, ...], client: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     for value in values:
         try:
