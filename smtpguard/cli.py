@@ -36,11 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smtpguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"smtpguard.commands.{name}")
-        except ImportError:
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"smtpguard.commands.{name}").add_parser(sub)
     return parser
 
 
