@@ -2,9 +2,10 @@
 side with smtp-source -> smtp-sink directly, in one run.
 
 1 KB messages, 20 parallel sessions, one message per session (the issue's
-scenario). Rounds alternate direct and proxied runs so that a noisy shared
-machine affects both alike; medians and the ratio are reported, with
-smtpguard's own CPU seconds per 1,000 messages (from /proc/PID/stat).
+scenario). Rounds alternate direct and proxied runs (one worker, and two workers
+on this 2-core machine) so that a noisy shared machine affects all alike;
+medians and the ratios are reported, with smtpguard's own CPU seconds per
+1,000 messages (from /proc/PID/stat, workers included).
 Loopback only; bounded: each round has a timeout.
 """
 
@@ -50,9 +51,28 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise SystemExit(f"bench_relay: nothing listening on {port} after {timeout}s")
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    """utime + stime of a process and its children (the workers), live ones included."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:
+                    pids.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    total = 0.0
+    for p in pids:
+        try:
+            fields = _stat(p)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
 
 
 def source(port: int, messages: int, sessions: int, timeout: float) -> float:
@@ -74,46 +94,60 @@ def main() -> None:
     if args.quick:
         args.messages, args.rounds = 500, 3
 
-    sink_port, guard_port = free_port(), free_port()
+    sink_port = free_port()
+    ports = {1: free_port(), 2: free_port()}
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = subprocess.Popen([tool("smtp-sink"), *user, "-c", f"127.0.0.1:{sink_port}", "256"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    guards: dict[int, subprocess.Popen[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp) / "bench.toml"
-        conf.write_text(f"""
+        for workers, port in ports.items():
+            conf = Path(tmp) / f"bench{workers}.toml"
+            conf.write_text(f"""
 [server]
-listen = ["127.0.0.1:{guard_port}"]
+listen = ["127.0.0.1:{port}"]
 hostname = "mx.example.test"
 domains = ["example.test"]
+workers = {workers}
 [upstream]
 address = "127.0.0.1:{sink_port}"
 [log]
 level = "warning"
 """)
-        guard = subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "--config", str(conf)],
-                                 cwd=ROOT, stderr=subprocess.PIPE, text=True)
+            guards[workers] = subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "--config", str(conf)],
+                                               cwd=ROOT, stderr=subprocess.DEVNULL, text=True)
         try:
             wait_port(sink_port)
-            wait_port(guard_port)
-            source(guard_port, 100, args.sessions, 60)  # warm-up: imports, pool, caches
-            direct, proxied, cpu = [], [], []
+            for port in ports.values():
+                wait_port(port)
+                source(port, 100, args.sessions, 60)  # warm-up: imports, pool, caches
+            direct: list[float] = []
+            proxied: dict[int, list[float]] = {1: [], 2: []}
+            cpu: dict[int, list[float]] = {1: [], 2: []}
             for _ in range(args.rounds):
                 direct.append(args.messages / source(sink_port, args.messages, args.sessions, 120))
-                before = cpu_seconds(guard.pid)
-                proxied.append(args.messages / source(guard_port, args.messages, args.sessions, 300))
-                cpu.append((cpu_seconds(guard.pid) - before) / args.messages * 1000)
+                for workers, port in ports.items():
+                    before = cpu_seconds(guards[workers].pid)
+                    proxied[workers].append(args.messages / source(port, args.messages, args.sessions, 300))
+                    cpu[workers].append((cpu_seconds(guards[workers].pid) - before) / args.messages * 1000)
         finally:
-            guard.terminate()
+            for g in guards.values():
+                g.terminate()
             sink.terminate()
-            guard.wait(30)
+            for g in guards.values():
+                g.wait(30)
             sink.wait(10)
-    d, p, c = statistics.median(direct), statistics.median(proxied), statistics.median(cpu)
+    d = statistics.median(direct)
     print(f"relay: {args.messages} x 1 KB messages, {args.sessions} parallel sessions, one message per session, "
           f"{args.rounds} alternating rounds (medians)")
-    print(f"  smtp-source -> smtp-sink             {d:8.0f} msg/s   (rounds: {', '.join(f'{x:.0f}' for x in direct)})")
-    print(f"  smtp-source -> smtpguard -> smtp-sink {p:7.0f} msg/s   (rounds: {', '.join(f'{x:.0f}' for x in proxied)})")
-    print(f"  ratio proxied/direct                  {p / d:7.2f}")
-    print(f"  smtpguard CPU per 1,000 messages      {c:7.2f} s    (rounds: {', '.join(f'{x:.2f}' for x in cpu)})")
+    print(f"  smtp-source -> smtp-sink                       {d:7.0f} msg/s   "
+          f"(rounds: {', '.join(f'{x:.0f}' for x in direct)})")
+    for workers in ports:
+        p, c = statistics.median(proxied[workers]), statistics.median(cpu[workers])
+        label = f"smtp-source -> smtpguard ({workers} worker{'s' if workers > 1 else ''}) -> smtp-sink"
+        print(f"  {label:<45} {p:7.0f} msg/s   (rounds: {', '.join(f'{x:.0f}' for x in proxied[workers])})")
+        print(f"      ratio to direct {p / d:5.2f}; smtpguard CPU per 1,000 messages {c:5.2f} s "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in cpu[workers])})")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ class ServerSettings:
     grace_period: float = DEFAULT_GRACE_PERIOD
     proxy_protocol: bool = False
     proxy_timeout: float = DEFAULT_PROXY_TIMEOUT
+    # One process by default; `workers = N` runs N processes on the same
+    # addresses (SO_REUSEPORT), one per core being the usual choice.
+    workers: int = 1
 
     @property
     def served(self) -> DomainSet:
@@ -240,6 +243,7 @@ SERVER_KEYS: dict[str, Parser] = {
     "grace_period": _duration,
     "proxy_protocol": _bool,
     "proxy_timeout": _duration,
+    "workers": lambda k, v: _int(k, v, 1),
 }
 UPSTREAM_KEYS: dict[str, Parser] = {
     "address": lambda k, v: parse_hostport(k, v, default_port=25),
@@ -268,6 +272,7 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "resolution_url": ("server", "resolution_url"),
     "max_message_size": ("server", "max_message_size"),
     "max_recipients": ("server", "max_recipients"),
+    "workers": ("server", "workers"),
     "tls_cert": ("server", "tls_cert"),
     "tls_key": ("server", "tls_key"),
     "dns_server": ("dns", "servers"),

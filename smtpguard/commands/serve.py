@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
 
 from smtpguard import config as cfg
@@ -43,6 +44,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-recipients", metavar="N", help="recipients per message (default 100) [server.max_recipients]")
     p.add_argument("--tls-cert", metavar="FILE", help="certificate for STARTTLS (with --tls-key) [server.tls_cert]")
     p.add_argument("--tls-key", metavar="FILE", help="private key for STARTTLS (with --tls-cert) [server.tls_key]")
+    p.add_argument("--workers", metavar="N",
+                   help="processes serving the same addresses (SO_REUSEPORT); default 1 [server.workers]")
     p.set_defaults(func=run)
 
 
@@ -52,16 +55,26 @@ def load_config(args: argparse.Namespace) -> cfg.Config:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)          # raises ConfigError: exit 2, nothing started
-    from smtpguard.server import serve
     from smtpguard.services import build_services
 
     log.setup(config.log.format, config.log.level)
-    services = build_services(config, vars(args))   # raises ConfigError too, before any socket
+    services = build_services(config, vars(args))  # raises ConfigError too, before any socket
+    if config.server.workers > 1:
+        from smtpguard.workers import supervise
+        return supervise(config, vars(args))   # each worker builds its own after the fork
+    return serve_one(config, vars(args), services)
+
+
+def serve_one(config: cfg.Config, flags: dict[str, Any], services: Any = None) -> int:
+    """One process serving until SIGTERM/SIGINT: the exit code."""
+    from smtpguard.server import serve
+    from smtpguard.services import build_services
+
     try:
-        asyncio.run(serve(config, services))
+        asyncio.run(serve(config, services or build_services(config, flags)))
     except OSError as e:
         # e.g. the port is taken or needs privileges: one line, not a traceback
         log.event("listen.error", 40, error=str(e))
-        print(f"smtpguard: cannot listen: {e}", file=__import__("sys").stderr)
+        print(f"smtpguard: cannot listen: {e}", file=sys.stderr)
         return 1
     return 0
