@@ -35,7 +35,7 @@ SOURCE_FACTS: dict[str, frozenset[str]] = {
     "geo": frozenset({"country"}),
     "osfp": frozenset({"os", "os_name", "os_distance", "os_match"}),
     "rdns": frozenset({"rdns", "rdns_name", "rdns_domain", "rdns_generic"}),
-    "dnsbl": frozenset({"dnsbl_score", "dnsbl_hits"}),
+    "dnsbl": frozenset({"dnsbl", "dnsbl_score", "dnsbl_hits"}),
     "helo": frozenset({"helo_valid", "helo_bare_ip", "helo_literal_matches", "helo_is_us",
                        "helo_resolves", "helo_matches_ip", "helo_matches_rdns"}),
 }

@@ -48,7 +48,7 @@ def test_check_shows_every_dns_fact(tmp_path: Path, dns_server: DnsServer) -> No
     f = out["facts"]
     assert (f["rdns"], f["rdns_name"], f["rdns_domain"], f["rdns_generic"]) == \
         ("confirmed", "dsl-192-0-2-7.pool.isp.test", "isp.test", True)
-    assert f["dnsbl_score"] == 3 and f["dnsbl_hits"] == ["bl.test=127.0.0.2"]
+    assert f["dnsbl"] == "listed" and f["dnsbl_score"] == 3 and f["dnsbl_hits"] == ["bl.test=127.0.0.2"]
     assert (f["helo_valid"], f["helo_resolves"], f["helo_matches_ip"], f["helo_is_us"]) == (True, True, False, False)
     assert f["helo_matches_rdns"] is False and f["helo_bare_ip"] is False
     [connect] = [s for s in out["stages"] if s["stage"] == "connect"]

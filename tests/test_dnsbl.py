@@ -157,7 +157,8 @@ def test_evaluate(lists: list[DnsblList], answers: dict[str, ZoneAnswer], status
                   hits: tuple[str, ...], text: str, n_errors: int) -> None:
     fact = evaluate(lists, answers)
     assert fact.status == status
-    assert fact.as_facts() == {"dnsbl_score": score, "dnsbl_hits": hits}
+    state = {OK: "listed", NONE: "none", UNKNOWN: "unknown"}[status]
+    assert fact.as_facts() == {"dnsbl": state, "dnsbl_score": score, "dnsbl_hits": hits}
     assert fact.text == text
     assert len(fact.errors) == n_errors
     assert "secretkey" not in " ".join(fact.errors + fact.hits + (fact.text,))

@@ -189,7 +189,7 @@ def test_no_negation_matches_unknown(fact: str, op: str) -> None:
         value = "linux"
     elif fact == "os_match":
         value = "exact"
-    elif fact in ("rdns", "dkim"):
+    elif fact in ("rdns", "dkim", "dnsbl"):
         value = "none"
     elif fact == "graylist":
         value = "new"

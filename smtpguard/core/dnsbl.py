@@ -137,6 +137,11 @@ class ZoneAnswer:
     reason: str = ""                   # why UNKNOWN (timeout, servfail, ...)
 
 
+# The `dnsbl` fact: whether any list lists the client, or a list could not
+# tell (so a rule can tempfail while a list is down rather than pass).
+DNSBL_STATE: dict[str, str] = {OK: "listed", NONE: "none", UNKNOWN: "unknown"}
+
+
 @dataclass(frozen=True, slots=True)
 class DnsblFact:
     """The client's standing on all configured lists."""
@@ -153,7 +158,7 @@ class DnsblFact:
         score: FactValue = self.score
         if self.failed and not self.answered:
             score = UNKNOWN
-        return {"dnsbl_score": score, "dnsbl_hits": self.hits}
+        return {"dnsbl": DNSBL_STATE[self.status], "dnsbl_score": score, "dnsbl_hits": self.hits}
 
 
 def parse_code(text: str) -> CodeRange:

@@ -62,6 +62,7 @@ FACTS: dict[str, Kind] = {
     "helo_matches_ip": Kind.BOOL,
     "helo_matches_rdns": Kind.BOOL,
     # DNS lists
+    "dnsbl": Kind.TEXT,              # listed none unknown (a list could not answer)
     "dnsbl_score": Kind.NUMBER,
     "dnsbl_hits": Kind.LIST,
     # graylisting (issue: graylisting)

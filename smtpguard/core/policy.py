@@ -229,7 +229,7 @@ FACT_STAGE: dict[str, str] = {
     "helo": "helo", "helo_valid": "helo", "helo_bare_ip": "helo",
     "helo_literal_matches": "helo", "helo_is_us": "helo", "helo_resolves": "helo",
     "helo_matches_ip": "helo", "helo_matches_rdns": "helo",
-    "dnsbl_score": "connect", "dnsbl_hits": "connect",
+    "dnsbl": "connect", "dnsbl_score": "connect", "dnsbl_hits": "connect",
     "graylist": "rcpt",
     "sender": "mail", "sender_domain": "mail",
     "rcpt": "rcpt", "rcpt_domain": "rcpt",
@@ -262,6 +262,7 @@ ENUM_VALUES: dict[str, frozenset[str]] = {
     "os_match": frozenset({"exact", "fuzzy", "generic", "none"}),
     "rdns": frozenset({"none", "unconfirmed", "confirmed"}),
     "graylist": frozenset({"new", "deferred", "passed", "allowed", "trapped"}),
+    "dnsbl": frozenset({"listed", "none"}),
     "dkim": frozenset({"pass", "fail", "none"}),
 }
 COUNTRY_SPECIAL: frozenset[str] = frozenset({"local", "unknown"})
