@@ -95,6 +95,18 @@ def test_list_trapped_shows_the_network_and_the_trap(url: str, capsys: Any) -> N
     assert (row["network"], row["trap"]) == ("198.51.100.0/24", "trap@example.com")
 
 
+def test_untrap_lifts_the_trap_on_the_network(url: str, capsys: Any) -> None:
+    populate(url, trap_ip="198.51.100.7")
+    code, out, _ = cli(capsys, "untrap", "198.51.100.200", "--state", url)
+    assert (code, out.strip()) == (0, "lifted the trap on 198.51.100.0/24")
+    code, out, _ = cli(capsys, "list", "--trapped", "--json", "--state", url)
+    assert json.loads(out) == []
+    code, out, _ = cli(capsys, "untrap", "198.51.100.0/24", "--state", url)
+    assert (code, out.strip()) == (0, "no trap on 198.51.100.0/24")
+    code, _, err = cli(capsys, "untrap", "not-an-ip", "--state", url)
+    assert code == 2 and err.count("\n") == 1 and "IP|NETWORK" in err
+
+
 def test_allow_list_and_deny(url: str, capsys: Any) -> None:
     code, out, _ = cli(capsys, "allow", "192.0.2.9/24", "--state", url)
     assert (code, out.strip()) == (0, "allowed 192.0.2.0/24 until never")

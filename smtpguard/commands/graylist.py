@@ -3,6 +3,7 @@
   graylist list  [--json] [--limit N] [--trapped | --allowed]
   graylist allow CIDR|DOMAIN [--ttl 35d]
   graylist deny  CIDR|DOMAIN
+  graylist untrap IP|NETWORK
   graylist purge
   graylist stats [--json]
 
@@ -66,6 +67,11 @@ def add_parser(subparsers: Any) -> None:
     p = actions.add_parser("deny", parents=[common], help="remove an admin allow entry",
                            description="Remove the admin allow entry for a CIDR network or domain.")
     p.add_argument("target", metavar="CIDR|DOMAIN")
+
+    p = actions.add_parser("untrap", parents=[common], help="lift a spamtrap from a network",
+                           description="Remove the trap on the network of an address (its /24 or /64, "
+                                       "as `list --trapped` shows it), before trap_ttl ends it.")
+    p.add_argument("target", metavar="IP|NETWORK")
 
     actions.add_parser("purge", parents=[common], help="delete expired entries now",
                        description="Delete expired entries (redis expires keys itself).")
@@ -235,6 +241,16 @@ async def _deny(store: Store, args: argparse.Namespace, settings: GraylistSettin
     return 0
 
 
+async def _untrap(store: Store, args: argparse.Namespace, settings: GraylistSettings, now: float) -> int:
+    try:
+        network = g.network_of(args.target.partition("/")[0].strip(), settings.policy)
+    except ValueError:
+        raise BadInput(f"IP|NETWORK: {args.target!r} is not an IP address or network") from None
+    existed = await store.delete(g.trap_key(network))
+    print(f"lifted the trap on {network}" if existed else f"no trap on {network}")
+    return 0
+
+
 async def _purge(store: Store, args: argparse.Namespace, settings: GraylistSettings, now: float) -> int:
     removed = await store.purge(now=now)
     print(f"purged {removed} expired entries")
@@ -271,4 +287,4 @@ async def _stats(store: Store, args: argparse.Namespace, settings: GraylistSetti
     return 0
 
 
-_ACTIONS = {"list": _list, "allow": _allow, "deny": _deny, "purge": _purge, "stats": _stats}
+_ACTIONS = {"list": _list, "allow": _allow, "deny": _deny, "untrap": _untrap, "purge": _purge, "stats": _stats}
