@@ -189,6 +189,9 @@ class Services:
             config = load(self.config.path, self._flags)
             geodb = open_geo(config)
             signatures = osfp.signature_set(config.fingerprint)
+            new_store = None
+            if uses_graylist(config) and (self.store is None or config.state != self.config.state):
+                new_store = open_store(config.state.url, timeout=config.state.timeout)
         except ConfigError as e:
             event("reload.failed", logging.ERROR, error=str(e))
             return
@@ -201,6 +204,10 @@ class Services:
         if config.upstream != self.config.upstream or config.server.hostname != self.config.server.hostname:
             old, self.upstream = self.upstream, Upstream(config.upstream, config.server.hostname)
             await old.close()
+        if new_store is not None:
+            old_store, self.store = self.store, new_store
+            if old_store is not None:
+                await old_store.close()
         self.geodb, self.signatures = geodb, signatures
         self._configure(config)
         event("reload.done", rules=len(config.policy.rules),

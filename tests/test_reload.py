@@ -58,11 +58,15 @@ allow = ["US"]
 """)
 
 
-def rcpt(port: int) -> int:
+def rcpt_reply(port: int) -> tuple[int, bytes]:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
         s.ehlo("c.test")
         s.mail("a@sender.test")
-        return s.rcpt("b@example.test")[0]
+        return s.rcpt("b@example.test")
+
+
+def rcpt(port: int) -> int:
+    return rcpt_reply(port)[0]
 
 
 def test_sighup_reloads_rules_and_zones_and_keeps_sessions(tmp_path: Path, recorder: Recorder) -> None:
@@ -100,3 +104,23 @@ def test_sighup_reloads_rules_and_zones_and_keeps_sessions(tmp_path: Path, recor
     finally:
         serve.stop()
     assert any(b"across reloads" in m.content for m in recorder.messages)
+
+
+def test_a_reload_that_adds_graylisting_opens_the_store(tmp_path: Path, recorder: Recorder, dns_server: Any) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "us.zone").write_text("127.0.0.0/8\n")
+    conf, port = tmp_path / "c.toml", free_port()
+    dns = f'[dns]\nservers = ["{dns_server.address}"]\n'
+    write(conf, port, recorder.address, zones, dns)
+    serve = Serve(conf)
+    try:
+        wait_port("127.0.0.1", port)
+        assert rcpt(port) == 250
+        write(conf, port, recorder.address, zones, dns + f'[state]\nurl = "sqlite:///{tmp_path}/state.db"\n'
+              '[[rule]]\nname = "grey"\naction = "graylist"\n')
+        serve.hup("reload.done")
+        code, text = rcpt_reply(port)
+        assert code == 451 and b"[GREY]" in text  # not GREY-STORE: the store was opened
+    finally:
+        serve.stop()

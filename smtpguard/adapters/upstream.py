@@ -137,6 +137,7 @@ class Upstream:
         self.settings = settings
         self.helo_name = helo_name
         self._idle: collections.deque[Connection] = collections.deque()
+        self._closed = False  # a reload replaced this pool: connections coming back are closed
         self._tls: ssl.SSLContext | None = None
         if settings.tls != "none":
             # The MTA is the admin's own, usually with a self-signed or
@@ -187,7 +188,7 @@ class Upstream:
         return await self._connect(), False
 
     def release(self, conn: Connection, reusable: bool) -> None:
-        if reusable and conn.alive and len(self._idle) < self.settings.pool_size:
+        if reusable and conn.alive and not self._closed and len(self._idle) < self.settings.pool_size:
             conn.last_used = time.monotonic()
             self._idle.append(conn)
         else:
@@ -206,6 +207,7 @@ class Upstream:
             conn.close()
 
     async def close(self) -> None:
+        self._closed = True
         conns = list(self._idle)
         self._idle.clear()
         await asyncio.gather(*(c.quit() for c in conns), return_exceptions=True)
