@@ -144,28 +144,25 @@ class GuardSMTP(SMTP):
         if isinstance(status, str):
             if self._banner_line is not None and status.startswith("220 "):
                 status, self._banner_line = self._banner_line, None
-            elif self.guard.banner_refusal is not None and status[:1] in "45" and not status.startswith("554 "):
+            elif self.guard.banner_refusal is not None and status[:1] in ("4", "5") and not status.startswith("554 "):
                 # After a 554 greeting, every command but QUIT gets 503 (RFC 5321 §3.1).
                 status = self.guard.refused_session() or status
             elif status is self.guard.verbatim:
                 self.guard.verbatim = None
-            elif status[:1] in "45" and "[" not in status[:12]:
+            elif status[:1] in ("4", "5") and "[" not in status[:12]:
                 rewritten = _rewrite(status, self.server.config.server.max_message_size)
                 if rewritten is not None:
                     status = rewritten
-            if status[:1] in "45":
+            if status[:1] in ("4", "5"):
                 self.errors += 1
                 if self.errors >= self.server.config.server.max_errors and not status.startswith("421"):
                     await super().push(status)
                     status = self.guard.render(replies.make("ERRORS"))
-                    self._close_after(status)
+                    event("close.errors", session=self.guard.client.session_id, ip=self.guard.client.ip,
+                          errors=self.errors, reply=status)
         await super().push(status)
         if isinstance(status, str) and status.startswith("421") and self.transport is not None:
             self.transport.close()
-
-    def _close_after(self, status: str) -> None:
-        event("close.errors", logging.INFO, session=self.guard.client.session_id, ip=self.guard.client.ip,
-              errors=self.errors, reply=status)
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: a server closing an idle session says so with 421.

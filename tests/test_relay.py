@@ -400,3 +400,32 @@ def test_a_client_vanishing_mid_transaction_ends_the_upstream_transaction(guard:
     [m] = recorder.messages
     assert m.mail_from == "a@sender.test" and m.rcpt_tos == ["c@example.test"]  # nothing of the vanished client
     assert recorder.connections == 1
+
+
+def test_proxy_protocol_gives_the_real_client(recorder_factory: Any, guard_factory: Any) -> None:
+    up = recorder_factory(xclient=True)
+    g = guard_factory({"server": {"proxy_protocol": True}, "upstream": {"xclient": True}}, upstream=up.address)
+    with socket.create_connection((g.host, g.port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n")
+        assert f.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO c.test\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        sock.sendall(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+        assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+        sock.sendall(b"Subject: via a load balancer\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        assert f.readline().startswith(b"250 ")
+        f.close()
+    [m] = up.messages
+    assert m.xclient["ADDR"] == "192.0.2.7"
+    assert b"(unknown [192.0.2.7])" in m.content.split(b";")[0]
+    [close] = wait_for(lambda: g.events("close"))
+    assert close["ip"] == "192.0.2.7"
+
+
+def test_a_connection_without_a_proxy_header_is_dropped(guard_factory: Any, recorder: Recorder) -> None:
+    g = guard_factory({"server": {"proxy_protocol": True, "proxy_timeout": "3s"}}, upstream=recorder.address)
+    with socket.create_connection((g.host, g.port), timeout=10) as sock:
+        sock.sendall(b"EHLO c.test\r\n")
+        assert sock.recv(100) == b""  # no banner for a client that skipped the load balancer
