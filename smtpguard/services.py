@@ -22,7 +22,6 @@ from smtpguard.config import Config, load
 from smtpguard.core import policy as pol
 from smtpguard.core.facts import UNKNOWN, FactValue
 from smtpguard.core.helo import OurIdentity, identity
-from smtpguard.core.rdns import RdnsFact
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
 from smtpguard.sources import dnsbl, geo, greylist, helo, osfp, rdns
@@ -39,7 +38,8 @@ SOURCE_FACTS: dict[str, frozenset[str]] = {
     "helo": frozenset({"helo_valid", "helo_bare_ip", "helo_literal_matches", "helo_is_us",
                        "helo_resolves", "helo_matches_ip", "helo_matches_rdns"}),
 }
-UNKNOWN_RDNS = RdnsFact("unknown", generic=UNKNOWN, error="deadline")
+# A host has a handful of addresses; the bound only guards against surprises.
+MAX_LOCAL_ADDRESSES = 256
 
 
 class Services:
@@ -66,6 +66,7 @@ class Services:
         self.run["geo"] = self.run["geo"] and self.geodb is not None
         listen_ips = [h for h, _ in config.server.listen if h not in ("0.0.0.0", "::", "")]
         self.us: OurIdentity = identity([config.server.hostname], config.server.domains, listen_ips)
+        self._us_by_local: dict[str, OurIdentity] = {}
 
     async def start(self) -> None:
         """Checks that need the event loop, before any socket is opened."""
@@ -108,17 +109,20 @@ class Services:
         return out
 
     async def _helo_facts(self, session: "ClientSession") -> dict[str, FactValue]:
-        us = self.us
-        local = session.client.local_ip
-        if local and local not in self._listen_ips():
-            us = identity(us.names, self.config.server.domains,
-                          [str(n) for n in us.networks] + [local])
-        fact = await helo.gather(session.helo, session.client.ip, getattr(session, "rdns", None),
-                                 self.resolver, us=us, budget=self.config.dns.stage_budget)
+        fact = await helo.gather(session.helo, session.client.ip, session.rdns, self.resolver,
+                                 us=self._us_at(session.client.local_ip), budget=self.config.dns.stage_budget)
         return fact.as_facts()
 
-    def _listen_ips(self) -> set[str]:
-        return {h for h, _ in self.config.server.listen}
+    def _us_at(self, local_ip: str) -> OurIdentity:
+        """Who we are, including the address the client connected to (a
+        wildcard listener has one per interface): built once per address."""
+        us = self._us_by_local.get(local_ip)
+        if us is None:
+            us = identity(self.us.names, self.config.server.domains,
+                          [str(n) for n in self.us.networks] + ([local_ip] if local_ip else []))
+            if len(self._us_by_local) < MAX_LOCAL_ADDRESSES:
+                self._us_by_local[local_ip] = us
+        return us
 
     # --- policy ----------------------------------------------------------------
 
