@@ -24,7 +24,7 @@ from smtpguard.core.facts import UNKNOWN, FactValue
 from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
-from smtpguard.sources import dnsbl, geo, greylist, helo, osfp, rdns
+from smtpguard.sources import dkim, dnsbl, geo, greylist, helo, osfp, rdns
 
 if TYPE_CHECKING:
     from smtpguard.session import ClientSession
@@ -35,6 +35,7 @@ SOURCE_FACTS: dict[str, frozenset[str]] = {
     "osfp": frozenset({"os", "os_name", "os_distance", "os_match"}),
     "rdns": frozenset({"rdns", "rdns_name", "rdns_domain", "rdns_generic"}),
     "dnsbl": frozenset({"dnsbl", "dnsbl_score", "dnsbl_hits"}),
+    "dkim": frozenset({"dkim", "dkim_domains"}),
     "helo": frozenset({"helo_valid", "helo_bare_ip", "helo_literal_matches", "helo_is_us",
                        "helo_resolves", "helo_matches_ip", "helo_matches_rdns"}),
 }
@@ -79,6 +80,11 @@ class Services:
             return await self._connect_facts(session)
         if stage == "helo" and self.run["helo"]:
             return await self._helo_facts(session)
+        if stage == "data" and self.run["dkim"] and session.content is not None:
+            fact = await dkim.gather(session.content, self.resolver, self.config.dns.stage_budget)
+            if fact.error:
+                event("dkim.error", session=session.client.session_id, ip=session.client.ip, error=fact.error)
+            return fact.as_facts()
         return {}
 
     async def _connect_facts(self, session: "ClientSession") -> dict[str, FactValue]:

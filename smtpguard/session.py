@@ -67,6 +67,7 @@ class ClientSession:
         self.sender: str | None = None
         self.mail_options: list[str] = []
         self.txn: Transaction | None = None
+        self.content: bytes | None = None       # the message, during the data stage
         # counters for the summary line
         self.messages = 0
         self.refusals = 0
@@ -308,7 +309,11 @@ class ClientSession:
         return self.forward(r)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        verdict = await self.run_stage("data")
+        self.content = envelope.original_content or b""
+        try:
+            verdict = await self.run_stage("data")
+        finally:
+            self.content = None  # the message is not connection state
         await self.slow()
         if self.refuses_now(verdict):
             assert verdict is not None

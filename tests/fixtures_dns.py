@@ -85,8 +85,10 @@ def _type(rtype: str) -> str:
 
 
 def _quote_txt(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    """A TXT value as zone text: character-strings of at most 255 octets
+    each (RFC 1035 §3.3.14), as a DKIM key record needs."""
+    chunks = [value[i:i + 255] for i in range(0, len(value), 255)] or [""]
+    return " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
 
 
 class DnsServer:

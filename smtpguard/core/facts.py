@@ -74,6 +74,7 @@ FACTS: dict[str, Kind] = {
     "rcpt_domain": Kind.TEXT,
     # content
     "dkim": Kind.TEXT,               # pass fail none unknown
+    "dkim_domains": Kind.LIST,       # d= of the signatures that verify
 }
 
 

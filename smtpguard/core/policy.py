@@ -233,7 +233,7 @@ FACT_STAGE: dict[str, str] = {
     "graylist": "rcpt",
     "sender": "mail", "sender_domain": "mail",
     "rcpt": "rcpt", "rcpt_domain": "rcpt",
-    "dkim": "data",
+    "dkim": "data", "dkim_domains": "data",
 }
 
 
