@@ -104,3 +104,28 @@ action = "graylist"
     finally:
         proxy.terminate()
         proxy.wait(10)
+
+
+def test_pipelined_recipients_get_one_decision_each(recorder: Recorder, guard_factory: Any) -> None:
+    import socket
+    now = [3_000_000.0]
+    doc = {**GREY_ALL, "state": {"url": "memory://"}}
+    g = guard_factory(doc, clock=lambda: now[0], upstream=recorder.address)
+
+    def pipelined() -> list[bytes]:
+        with socket.create_connection((g.host, g.port), timeout=10) as sock:
+            f = sock.makefile("rb")
+            f.readline()
+            sock.sendall(b"EHLO c.test\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            sock.sendall(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nRCPT TO:<c@example.test>\r\n"
+                         b"RCPT TO:<postmaster@example.test>\r\nRSET\r\nQUIT\r\n")
+            codes = [f.readline()[:3] for _ in range(6)]
+            f.close()
+            return codes
+
+    # each recipient its own triplet; postmaster@ is never graylisted (RFC 5321 §4.5.1)
+    assert pipelined() == [b"250", b"451", b"451", b"250", b"250", b"221"]
+    now[0] += 200
+    assert pipelined() == [b"250", b"250", b"250", b"250", b"250", b"221"]

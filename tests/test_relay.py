@@ -429,3 +429,51 @@ def test_a_connection_without_a_proxy_header_is_dropped(guard_factory: Any, reco
     with socket.create_connection((g.host, g.port), timeout=10) as sock:
         sock.sendall(b"EHLO c.test\r\n")
         assert sock.recv(100) == b""  # no banner for a client that skipped the load balancer
+
+
+class _BadUpstream:
+    """A TCP server that greets like an MTA and then answers nonsense."""
+
+    def __init__(self, script: list[bytes]) -> None:
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.script = script
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                for reply in self.script:
+                    try:
+                        conn.sendall(reply)
+                        if not conn.recv(4096):
+                            break
+                    except OSError:
+                        break
+
+
+@pytest.mark.parametrize("script", [
+    [b"220 up ESMTP\r\n", b"this is not SMTP\r\n"],
+    [b"220 up ESMTP\r\n", b"250 up\r\n", b"250 ok\r\n", b""],          # closes at RCPT
+    [b"554 go away\r\n"],                                                 # refuses to talk
+    [b"\x00\xff\xfe garbage\r\n"],
+], ids=["nonsense after the greeting", "connection dropped at RCPT", "554 greeting", "binary greeting"])
+def test_a_misbehaving_upstream_gives_451_never_250(guard_factory: Any, script: list[bytes]) -> None:
+    up = _BadUpstream(script)
+    try:
+        g = guard_factory({"upstream": {"timeout": "2s"}}, upstream=up.address)
+        with client(g) as s:
+            s.ehlo("c.test")
+            s.mail("a@sender.test")
+            code, text = s.rcpt("b@example.test")
+            assert code == 451 and text.startswith((b"4.4.1 [UPSTREAM]", b"4.4.2 [UPSTREAM-TIMEOUT]")), text
+            assert s.noop()[0] == 250  # the session goes on
+    finally:
+        up.sock.close()
