@@ -138,6 +138,7 @@ class Upstream:
         self.helo_name = helo_name
         self._idle: collections.deque[Connection] = collections.deque()
         self._closed = False  # a reload replaced this pool: connections coming back are closed
+        self._quitting: set[asyncio.Task[None]] = set()  # QUITs in flight, referenced until done
         self._tls: ssl.SSLContext | None = None
         if settings.tls != "none":
             # The MTA is the admin's own, usually with a self-signed or
@@ -202,7 +203,9 @@ class Upstream:
 
     def _background_quit(self, conn: Connection) -> None:
         if conn.alive:
-            asyncio.get_running_loop().create_task(conn.quit())
+            task = asyncio.get_running_loop().create_task(conn.quit())
+            self._quitting.add(task)
+            task.add_done_callback(self._quitting.discard)
         else:
             conn.close()
 
@@ -210,7 +213,7 @@ class Upstream:
         self._closed = True
         conns = list(self._idle)
         self._idle.clear()
-        await asyncio.gather(*(c.quit() for c in conns), return_exceptions=True)
+        await asyncio.gather(*(c.quit() for c in conns), *self._quitting, return_exceptions=True)
 
 
 class Transaction:
