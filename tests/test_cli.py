@@ -46,6 +46,8 @@ BAD_CONFIGS = [
     ("[server]\nidle_timeout = '5 parsecs'\n", [], "server.idle_timeout"),
     ("[upstream]\naddress = '127.0.0.1:2526'\ntls = 'sometimes'\n", ["--domain", "example.test"], "upstream.tls"),
     ("[serverr]\n", [], "serverr"),
+    ("[state]\nurl = 'sqlite:////nonexistent-dir/sub/state.db'\n[[rule]]\nname = 'grey'\naction = 'graylist'\n",
+     ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], "state.url"),
     ("[[rule]]\nname = 'foreign'\nwhen = { cuntry = 'US' }\naction = 'reject'\n", ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], 'rule[1] "foreign".when.cuntry'),
     ("[[rule]]\nname = 'foreign'\nwhen = { country = 'XX' }\naction = 'reject'\n", ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], 'rule[1] "foreign".when.country'),
     ("[[rule]]\nname = 'foreign'\naction = 'bounce'\n", ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], 'rule[1] "foreign".action'),
