@@ -315,9 +315,7 @@ def merge_flags(doc: dict[str, Any], flags: Mapping[str, Any]) -> dict[str, str]
 
 def _section(doc: Mapping[str, Any], table: str, keys: Mapping[str, Parser],
              origin: Mapping[str, str]) -> dict[str, Any]:
-    raw = doc.get(table, {})
-    if not isinstance(raw, dict):
-        raise ConfigError(table, "expected a table")
+    raw = _table(doc, table)
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = f"{table}.{key}"

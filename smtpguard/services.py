@@ -45,7 +45,8 @@ MAX_LOCAL_ADDRESSES = 256
 
 class Services:
     def __init__(self, config: Config, geodb: Any = None, signatures: Any = None,
-                 store: Store | None = None, clock: Any = time.time) -> None:
+                 store: Store | None = None, clock: Any = time.time,
+                 flags: dict[str, Any] | None = None) -> None:
         self.config = config
         self.clock = clock
         self.upstream = Upstream(config.upstream, config.server.hostname)
@@ -53,6 +54,8 @@ class Services:
         self.geodb = geodb
         self.signatures = signatures
         self.store = store
+        self._flags = dict(flags or {})  # the command line, applied again on every reload
+        self._last_purge = 0.0
         self._configure(config)
 
     def _configure(self, config: Config) -> None:
@@ -175,7 +178,6 @@ class Services:
 
     # Expired rows are purged hourly: postgrey's and spamd's maintenance interval.
     PURGE_EVERY = 3600.0
-    _last_purge = 0.0
 
     async def housekeeping(self) -> None:
         self.upstream.purge()
@@ -223,8 +225,6 @@ class Services:
         event("reload.done", rules=len(config.policy.rules),
               countries=getattr(getattr(geodb, "stats", None), "countries", 0))
 
-    _flags: dict[str, Any] = {}
-
     async def close(self) -> None:
         await self.upstream.close()
         if self.store is not None:
@@ -242,16 +242,16 @@ def open_geo(config: Config) -> Any:
     return GeoDB.open(config.geo)
 
 
-def build_services(config: Config, flags: dict[str, Any] | None = None) -> Services:
-    """Everything a session needs, validated before any socket is opened."""
+def build_services(config: Config, flags: dict[str, Any] | None = None, *, with_store: bool = True) -> Services:
+    """Everything a session needs, validated before any socket is opened.
+
+    `with_store=False` for `check`, which must not change the graylist."""
     geodb = open_geo(config)
     signatures = osfp.signature_set(config.fingerprint)
     store = None
-    if uses_graylist(config):
+    if with_store and uses_graylist(config):
         store = open_store(config.state.url, timeout=config.state.timeout)
-    services = Services(config, geodb, signatures, store)
-    services._flags = dict(flags or {})
-    return services
+    return Services(config, geodb, signatures, store, flags=flags)
 
 
 async def check_store(services: Services) -> None:

@@ -51,6 +51,13 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     wait_for(can_connect, timeout)
 
 
+def raw_ehlo(sock: socket.socket, f: Any, name: str = "c.test") -> None:
+    """Send EHLO on a raw connection and read its multi-line reply (for pipelining tests)."""
+    sock.sendall(f"EHLO {name}\r\n".encode("ascii"))
+    while not f.readline().startswith(b"250 "):
+        pass
+
+
 @dataclass
 class Received:
     mail_from: str

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.fixtures_smtp import Recorder, free_port, wait_for, wait_port
+from tests.fixtures_smtp import Recorder, free_port, raw_ehlo, wait_for, wait_port
 
 MESSAGE = b"Subject: grey\r\n\r\nbody\r\n"
 GREY_ALL = {"rule": [{"name": "grey", "action": "graylist"}]}
@@ -116,9 +116,7 @@ def test_pipelined_recipients_get_one_decision_each(recorder: Recorder, guard_fa
         with socket.create_connection((g.host, g.port), timeout=10) as sock:
             f = sock.makefile("rb")
             f.readline()
-            sock.sendall(b"EHLO c.test\r\n")
-            while not f.readline().startswith(b"250 "):
-                pass
+            raw_ehlo(sock, f)
             sock.sendall(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nRCPT TO:<c@example.test>\r\n"
                          b"RCPT TO:<postmaster@example.test>\r\nRSET\r\nQUIT\r\n")
             codes = [f.readline()[:3] for _ in range(6)]

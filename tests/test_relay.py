@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures_smtp import Guard, Recorder, free_port, wait_for
+from tests.fixtures_smtp import Guard, Recorder, free_port, raw_ehlo, wait_for
 
 MESSAGE = (b"From: a@sender.test\r\nTo: b@example.test\r\nSubject: hello\r\n\r\n"
            b"first line\r\n.a line starting with a dot\r\n..two dots\r\n.\tdot tab\r\nlast line\r\n")
@@ -197,9 +197,7 @@ def test_pipelined_commands_are_answered_in_order(guard: Guard, recorder: Record
     with socket.create_connection((guard.host, guard.port), timeout=10) as sock:
         f = sock.makefile("rb")
         assert f.readline().startswith(b"220 ")
-        sock.sendall(b"EHLO c.test\r\n")
-        while not f.readline().startswith(b"250 "):
-            pass
+        raw_ehlo(sock, f)
         sock.sendall(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nRCPT TO:<x@other.test>\r\n"
                      b"RCPT TO:<c@example.test>\r\nDATA\r\n")
         codes = [f.readline()[:3] for _ in range(5)]
@@ -409,9 +407,7 @@ def test_proxy_protocol_gives_the_real_client(recorder_factory: Any, guard_facto
         f = sock.makefile("rb")
         sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n")
         assert f.readline().startswith(b"220 ")
-        sock.sendall(b"EHLO c.test\r\n")
-        while not f.readline().startswith(b"250 "):
-            pass
+        raw_ehlo(sock, f)
         sock.sendall(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
         assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
         sock.sendall(b"Subject: via a load balancer\r\n\r\nbody\r\n.\r\nQUIT\r\n")

@@ -61,11 +61,10 @@ def _config(args: argparse.Namespace) -> cfg.Config:
 async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = "", rcpt: str = "",
                    syn: bytes | None = None) -> dict[str, Any]:
     """The facts and per-stage decisions for one client, as a live session makes them."""
-    from smtpguard.services import Services, open_geo
+    from smtpguard.services import build_services
     from smtpguard.session import ClientSession
-    from smtpguard.sources import osfp
 
-    services = Services(config, open_geo(config), osfp.signature_set(config.fingerprint), store=None)
+    services = build_services(config, with_store=False)
     session = ClientSession(services, ClientInfo("check", ip, 0, syn=syn))
     session.helo, session.esmtp = helo, True
     result: dict[str, Any] = {"ip": ip, "stages": [], "reply": "250 (delivered to the MTA, whose answer decides)"}
