@@ -18,7 +18,7 @@ import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Union
 
 from smtpguard.adapters.dns import DnsSettings
 from smtpguard.core.address import DomainSet, normalise_domain
@@ -56,11 +56,39 @@ DEFAULT_UPSTREAM_POOL = 32
 DEFAULT_UPSTREAM_IDLE = 10.0
 # A PROXY v1/v2 header must arrive promptly (aiosmtpd warns below 3 s).
 DEFAULT_PROXY_TIMEOUT = 5.0
+# The screen (smtpguard/screen.py). postscreen_greet_wait is 6 s: long
+# enough that a bot that does not wait for the greeting shows itself,
+# short enough for real MTAs (they wait 5 minutes, RFC 5321 §4.5.3.2.1).
+DEFAULT_PREGREET_WAIT = 6.0
+# postscreen_greet_ttl: a client that passed is not made to wait for a day.
+DEFAULT_PREGREET_PASS_TTL = 86400.0
+# Postfix's smtpd_client_connection_count_limit is 50; a real MTA opens a
+# handful at once (Postfix's default_destination_concurrency_limit is 20),
+# so 20 refuses no MTA (the issue's number).
+DEFAULT_PER_IP_SESSIONS = 20
+# smtpd_client_connection_rate_limit: 0 (off) in Postfix too; the right
+# number depends on the site's biggest senders.
+DEFAULT_PER_IP_RATE = 0
+# Postfix's default_process_limit is 100 smtpd processes; an asyncio
+# session costs far less, so one process holds 1,000 (the issue's number).
+DEFAULT_MAX_SESSIONS = 1000
+# Postfix's smtpd_recipient_overshoot_limit: 1,000 recipients beyond
+# max_recipients before a 452 counts as an error.
+DEFAULT_RECIPIENT_OVERSHOOT = 1000
+# RFC 5321 §4.5.3.2.5-6: 3 minutes per data block and 10 minutes for the
+# terminating dot; Postfix's smtpd_timeout applies per read. The DATA timer
+# restarts whenever bytes arrive, so only a stalled transfer is cut.
+DEFAULT_DATA_TIMEOUT = 600.0
+# A duration beyond a week is a typo, not a setting (nan and inf are refused too).
+MAX_DURATION = 7 * 86400.0
+# RFC 5321 §4.5.3.1.7: a server accepts messages of at least 64K octets.
+MIN_MESSAGE_SIZE = 65_536
 
 UPSTREAM_TLS = ("none", "opportunistic", "required")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 URL_PLACEHOLDERS = ("code", "ip", "helo", "sender", "rcpt", "session")
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +102,14 @@ class ServerSettings:
     tls_cert: str = ""
     tls_key: str = ""
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    data_timeout: float = DEFAULT_DATA_TIMEOUT
     max_errors: int = DEFAULT_MAX_ERRORS
     grace_period: float = DEFAULT_GRACE_PERIOD
     proxy_protocol: bool = False
     proxy_timeout: float = DEFAULT_PROXY_TIMEOUT
+    # Who may send a PROXY header: required with proxy_protocol, since a
+    # header from anyone else would let any client claim any address.
+    proxy_trusted: tuple[Network, ...] = ()
     # One process by default; `workers = N` runs N processes on the same
     # addresses (SO_REUSEPORT), one per core being the usual choice.
     workers: int = 1
@@ -93,10 +125,34 @@ class UpstreamSettings:
     port: int = 0
     tls: str = "none"  # the MTA normally sits on the same host or LAN
     xclient: bool = False
+    # XFORWARD (Postfix XFORWARD_README) is its own choice: XCLIENT no longer
+    # turns it on as a side effect.
+    xforward: bool = False
     connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT
     timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     pool_size: int = DEFAULT_UPSTREAM_POOL
     idle_time: float = DEFAULT_UPSTREAM_IDLE
+
+
+@dataclass(frozen=True, slots=True)
+class PregreetSettings:
+    """[pregreet]: the early-talker test of the screen (postscreen's pregreet test)."""
+
+    wait: float = DEFAULT_PREGREET_WAIT          # "0s" switches the test off
+    pass_ttl: float = DEFAULT_PREGREET_PASS_TTL
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """[limits]: per-client and per-process session limits of the screen."""
+
+    per_ip_sessions: int = DEFAULT_PER_IP_SESSIONS   # concurrent, IPv6 per /64; 0 = off
+    per_ip_rate: int = DEFAULT_PER_IP_RATE           # new sessions per minute; 0 = off
+    max_sessions: int = DEFAULT_MAX_SESSIONS         # whole process; 0 = off
+    # Networks exempt from the limits and the pregreet wait (a partner's
+    # relays, your own hosts, monitoring). None by default, as postscreen.
+    exempt: tuple[Network, ...] = ()
+    recipient_overshoot: int = DEFAULT_RECIPIENT_OVERSHOOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +177,8 @@ class Config:
     state: StateSettings = field(default_factory=StateSettings)
     policy: Policy = field(default_factory=Policy)
     path: str = ""
+    pregreet: PregreetSettings = field(default_factory=PregreetSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
 
 # --- value parsers: each takes (key, value) and returns the typed value ---
@@ -157,9 +215,20 @@ def parse_hostport(key: str, value: Any, default_port: int | None = None) -> tup
 
 def _duration(key: str, value: Any) -> float:
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except (ValueError, TypeError) as e:
         raise ConfigError(key, str(e)) from None
+    if seconds != seconds or seconds > MAX_DURATION:  # nan, inf, or absurd
+        raise ConfigError(key, f"expected a duration of at most 7d, got {value!r}")
+    return seconds
+
+
+def _positive_duration(key: str, value: Any, minimum: float = 0.1) -> float:
+    """A timeout: zero would cut every session at once."""
+    seconds = _duration(key, value)
+    if seconds < minimum:
+        raise ConfigError(key, f"expected a duration of at least {minimum:g}s, got {value!r}")
+    return seconds
 
 
 def _size(key: str, value: Any) -> int:
@@ -197,6 +266,24 @@ def _str(key: str, value: Any) -> str:
     return value
 
 
+def _networks(key: str, value: Any) -> tuple[Network, ...]:
+    """Networks written as `192.0.2.0/24`, `2001:db8::/32` or a single address."""
+    items: list[Any] = []
+    for item in _list(key, value):
+        if isinstance(item, str):  # a flag may carry several, comma-separated
+            items.extend(x.strip() for x in item.split(",") if x.strip())
+        else:
+            items.append(item)
+    out: list[Network] = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(_str(key, item).strip()))
+        except ValueError:
+            raise ConfigError(key, f"{item!r} is not a network like 192.0.2.0/24 or 2001:db8::/32 "
+                                   "(no host bits after the prefix)") from None
+    return tuple(out)
+
+
 def _list(key: str, value: Any) -> list[Any]:
     if isinstance(value, str):
         return [value]
@@ -216,8 +303,35 @@ def _domain(key: str, value: Any) -> str:
     return ("." if text.startswith(".") else "") + name
 
 
+def _served_domain(key: str, value: Any) -> str:
+    """A domain we accept mail for: never a public suffix (`com`, `co.uk`), which would make an open relay."""
+    name = _domain(key, value)
+    bare = name.lstrip(".")
+    if "." not in bare or _is_public_suffix(bare):
+        raise ConfigError(key, f"{name!r} is a top-level domain or public suffix, not a domain of yours")
+    return name
+
+
+def _is_public_suffix(name: str) -> bool:
+    from publicsuffixlist import PublicSuffixList
+
+    return bool(PublicSuffixList().is_public(name))
+
+
+def _size_at_least(key: str, value: Any, minimum: int) -> int:
+    size = _size(key, value)
+    if size < minimum:
+        raise ConfigError(key, f"expected at least {minimum} bytes (0 does not mean unlimited), got {value!r}")
+    return size
+
+
 def _url_template(key: str, value: Any) -> str:
     text = _str(key, value)
+    if re.search(r"[\x00-\x20\x7f-\uffff]", text):
+        # The URL goes into every refusal on the wire: CR/LF would split the
+        # reply (a forged second line), spaces would cut the URL.
+        raise ConfigError(key, "the URL must be printable ASCII without spaces or control characters; "
+                               "percent-encode anything else")
     for name in re.findall(r"\{([^}]*)\}", text):
         if name not in URL_PLACEHOLDERS:
             raise ConfigError(key, f"unknown placeholder {{{name}}}; allowed: "
@@ -232,27 +346,41 @@ Parser = Callable[[str, Any], Any]
 SERVER_KEYS: dict[str, Parser] = {
     "listen": lambda k, v: tuple(parse_hostport(f"{k}", x) for x in _list(k, v)),
     "hostname": lambda k, v: _domain(k, v).lstrip("."),
-    "domains": lambda k, v: tuple(_domain(k, x) for x in _list(k, v)),
+    "domains": lambda k, v: tuple(_served_domain(k, x) for x in _list(k, v)),
     "resolution_url": _url_template,
-    "max_message_size": _size,
+    "max_message_size": lambda k, v: _size_at_least(k, v, MIN_MESSAGE_SIZE),
     "max_recipients": lambda k, v: _int(k, v, 1),
     "tls_cert": _str,
     "tls_key": _str,
-    "idle_timeout": _duration,
+    "idle_timeout": _positive_duration,
+    "data_timeout": _positive_duration,
     "max_errors": lambda k, v: _int(k, v, 1),
     "grace_period": _duration,
     "proxy_protocol": _bool,
-    "proxy_timeout": _duration,
+    "proxy_timeout": _positive_duration,
+    "proxy_trusted": _networks,
     "workers": lambda k, v: _int(k, v, 1),
 }
 UPSTREAM_KEYS: dict[str, Parser] = {
     "address": lambda k, v: parse_hostport(k, v, default_port=25),
     "tls": lambda k, v: _choice(k, v, UPSTREAM_TLS),
     "xclient": _bool,
-    "connect_timeout": _duration,
-    "timeout": _duration,
+    "xforward": _bool,
+    "connect_timeout": _positive_duration,
+    "timeout": _positive_duration,
     "pool_size": lambda k, v: _int(k, v, 0),
     "idle_time": _duration,
+}
+PREGREET_KEYS: dict[str, Parser] = {
+    "wait": _duration,
+    "pass_ttl": lambda k, v: _positive_duration(k, v, 60.0),
+}
+LIMITS_KEYS: dict[str, Parser] = {
+    "per_ip_sessions": lambda k, v: _int(k, v, 0),
+    "per_ip_rate": lambda k, v: _int(k, v, 0),
+    "max_sessions": lambda k, v: _int(k, v, 0),
+    "exempt": _networks,
+    "recipient_overshoot": lambda k, v: _int(k, v, 0),
 }
 LOG_KEYS: dict[str, Parser] = {
     "format": lambda k, v: _choice(k, v, LOG_FORMATS),
@@ -281,6 +409,12 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "state": ("state", "url"),
     "zones": ("geo", "zones"),
     "allow_country": ("geo", "allow"),
+    "proxy_trusted": ("server", "proxy_trusted"),
+    "pregreet_wait": ("pregreet", "wait"),
+    "per_ip_sessions": ("limits", "per_ip_sessions"),
+    "per_ip_rate": ("limits", "per_ip_rate"),
+    "max_sessions": ("limits", "max_sessions"),
+    "limits_exempt": ("limits", "exempt"),
 }
 
 
@@ -294,6 +428,10 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError("--config", f"cannot read {path}: permission denied") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"{path} is not a text file (TOML is UTF-8)") from None
+    except IsADirectoryError:
+        raise ConfigError("--config", f"{path} is a directory, not a file") from None
 
 
 def merge_flags(doc: dict[str, Any], flags: Mapping[str, Any]) -> dict[str, str]:
@@ -335,13 +473,20 @@ def _machine_fqdn() -> str:
 def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str = "") -> Config:
     """Validate a TOML document (with flags merged in) into a Config."""
     origin = merge_flags(doc, flags or {})
-    known = {"server", "upstream", "log", *OTHER_TABLES}
+    known = {"server", "upstream", "log", "pregreet", "limits", *OTHER_TABLES}
     for table in doc:
         if table not in known:
             raise ConfigError(table, f"unknown table; known: {', '.join(sorted(known))}")
     server = _section(doc, "server", SERVER_KEYS, origin)
     upstream = _section(doc, "upstream", UPSTREAM_KEYS, origin)
     log = _section(doc, "log", LOG_KEYS, origin)
+    pregreet = _section(doc, "pregreet", PREGREET_KEYS, origin)
+    limits = _section(doc, "limits", LIMITS_KEYS, origin)
+    if server.get("proxy_protocol") and not server.get("proxy_trusted"):
+        raise ConfigError(origin.get("server.proxy_trusted", "server.proxy_trusted"),
+                          "required when proxy_protocol is on: the networks of your load balancers "
+                          "(flag --proxy-trusted); a PROXY header from anyone else would let any "
+                          "client claim any address")
     try:
         areas = _areas(doc)
     except ConfigError as e:
@@ -367,15 +512,32 @@ def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str
             except OSError as e:
                 raise ConfigError(origin.get(f"server.{key}", f"server.{key}"),
                                   f"cannot read {server[key]}: {e.strerror}") from None
+    if server.get("tls_cert"):
+        check_tls_files(server["tls_cert"], server["tls_key"], origin.get("server.tls_cert", "server.tls_cert"))
     if not server.get("hostname"):
         server["hostname"] = _machine_fqdn()
     return Config(
         server=ServerSettings(**server),
         upstream=UpstreamSettings(host=host, port=port, **upstream),
         log=LogSettings(**log),
+        pregreet=PregreetSettings(**pregreet),
+        limits=LimitsSettings(**limits),
         path=path,
         **areas,
     )
+
+
+def check_tls_files(cert: str, key: str, name: str = "server.tls_cert") -> None:
+    """Load the certificate and key as STARTTLS will: a garbage file or a key
+    that does not match is a start-up (or reload) error, never a dropped session."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or str(e)
+        raise ConfigError(name, f"cannot use {cert} with {key} for STARTTLS: {reason}") from None
 
 
 def _table(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:

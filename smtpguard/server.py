@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -24,6 +25,8 @@ from typing import Any
 
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP, TLSSetupException
+
+from smtpguard.adapters.spool import MessageSpool
 
 from smtpguard.config import Config
 from smtpguard.core import reply as replies
@@ -59,12 +62,26 @@ AIOSMTPD_REPLIES: tuple[tuple[str, str, int, str, str | None], ...] = (
 )
 
 
-def _rewrite(status: str, size: int) -> str | None:
+# Postfix's smtpd_recipient_overshoot_limit: recipients beyond
+# max_recipients get 452 4.5.3 and are not client errors until this many.
+DEFAULT_RECIPIENT_OVERSHOOT = 1000
+
+
+def _rewrite(status: str, size: int) -> replies.Reply | None:
     for prefix, reason, code, enhanced, text in AIOSMTPD_REPLIES:
         if status.startswith(prefix):
             body = text.format(size=size) if text else status[4:].removeprefix("Error: ")
-            return replies.render(replies.Reply(code, enhanced, reason, body))
+            return replies.Reply(code, enhanced, reason, body)
     return None
+
+
+# `TO:<@relay1,@relay2:user@domain>`: a source route, with its first hop.
+_SOURCE_ROUTE = re.compile(r"(?i)TO:\s*<\s*@([^,:>\s]*)[^>]*>?")
+
+
+def _bad_command_line(line: bytes) -> bool:
+    """A command line with a NUL, a bare CR, or a bare LF as its end (RFC 5321 §2.3.8)."""
+    return not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\x00" in line
 
 
 class GuardSMTP(SMTP):
@@ -75,8 +92,32 @@ class GuardSMTP(SMTP):
         self.guard = handler
         self.server = server
         self.errors = 0
+        self.overshoot = 0
         self.in_data = False
         self._banner_line: str | None = None
+        self._readline = self._guard_reader()
+
+    def _guard_reader(self) -> Any:
+        """Make the command reader refuse what aiosmtpd lets through.
+
+        aiosmtpd accepts a bare LF as a command's end and passes NUL and bare
+        CR on inside it. A malformed line is turned into an empty one, which
+        aiosmtpd answers with `500 bad syntax` (rewritten to ours) without
+        running the command. The DATA reader uses the original method.
+        """
+        reader = self._stream_reader
+        original = reader.readuntil
+
+        async def readuntil(separator: bytes = b"\n") -> bytes:
+            line: bytes = await original(separator)
+            if separator == b"\n" and _bad_command_line(line):
+                event("syntax.bad_line", logging.WARNING, session=self.guard.client.session_id,
+                      ip=self.guard.client.ip, line=line[:80].decode("ascii", "backslashreplace"))
+                return b"\r\n"
+            return line
+
+        reader.readuntil = readuntil  # type: ignore[method-assign]
+        return original
 
     # -- connection -------------------------------------------------------
 
@@ -152,8 +193,13 @@ class GuardSMTP(SMTP):
             elif status[:1] in ("4", "5") and "[" not in status[:12]:
                 rewritten = _rewrite(status, self.server.config.server.max_message_size)
                 if rewritten is not None:
-                    status = rewritten
-            if status[:1] in ("4", "5"):
+                    # aiosmtpd's own refusals in our one format, with the URL, logged.
+                    status = self.guard.refuse("command", rewritten)
+            if "[RCPT-LIMIT]" in status[:24] and self.overshoot < DEFAULT_RECIPIENT_OVERSHOOT:
+                # Not a client error (Postfix's smtpd_recipient_overshoot_limit):
+                # a client that pipelines 1,000 recipients gets 100 accepted.
+                self.overshoot += 1
+            elif status[:1] in ("4", "5"):
                 self.errors += 1
                 if self.errors >= self.server.config.server.max_errors and not status.startswith("421"):
                     await super().push(status)
@@ -187,14 +233,111 @@ class GuardSMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(self.guard.render(replies.make("NO-AUTH")))
 
-    async def smtp_DATA(self, arg: str) -> None:
-        self.in_data = True
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's address parser raises on `<`, `a@` and more (issue: the
+        # two promises, item 8); a malformed address is a syntax error.
         try:
-            await super().smtp_DATA(arg)
+            return super()._getaddr(arg)  # type: ignore[no-any-return]
+        except Exception:
+            return None, None
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        route = _SOURCE_ROUTE.match(arg or "")
+        if route and self.envelope is not None and self.envelope.mail_from is not None:
+            # aiosmtpd drops a source route and passes the final address on;
+            # a front refuses the form itself (RFC 5321 §4.1.1.3 lets a server
+            # ignore routes; Postfix's allow_untrusted_routing = no refuses them).
+            reply = replies.for_recipient("RELAY", route.group(1))
+            await self.push(self.guard.refuse("rcpt", reply, route.group(0)[3:].strip(), rule="relay"))
+            return
+        await super().smtp_RCPT(arg)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # RFC 3207 §4.2: STARTTLS inside TLS is refused.
+            await self.push(self.guard.refuse("command", replies.Reply(503, "5.5.1", "SEQUENCE", "TLS is already active")))
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA, received into a spool and relayed only once complete.
+
+        aiosmtpd's own DATA keeps the whole message in memory and lets the
+        idle timer cut a slow but steady transfer. Here each line goes to
+        the spool (memory bounded per message), the timer restarts while
+        bytes arrive (`data_timeout` without progress, as Postfix's
+        smtpd_timeout per read), and a client that vanishes mid-message
+        leaves nothing at the MTA: the message goes upstream only after the
+        final dot.
+        """
+        if await self.check_helo_needed():
+            return
+        if not self.guard.accepted:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        refusal = self.guard.data_refusal()
+        if refusal is not None:
+            await self.push(refusal)
+            return
+        self.in_data = True
+        message = MessageSpool()
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            status = await self._receive(message)
+            if status is None:
+                status = await self.guard.on_data(message)
         finally:
+            message.close()
             self.in_data = False
+        self._set_post_data_state()
+        await self.push(status)
         if self.server.stopping and self.transport is not None:
             await self.push(self.guard.render(replies.make("SHUTDOWN")))
+
+    async def _receive(self, message: MessageSpool) -> str | None:
+        """Read the message up to the lone dot; None, or the error to reply."""
+        timeout = self.server.config.server.data_timeout
+        limit = self.data_size_limit
+        loop = self.loop
+        last_reset = loop.time()
+        self._reset_timeout(timeout)
+        size = 0
+        error: str | None = None
+        partial = False  # the previous read ended inside an over-long line
+        readline = self._readline
+        while self.transport is not None:
+            try:
+                line: bytes = await readline(b"\r\n")
+            except asyncio.LimitOverrunError as e:
+                # RFC 5321 §4.5.3.1.6: the line is too long; read it away and refuse at the end.
+                line = await self._reader.read(e.consumed)
+                error = error or "500 Line too long"
+                partial = True
+                continue
+            if line == b".\r\n" and not partial:
+                break
+            partial = False
+            size += len(line)
+            now = loop.time()
+            if now - last_reset > 1.0:
+                # The timer restarts while data flows (checked once a second: cheap per line).
+                self._reset_timeout(timeout)
+                last_reset = now
+            if error is not None:
+                continue
+            if limit and size > limit:
+                error = "552 Error: Too much mail data"
+                continue
+            try:
+                message.add_line(line[1:] if line[:1] == b"." else line)
+            except OSError as e:
+                event("spool.error", logging.ERROR, session=self.guard.client.session_id, error=str(e))
+                error = self.guard.render(replies.make("INTERNAL", "cannot store the message now, try again later"))
+        self._reset_timeout()
+        return error
 
     def shutdown(self) -> None:
         """Graceful stop: 421 now unless in DATA, where the message may finish first."""

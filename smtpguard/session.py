@@ -14,19 +14,41 @@ transaction): RSET and the end of DATA clear the latter only (STYLE.md §12).
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
+import re
 import time
 from email.utils import formatdate
 from typing import Any, Protocol
 
+from smtpguard.adapters.spool import MessageSpool
 from smtpguard.adapters.upstream import ClientIdentity, Transaction, Upstream, UpstreamReply
 from smtpguard.config import Config
 from smtpguard.core import reply as replies
-from smtpguard.core.address import Recipient, check_recipient
+from smtpguard.core.address import Recipient, Refused, check_recipient, has_control, is_ehlo_argument, is_hostname
 from smtpguard.core.facts import ClientInfo, FactValue
 from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
+
+# HELO/EHLO per session: a client greets once, again after STARTTLS, and
+# perhaps once more after RSET; 25,000 EHLOs on one connection were seen
+# driving DNS lookups to names the client chose.
+MAX_HELO = 5
+# How much of a message data-stage sources may read into memory (DKIM):
+# beyond it they see no content and say `unknown`.
+CONTENT_LIMIT = 10 * 1000 * 1000
+# When the upstream transaction fails after recipients were told 250, it is
+# rebuilt (MAIL and those recipients again) at most this often; after that
+# the client is told (451) rather than kept waiting on a failing MTA.
+MAX_REBUILDS = 1
+LOST_TEXT = ("the mail server behind this gateway lost the transaction; "
+             "send the message again later")
+
+
+class TransactionLost(Exception):
+    """The upstream transaction failed and the accepted recipients could not be carried over."""
 
 class Services(Protocol):
     """Per-process shared parts: config, upstream pool, fact sources, policy."""
@@ -63,16 +85,28 @@ class ClientSession:
         self.pending: Verdict | None = None     # a refusal held back to RCPT (reject_at)
         self.tarpit = 0.0
         self.banner_refusal: replies.Reply | None = None  # a 554 greeting was given
+        self.helos = 0
         # transaction state
         self.sender: str | None = None
         self.mail_options: list[str] = []
         self.txn: Transaction | None = None
-        self.content: bytes | None = None       # the message, during the data stage
+        # Recipients told 250 in this transaction, with their options: the
+        # invariant is that the upstream transaction that takes the message
+        # has accepted every one of them (DESIGN.md: relay in real time).
+        self.accepted: list[tuple[str, list[str]]] = []
+        self.lost = False                       # the upstream transaction could not be rebuilt
+        self.rebuilds = 0
+        self.message: MessageSpool | None = None  # the message, during the data stage
         # counters for the summary line
         self.messages = 0
         self.refusals = 0
         self.last_reason = ""
         self.verbatim: str | None = None  # the upstream reply being forwarded as is
+
+    @property
+    def content(self) -> bytes | None:
+        """The whole message for data-stage sources, when small enough to hold."""
+        return self.message.read(CONTENT_LIMIT) if self.message is not None else None
 
     # --- replies -------------------------------------------------------
 
@@ -109,6 +143,12 @@ class ClientSession:
 
     def decide(self, stage: str) -> Verdict:
         verdict = self.services.decide(stage, self.facts, self.pending)
+        # Every fact this decision saw, for the close line (report and replay).
+        from smtpguard.observe.replay import Trail
+        trail = getattr(self, "trail", None)
+        if trail is None:
+            trail = self.trail = Trail()
+        trail.record(stage, self.facts, verdict)
         for rule, action, reason in verdict.observed:
             event("observe", session=self.client.session_id, ip=self.client.ip, stage=stage,
                   rule=rule, would=action, reason=reason, sender=self.sender, rcpt=self.facts.get("rcpt"))
@@ -166,6 +206,9 @@ class ClientSession:
         refused = self.refused_session()
         if refused:
             return refused
+        self.helos += 1
+        if self.helos > MAX_HELO:
+            return self.refuse("helo", replies.make("HELO-LIMIT"))
         self.helo = hostname
         self.esmtp = esmtp
         self.facts["helo"] = hostname
@@ -203,6 +246,8 @@ class ClientSession:
         if refused:
             return refused
         await self._reset_transaction()
+        if has_control(address) or any(has_control(o) for o in mail_options):
+            return self.refuse("mail", replies.for_recipient("BAD-ADDRESS", code=501))
         sender = "" if address == "<>" else address
         self.sender = sender
         self.mail_options = list(mail_options)
@@ -224,13 +269,14 @@ class ClientSession:
         if refused:
             return refused
         limits = self.config.server
-        if len(envelope.rcpt_tos) >= limits.max_recipients:
+        if len(self.accepted) >= limits.max_recipients:
             return self.refuse("rcpt", replies.make("RCPT-LIMIT"), address)
         checked = check_recipient(address, limits.served)
-        if isinstance(checked, str):
-            domain = address.rpartition("@")[2] or address
-            text = (f"relay to {replies.clean(domain)} is not allowed here" if checked == "RELAY" else None)
-            return self.refuse("rcpt", replies.make(checked, text), address)
+        if isinstance(checked, Refused):
+            return self.refuse("rcpt", replies.for_recipient(checked.reason, checked.domain, checked.code),
+                               address, rule=checked.reason.lower())
+        if any(has_control(o) for o in rcpt_options):
+            return self.refuse("rcpt", replies.for_recipient("BAD-ADDRESS", code=501), address)
         self.facts["rcpt"] = checked.address
         self.facts["rcpt_domain"] = checked.domain
         # The graylist fact belongs to one recipient.
@@ -254,7 +300,7 @@ class ClientSession:
                 self.facts.update(await self.services.trap(self, checked.address))
                 if self.facts.get("graylist") == "trapped":
                     return self.refuse("rcpt", replies.make("TRAP"), address, rule="trap")
-        return await self.relay_rcpt(envelope, address, checked)
+        return await self.relay_rcpt(envelope, address, list(rcpt_options))
 
     def graylisted(self, verdict: Verdict, rcpt: Recipient) -> str | None:
         """The reply for a recipient the graylist has not passed (postgrey/spamd semantics)."""
@@ -280,64 +326,131 @@ class ClientSession:
               state=state, sender=self.sender, rcpt=rcpt.address, wait=wait, reply=line)
         return line
 
-    async def relay_rcpt(self, envelope: Any, address: str, rcpt: Recipient) -> str:
+    def _identity(self) -> ClientIdentity:
+        name = str(self.facts.get("rdns_name") or "") if self.facts.get("rdns") == "confirmed" else ""
+        return ClientIdentity(self.client.ip, name, self.helo, self.esmtp)
+
+    async def _open_transaction(self) -> UpstreamReply:
+        """The upstream transaction for this client's, opened or rebuilt; the MTA's MAIL reply.
+
+        After a failure, the new transaction carries MAIL and every recipient
+        already told 250 (each accepted again by the MTA), or TransactionLost.
+        """
+        txn = self.txn
+        if txn is not None and txn.mail_reply is not None and (txn.open or not txn.mail_reply.ok):
+            return txn.mail_reply
+        if self.accepted:
+            if self.rebuilds >= MAX_REBUILDS:
+                raise TransactionLost
+            self.rebuilds += 1
+        txn = self.txn = Transaction(self.services.upstream, self._identity())
+        mail = await txn.begin(self.sender or "", self.mail_options)
+        if not mail.ok:
+            event("relay.mail_refused", session=self.client.session_id, ip=self.client.ip,
+                  sender=self.sender, code=mail.code, text=mail.text)
+            if self.accepted:
+                raise TransactionLost
+            return mail
+        for address, options in self.accepted:
+            r = await txn.rcpt(address, options)
+            if not r.ok:
+                raise TransactionLost
+        if self.accepted:
+            event("relay.rebuilt", logging.WARNING, session=self.client.session_id, ip=self.client.ip,
+                  rcpts=len(self.accepted))
+        return mail
+
+    def _drop_transaction(self) -> None:
+        """The upstream connection's state is unknown: close it; the accepted recipients stay."""
+        txn, self.txn = self.txn, None
+        if txn is not None:
+            txn.abort()
+
+    def _lose_transaction(self, stage: str, rcpt: str = "") -> str:
+        self._drop_transaction()
+        self.lost = True
+        event("relay.lost", logging.WARNING, session=self.client.session_id, ip=self.client.ip,
+              rcpts=len(self.accepted))
+        return self.refuse(stage, replies.make("UPSTREAM", LOST_TEXT), rcpt)
+
+    async def relay_rcpt(self, envelope: Any, address: str, options: list[str]) -> str:
         """Mirror the RCPT on the upstream and forward its reply (DESIGN.md: relay in real time)."""
+        if self.lost:
+            return self.refuse("rcpt", replies.make("UPSTREAM", LOST_TEXT), address)
         try:
-            if self.txn is None or self.txn.mail_reply is None:
-                identity = ClientIdentity(self.client.ip, str(self.facts.get("rdns_name") or "")
-                                          if self.facts.get("rdns") == "confirmed" else "",
-                                          self.helo, self.esmtp)
-                self.txn = Transaction(self.services.upstream, identity)
-                mail = await self.txn.begin(self.sender or "", self.mail_options)
-                if not mail.ok:
-                    event("relay.mail_refused", session=self.client.session_id, ip=self.client.ip,
-                          sender=self.sender, code=mail.code, text=mail.text)
-            else:
-                mail = self.txn.mail_reply
+            mail = await self._open_transaction()
             if not mail.ok:
                 # The MTA refused the sender: every recipient gets its answer.
                 return self.forward(mail)
-            r = await self.txn.rcpt(address)
+            assert self.txn is not None
+            r = await self.txn.rcpt(address, options)
+        except TransactionLost:
+            return self._lose_transaction("rcpt", address)
         except UpstreamError as e:
-            self.txn = None
+            self._drop_transaction()
             return self.refuse("rcpt", replies.make(e.reason), address)
         if r.ok:
+            self.accepted.append((address, options))
             envelope.rcpt_tos.append(address)
         else:
             event("relay.rcpt_refused", session=self.client.session_id, ip=self.client.ip,
                   sender=self.sender, rcpt=address, code=r.code, text=r.text)
         return self.forward(r)
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.content = envelope.original_content or b""
+    def data_refusal(self) -> str | None:
+        """At the DATA command: a transaction already lost is refused before the client sends it."""
+        if self.lost:
+            return self.refuse("data", replies.make("UPSTREAM", LOST_TEXT))
+        return None
+
+    async def on_data(self, message: MessageSpool) -> str:
+        """The end of DATA: the data stage, then the message to the MTA; its reply, or ours."""
+        self.message = message
         try:
-            verdict = await self.run_stage("data")
+            return await self._data(message)
         finally:
-            self.content = None  # the message is not connection state
+            self.message = None
+            await self._reset_transaction()
+
+    async def _data(self, message: MessageSpool) -> str:
+        verdict = await self.run_stage("data")
         await self.slow()
         if self.refuses_now(verdict):
             assert verdict is not None
-            await self._reset_transaction()
             return self.refuse("data", self.verdict_reply(verdict, "data"), rule=verdict.rule, action=verdict.action)
-        txn = self.txn
-        if txn is None or not txn.open:
-            return self.refuse("data", replies.make("UPSTREAM"))
-        content: bytes = envelope.original_content or b""
-        trace = self.received_header(envelope.rcpt_tos)
+        if self.lost:
+            return self.refuse("data", replies.make("UPSTREAM", LOST_TEXT))
         try:
-            r = await txn.data(trace + content)
+            mail = await self._open_transaction()
+        except TransactionLost:
+            return self._lose_transaction("data")
+        except UpstreamError as e:
+            self._drop_transaction()
+            return self.refuse("data", replies.make(e.reason))
+        txn = self.txn
+        if not mail.ok or txn is None or not txn.open:
+            return self.refuse("data", replies.make("UPSTREAM", LOST_TEXT))
+        told = [address for address, _ in self.accepted]
+        if collections.Counter(told) != collections.Counter(txn.rcpts):
+            # The invariant: a 250 at the end of DATA covers every recipient
+            # that was told 250. Never reached unless a path above is wrong.
+            event("relay.invariant", logging.ERROR, session=self.client.session_id, ip=self.client.ip,
+                  told=len(told), upstream=len(txn.rcpts))
+            return self._lose_transaction("data")
+        trace = self.received_header(told)
+        try:
+            r = await txn.data(itertools.chain((trace,), message.blocks()))
         except UpstreamError as e:
             self.txn = None
             return self.refuse("data", replies.make(e.reason))
         self.txn = None
-        self.sender = None
         if r.ok:
             self.messages += 1
             event("relay.accepted", session=self.client.session_id, ip=self.client.ip,
-                  size=len(content), rcpts=len(envelope.rcpt_tos), reply=r.text.split("\n")[-1])
+                  size=message.size, rcpts=len(told), reply=r.text.split("\n")[-1])
         else:
             event("relay.refused", session=self.client.session_id, ip=self.client.ip,
-                  size=len(content), code=r.code, reply=r.text.split("\n")[-1])
+                  size=message.size, code=r.code, reply=r.text.split("\n")[-1])
         return self.forward(r)
 
     async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
@@ -371,6 +484,9 @@ class ClientSession:
         self.sender = None
         self.txn_accepted_by = None
         self.mail_options = []
+        self.accepted = []
+        self.lost = False
+        self.rebuilds = 0
         txn, self.txn = self.txn, None
         if txn is not None:
             try:
@@ -379,27 +495,35 @@ class ClientSession:
                 pass
 
     async def on_close(self) -> None:
+        from smtpguard.observe.replay import close_fields
         await self._reset_transaction()
         digest = " ".join(f"{k}={v}" for k, v in self.facts.items()
                           if k in ("country", "os", "rdns", "dnsbl_score", "graylist") and v not in (None, ""))
         event("close", session=self.client.session_id, ip=self.client.ip, port=self.client.port,
               helo=self.helo, duration=round(time.monotonic() - self.started, 3),
               messages=self.messages, refusals=self.refusals, reason=self.last_reason or None,
-              rule=self.accepted_by, facts=digest or None)
+              rule=self.accepted_by, facts=digest or None, **close_fields(getattr(self, "trail", None)))
 
     # --- trace ------------------------------------------------------------
 
     def received_header(self, rcpts: list[str]) -> bytes:
         """RFC 5321 §4.4 trace: the real client, as the MTA behind cannot see it."""
-        helo = replies.clean(self.helo or "unknown", 255).replace(" ", "_")
-        rdns = self.facts.get("rdns_name") if self.facts.get("rdns") == "confirmed" else None
-        host = replies.clean(str(rdns), 255) if rdns else "unknown"
+        # Strangers' names go into the header only when they are valid host
+        # names; otherwise the client is named by its address literal, the
+        # form RFC 5321 §4.4 allows, and a reader of the first [ip] finds the
+        # real one (a HELO with spaces and brackets could mislead it).
         ip = self.client.ip
-        literal = f"IPv6:{ip}" if ":" in ip else ip
+        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+        helo = self.helo if self.helo and is_ehlo_argument(self.helo) else ""
+        rdns = str(self.facts.get("rdns_name") or "") if self.facts.get("rdns") == "confirmed" else ""
+        host = rdns.rstrip(".") if rdns and is_hostname(rdns) else "unknown"
+        note = ""
+        if self.helo and not helo:
+            note = " helo=" + re.sub(r"[^A-Za-z0-9.:_-]", "_", self.helo[:64])
         proto = ("ESMTPS" if self.tls_info else "ESMTP") if self.esmtp else ("SMTPS" if self.tls_info else "SMTP")
         tls = f"\r\n\t(using {self.tls_info})" if self.tls_info else ""
         for_clause = f"\r\n\tfor <{replies.clean(rcpts[0], 256)}>" if len(rcpts) == 1 else ""
-        header = (f"Received: from {helo} ({host} [{literal}]){tls}\r\n"
+        header = (f"Received: from {helo or literal} ({host} {literal}{note}){tls}\r\n"
                   f"\tby {self.config.server.hostname} (smtpguard) with {proto} id {self.client.session_id}"
                   f"{for_clause};\r\n\t{formatdate(localtime=True)}\r\n")
         return header.encode("ascii", "replace")

@@ -102,8 +102,10 @@ def test_upstream_timeout_gives_451(recorder: Recorder, guard_factory: Any) -> N
     ('"b@other.test"@example.test', 550),
     ("b@[127.0.0.1]", 550),
     ("@example.test:b@other.test", 550),
-    ("@relay.test:b@example.test", 250),
-    ("b%example.test@example.test", 250),
+    # Refused whatever the hops say, as Postfix's allow_untrusted_routing = no:
+    # an MTA behind may route such a form onwards once it is accepted.
+    ("@relay.test:b@example.test", 550),
+    ("b%example.test@example.test", 550),
 ], ids=lambda v: str(v))
 def test_only_served_domains_are_accepted(guard: Guard, rcpt: str, code: int) -> None:
     with client(guard) as s:
@@ -146,22 +148,22 @@ def test_refusals_carry_reason_and_resolution_url(recorder: Recorder, guard_fact
 
 
 def test_declared_size_too_large_is_refused_at_mail(recorder: Recorder, guard_factory: Any) -> None:
-    g = guard_factory(upstream=recorder.address, max_message_size="1000")
+    g = guard_factory(upstream=recorder.address, max_message_size="64KiB")
     with client(g) as s:
         s.ehlo("c.test")
-        assert "size" in s.esmtp_features and s.esmtp_features["size"] == "1000"
-        code, text = s.mail("a@sender.test", ["SIZE=5000"])
+        assert "size" in s.esmtp_features and s.esmtp_features["size"] == "65536"
+        code, text = s.mail("a@sender.test", ["SIZE=70000"])
     assert code == 552 and text.startswith(b"5.3.4 [SIZE] ")
 
 
 def test_oversize_data_is_refused_and_nothing_relayed(recorder: Recorder, guard_factory: Any) -> None:
-    g = guard_factory(upstream=recorder.address, max_message_size="1000")
+    g = guard_factory(upstream=recorder.address, max_message_size="64KiB")
     with client(g) as s:
         s.ehlo("c.test")
         s.mail("a@sender.test")  # no SIZE declared: the limit is found in DATA
         s.rcpt("b@example.test")
-        code, text = s.data(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 40)
-        assert code == 552 and text == b"5.3.4 [SIZE] message size exceeds the limit of 1000 bytes"
+        code, text = s.data(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 1000)
+        assert code == 552 and text.startswith(b"5.3.4 [SIZE] message size exceeds the limit of 65536 bytes")
         # the session goes on
         s.sendmail("a@sender.test", ["b@example.test"], MESSAGE)
     assert len(recorder.messages) == 1
@@ -281,7 +283,8 @@ def test_no_starttls_without_a_certificate(guard: Guard) -> None:
 @pytest.mark.parametrize("kind", ["xclient", "xforward"])
 def test_real_client_identity_reaches_the_mta(recorder_factory: Any, guard_factory: Any, kind: str) -> None:
     up = recorder_factory(**{kind: True})
-    g = guard_factory({"upstream": {"xclient": True}}, upstream=up.address)
+    # upstream.xclient and upstream.xforward are separate settings
+    g = guard_factory({"upstream": {kind: True}}, upstream=up.address)
     for helo in ("first.sender.test", "second.sender.test"):
         with client(g) as s:
             s.ehlo(helo)
@@ -291,6 +294,10 @@ def test_real_client_identity_reaches_the_mta(recorder_factory: Any, guard_facto
     # each client's own identity, never the previous client's
     assert [x.get("HELO") for x in seen] == ["first.sender.test", "second.sender.test"]
     assert all(x.get("NAME") == "[UNAVAILABLE]" and x.get("PROTO") == "ESMTP" for x in seen)
+    if kind == "xclient":
+        # After XCLIENT the proxy greets with the client's own HELO name, so
+        # the MTA's logs and Received: line show it (nginx's mail proxy does the same).
+        assert [m.helo for m in up.messages] == ["first.sender.test", "second.sender.test"]
 
 
 def test_no_xclient_unless_allowed(recorder_factory: Any, guard_factory: Any) -> None:

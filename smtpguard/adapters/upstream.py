@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 import aiosmtplib
-from aiosmtplib.errors import SMTPException, SMTPTimeoutError, SMTPDataError
+from aiosmtplib.errors import SMTPException, SMTPTimeoutError
 
 from smtpguard.config import UpstreamSettings
+from smtpguard.core.address import is_ehlo_argument, is_hostname
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
 
@@ -34,6 +37,10 @@ from smtpguard.observe.log import event
 UNAVAILABLE = "[UNAVAILABLE]"
 # A QUIT to an idle connection must not hold up a shutdown.
 QUIT_TIMEOUT = 2.0
+# After the MTA's STARTTLS failed under `tls = "opportunistic"`, plain text
+# is used for this long before TLS is tried again (Postfix's smtp_tls_security_level
+# = may falls back to plain text the same way, per connection).
+TLS_RETRY_AFTER = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,11 @@ class ClientIdentity:
     helo: str = ""
     esmtp: bool = True
 
+    @property
+    def greeting(self) -> str:
+        """The client's own HELO name when it is a valid EHLO argument, else ''."""
+        return self.helo if self.helo and is_ehlo_argument(self.helo) else ""
+
 
 def xtext(value: str) -> str:
     """RFC 3461 §4 xtext: `+` `=` and characters outside 33..126 as +HH."""
@@ -74,8 +86,10 @@ def _attributes(identity: ClientIdentity, supported: set[str]) -> list[str]:
         addr = "IPV6:" + addr  # Postfix's form for IPv6 in XCLIENT/XFORWARD
     values = {
         "ADDR": addr,
-        "NAME": identity.name or UNAVAILABLE,
-        "HELO": identity.helo or UNAVAILABLE,
+        # Strangers' strings: a PTR name or HELO that is not a valid host
+        # name (or EHLO argument) is not passed on (RFC 5321 §4.1.1.1).
+        "NAME": identity.name if identity.name and is_hostname(identity.name) else UNAVAILABLE,
+        "HELO": identity.greeting or UNAVAILABLE,
         "PROTO": "ESMTP" if identity.esmtp else "SMTP",
     }
     return [f"{k}={v if v == UNAVAILABLE else xtext(v)}" for k, v in values.items() if k in supported]
@@ -120,6 +134,15 @@ class Connection:
             self.smtp.close()
 
 
+def _failure(kind: str, error: BaseException | str, upstream: "Upstream | None" = None) -> None:
+    """An upstream failure at warning, counted, so an admin can alert on it."""
+    if upstream is not None:
+        upstream.failures += 1
+    event("upstream.error", logging.WARNING, kind=kind,
+          error=error if isinstance(error, str) else f"{type(error).__name__}: {error}",
+          failures=upstream.failures if upstream is not None else None)
+
+
 def _error(e: BaseException) -> UpstreamError:
     if isinstance(e, (SMTPTimeoutError, asyncio.TimeoutError)):
         return UpstreamError("UPSTREAM-TIMEOUT")
@@ -139,6 +162,8 @@ class Upstream:
         self._idle: collections.deque[Connection] = collections.deque()
         self._closed = False  # a reload replaced this pool: connections coming back are closed
         self._quitting: set[asyncio.Task[None]] = set()  # QUITs in flight, referenced until done
+        self.failures = 0  # upstream errors since start, in the log lines
+        self._plain_until = 0.0  # opportunistic TLS failed: plain text until then
         self._tls: ssl.SSLContext | None = None
         if settings.tls != "none":
             # The MTA is the admin's own, usually with a self-signed or
@@ -151,25 +176,35 @@ class Upstream:
 
     async def _connect(self) -> Connection:
         s = self.settings
+        use_tls = self._tls is not None and not (s.tls == "opportunistic"
+                                                 and time.monotonic() < self._plain_until)
         smtp = aiosmtplib.SMTP(hostname=s.host, port=s.port, timeout=s.timeout,
                                local_hostname=self.helo_name, start_tls=False,
                                use_tls=False, validate_certs=False)
+        stage = "connect"
         try:
             await smtp.connect(timeout=s.connect_timeout)
+            stage = "ehlo"
             await smtp.ehlo()
-            if self._tls is not None:
+            if use_tls and self._tls is not None:
                 if smtp.supports_extension("starttls"):
+                    stage = "starttls"
                     await smtp.starttls(tls_context=self._tls)
                     await smtp.ehlo()
                 elif s.tls == "required":
                     smtp.close()
-                    event("upstream.error", error="upstream does not offer STARTTLS and upstream.tls = required")
+                    _failure("tls", "upstream does not offer STARTTLS and upstream.tls = required", self)
                     raise UpstreamError("UPSTREAM", "no STARTTLS")
         except UpstreamError:
             raise
         except (SMTPException, OSError, asyncio.TimeoutError, ValueError) as e:
             smtp.close()
-            event("upstream.error", error=f"{type(e).__name__}: {e}", host=s.host, port=s.port)
+            _failure(stage, e, self)
+            if stage == "starttls" and s.tls == "opportunistic":
+                # The MTA offered STARTTLS but the handshake failed: plain
+                # text, as opportunistic TLS means (RFC 7435 §3).
+                self._plain_until = time.monotonic() + TLS_RETRY_AFTER
+                return await self._connect()
             raise _error(e) from e
         return Connection(smtp)
 
@@ -228,6 +263,9 @@ class Transaction:
         self.identity = identity
         self.conn: Connection | None = None
         self.mail_reply: UpstreamReply | None = None
+        # The recipients the MTA accepted in this transaction, in order: the
+        # session checks them against those it told 250 before the end of DATA.
+        self.rcpts: list[str] = []
 
     @property
     def open(self) -> bool:
@@ -239,8 +277,9 @@ class Transaction:
             conn, pooled = await self.upstream.acquire()
             try:
                 reply = await self._identify_and_mail(conn, sender, mail_options)
-            except UpstreamError:
+            except UpstreamError as e:
                 conn.close()
+                _failure("mail", str(e) or e.reason, self.upstream)
                 if pooled and attempt == 1:
                     # The MTA may have dropped an idle connection: one fresh try.
                     continue
@@ -261,15 +300,17 @@ class Transaction:
                 attrs = _attributes(self.identity, conn.params("xclient"))
                 reply = await conn.command(b"XCLIENT", *(a.encode("ascii") for a in attrs))
                 if reply.code != 220:
-                    event("upstream.xclient_refused", code=reply.code, text=reply.text)
+                    event("upstream.xclient_refused", logging.WARNING, code=reply.code, text=reply.text)
                     raise UpstreamError("UPSTREAM", f"XCLIENT refused: {reply.code}")
                 conn.identity = self.identity
-                # XCLIENT starts a new session: greet again (Postfix XCLIENT_README).
+                # XCLIENT starts a new session: greet again (Postfix
+                # XCLIENT_README), with the client's own HELO name, as nginx's
+                # mail proxy does, or the MTA logs and writes ours instead.
                 try:
-                    await conn.smtp.ehlo()
+                    await conn.smtp.ehlo(hostname=self.identity.greeting or self.upstream.helo_name)
                 except (SMTPException, OSError) as e:
                     raise _error(e) from e
-        elif settings.xclient and conn.supports("xforward"):
+        if settings.xforward and conn.supports("xforward"):
             attrs = _attributes(self.identity, conn.params("xforward"))
             reply = await conn.command(b"XFORWARD", *(a.encode("ascii") for a in attrs))
             if not reply.ok:
@@ -277,31 +318,61 @@ class Transaction:
         params = [o for o in options if _forwardable(o, conn)]
         return await conn.command(b"MAIL", b"FROM:<" + _addr(sender) + b">", *(p.encode("ascii") for p in params))
 
-    async def rcpt(self, address: str) -> UpstreamReply:
-        assert self.conn is not None
-        return await self.conn.command(b"RCPT", b"TO:<" + _addr(address) + b">")
+    async def rcpt(self, address: str, options: list[str] | None = None) -> UpstreamReply:
+        """Mirror one RCPT; on any error the connection is closed (its state is unknown)."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            reply = await conn.command(b"RCPT", b"TO:<" + _addr(address) + b">",
+                                       *(o.encode("ascii") for o in options or ()))
+        except UpstreamError as e:
+            self.abort()
+            _failure("rcpt", str(e) or e.reason, self.upstream)
+            raise
+        if reply.ok:
+            self.rcpts.append(address)
+        return reply
 
-    async def data(self, content: bytes) -> UpstreamReply:
-        """Send the message; the transaction ends whatever the reply."""
+    async def data(self, blocks: Iterable[bytes]) -> UpstreamReply:
+        """Send the message in blocks (dot-stuffed, without the final dot); the
+        transaction ends whatever the reply.
+
+        The message is written as it is read from the spool, with the
+        transport's flow control, so a large message never sits whole in
+        memory. A refused DATA command is the MTA's verdict, forwarded.
+        """
         conn = self.conn
         assert conn is not None
         self.conn = None
         try:
-            r = await conn.smtp.data(content)
-            reply = UpstreamReply(r.code, r.message)
-        except SMTPDataError as e:
-            # A refusal (at DATA or at the end of data) is the MTA's verdict, forwarded.
-            reply = UpstreamReply(e.code, e.message)
-        except (SMTPException, OSError, asyncio.TimeoutError) as e:
+            start = await conn.command(b"DATA")
+        except UpstreamError as e:
             conn.close()
-            raise _error(e) from e
-        if reply.ok:
-            # The final reply ended the transaction (RFC 5321 §4.1.1.4).
-            self.upstream.release(conn, reusable=True)
-        else:
+            _failure("data", str(e) or e.reason, self.upstream)
+            raise
+        if start.code != 354:
             # A refused DATA command leaves the transaction open: reset it.
             await self._reset_and_release(conn)
-        return reply
+            return start
+        protocol = conn.smtp.protocol
+        timeout = self.upstream.settings.timeout
+        try:
+            assert protocol is not None
+            # A reply the MTA sends before the final dot (a size refusal)
+            # must be kept for read_response, not dropped as unsolicited.
+            protocol._response_pending = True
+            for block in blocks:
+                protocol.write(block)
+                await protocol._drain_helper()
+            protocol.write(b".\r\n")
+            r = await protocol.read_response(timeout=timeout)
+        except (SMTPException, OSError, asyncio.TimeoutError, AssertionError) as e:
+            conn.close()
+            _failure("end-of-data", e, self.upstream)
+            raise _error(e) from e
+        # The final reply ends the transaction whatever it says (RFC 5321 §4.1.1.4).
+        self.upstream.release(conn, reusable=True)
+        return UpstreamReply(r.code, r.message)
 
     async def _reset_and_release(self, conn: Connection) -> None:
         try:

@@ -18,7 +18,7 @@ from typing import Any
 from smtpguard import config as cfg
 from smtpguard.commands.serve import add_common_config_flags
 from smtpguard.core import reply as replies
-from smtpguard.core.address import check_recipient
+from smtpguard.core.address import Refused, check_recipient
 from smtpguard.core.facts import ClientInfo
 from smtpguard.core.policy import STAGES, explain
 from smtpguard.errors import ConfigError
@@ -84,10 +84,11 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
                 if not rcpt:
                     break
                 checked = check_recipient(rcpt, config.server.served)
-                if isinstance(checked, str):
-                    reply = session.render(replies.make(checked), rcpt)
+                if isinstance(checked, Refused):
+                    # the same reply as a live session's, byte for byte
+                    reply = session.render(replies.for_recipient(checked.reason, checked.domain, checked.code), rcpt)
                     result["stages"].append({"stage": "rcpt", "action": "reject", "rule": None,
-                                             "reason": checked, "note": "not a served domain"})
+                                             "reason": checked.reason, "note": "not a served domain"})
                     result["reply"] = reply
                     break
                 session.facts.update(rcpt=checked.address, rcpt_domain=checked.domain)

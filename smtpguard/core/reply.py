@@ -40,6 +40,10 @@ REASONS: dict[str, tuple[int, str, str]] = {
     "DATA-LINE-TOO-LONG": (500, "5.6.0", "message has a line longer than 998 characters (RFC 5322 §2.1.1)"),
     "SYNTAX": (501, "5.5.4", "syntax error"),
     "REFUSED": (503, "5.5.1", "this session has been refused"),
+    "SEQUENCE": (503, "5.5.1", "bad sequence of commands"),
+    # RFC 5321 §4.1.4 allows a repeated EHLO; hundreds of them are an attack
+    # on the DNS lookups each one starts.
+    "HELO-LIMIT": (421, "4.7.0", "too many HELO/EHLO commands in this session"),
     # policy (issue: policy)
     "POLICY": (550, "5.7.1", "refused by local policy"),
     "GEO": (550, "5.7.1", "mail from this country is not accepted here"),
@@ -55,6 +59,12 @@ REASONS: dict[str, tuple[int, str, str]] = {
     "GREY": (451, "4.7.1", "greylisted, try again later"),
     "GREY-STORE": (451, "4.3.0", "the greylist store is unavailable, try again later"),
     "TRAP": (550, "5.7.1", "this client sent mail to a spam trap"),
+    # the screen (issue: the screen): postscreen's replies
+    "PREGREET": (550, "5.5.1", "protocol error: the client talked before the greeting"),
+    # RFC 3463 §3.8 X.7.0 for one client over its limit (the screen writes
+    # X.3.2 "system not accepting network messages" when the process is full).
+    "BUSY": (421, "4.7.0", "too many connections from your address, try again later"),
+    "RATE": (421, "4.7.0", "too many connections from your address in the last minute, try again later"),
 }
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -83,6 +93,15 @@ def make(reason: str, text: str | None = None, *, code: int | None = None,
     """The reply for a reason code, with the table's code and text unless overridden."""
     base_code, base_enhanced, base_text = REASONS.get(reason, REASONS["POLICY"])
     return Reply(code or base_code, enhanced or base_enhanced, reason, text or base_text)
+
+
+def for_recipient(reason: str, domain: str = "", code: int | None = None) -> Reply:
+    """The refusal of a RCPT address (core.address.Refused), the same in a session and in `check`."""
+    if reason == "RELAY":
+        return make("RELAY", f"relay to {clean(domain) or 'another host'} is not allowed here")
+    if code == 501:
+        return make(reason, "the address contains control characters", code=501)
+    return make(reason)
 
 
 def resolution_url(template: str, context: Mapping[str, str]) -> str:
