@@ -32,13 +32,26 @@ def escape(value: str, limit: int = MAX_VALUE) -> str:
     return _UNSAFE.sub(lambda m: "\\x%02x" % ord(m.group()), value)
 
 
+# Libraries whose log lines go through our formatters too: their messages
+# carry client bytes (aiosmtpd logs unrecognised commands as received).
+LIBRARY_LOGGERS = ("mail.log", "asyncio", "aiosmtplib", "aiosmtpd")
+
+
+def _event_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
+    """Our records carry `fields`; a library's record is one escaped `message` field."""
+    fields = getattr(record, "fields", None)
+    if fields is None:
+        return record.name, {"message": record.getMessage()}
+    return record.getMessage(), fields
+
+
 class TextFormatter(logging.Formatter):
     """`2026-11-29T20:30:00Z info connect session=… ip=… key=value`"""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "fields", {})
+        name, fields = _event_and_fields(record)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
-        parts = [stamp, record.levelname.lower(), record.getMessage()]
+        parts = [stamp, record.levelname.lower(), name]
         for key, value in fields.items():
             if value is None or value == "":
                 continue
@@ -56,12 +69,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line; strings bounded but not otherwise changed (JSON escapes them)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        name, fields = _event_and_fields(record)
         obj: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
-            "event": record.getMessage(),
+            "event": name,
         }
-        for key, value in getattr(record, "fields", {}).items():
+        for key, value in fields.items():
             if isinstance(value, str) and len(value) > MAX_VALUE:
                 value = value[:MAX_VALUE] + "…"
             obj[key] = value
@@ -77,7 +91,13 @@ def setup(fmt: str = "text", level: str = "info", stream: TextIO | None = None) 
     LOGGER.setLevel(level.upper())
     LOGGER.propagate = False
     # aiosmtpd logs every command at INFO under "mail.log": our own lines
-    # say what matters, so keep its chatter out unless debugging.
+    # say what matters, so keep its chatter out unless debugging. Library
+    # lines go through the same formatter (escaped, one JSON object per
+    # line), never raw to stderr.
+    for name in LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        lib.handlers[:] = [handler]
+        lib.propagate = False
     logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
