@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -15,7 +16,7 @@ from smtpguard import __version__
 from smtpguard.errors import ConfigError
 
 # subcommand modules, in the order `--help` lists them
-COMMANDS = ("serve", "check", "sink", "fingerprint", "zones", "graylist")
+COMMANDS = ("serve", "check", "sink", "fingerprint", "zones", "graylist", "health")
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,9 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    env_origin: dict[str, str] = {}
     try:
+        if hasattr(args, "config"):
+            # The commands that read the configuration also read SMTPGUARD_*
+            # variables: flags > environment > file (commands/serve.py).
+            from smtpguard.commands.serve import apply_env
+
+            env_origin = apply_env(args, parser, os.environ)
         return int(args.func(args) or 0)
     except ConfigError as e:
+        if e.key in env_origin:   # the value came from a variable: name the variable
+            e = ConfigError(env_origin[e.key], e.message)
         print(f"smtpguard: config error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 from smtpguard import config as cfg
+from smtpguard.errors import ConfigError
 from smtpguard.observe import log
 
 
@@ -78,3 +79,57 @@ def serve_one(config: cfg.Config, flags: dict[str, Any], services: Any = None) -
         print(f"smtpguard: cannot listen: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# --- SMTPGUARD_* environment variables (issue 17) ---
+# Containers are configured by their environment: every flag that has a key
+# in the file also reads SMTPGUARD_<FLAG> (SMTPGUARD_UPSTREAM=mta:25,
+# SMTPGUARD_DNS_SERVER=…, SMTPGUARD_CONFIG=/etc/smtpguard/smtpguard.toml).
+# A flag wins over its variable and a variable over the file. A repeatable
+# flag takes a comma-separated list. An empty variable counts as unset (as
+# compose writes an unset ${VAR}); an unknown SMTPGUARD_* variable is an error,
+# as an unknown key in the file is: a typo must not leave a default in force.
+ENV_PREFIX = "SMTPGUARD_"
+
+
+def env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+def apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser,
+              environ: Mapping[str, str]) -> dict[str, str]:
+    """Fill the flags not given from SMTPGUARD_* variables, in place.
+
+    Returns flag name -> variable name for the values that came from the
+    environment, so that an error about `--upstream` can name
+    SMTPGUARD_UPSTREAM instead. Applies only to the flags this command has.
+    """
+    known = {env_name(dest): dest for dest in (*cfg.FLAG_KEYS, "config")}
+    for var in sorted(environ):
+        if var.startswith(ENV_PREFIX) and var not in known:
+            raise ConfigError(var, "unknown variable; known: " + ", ".join(sorted(known)))
+    appended = _repeatable(parser, args)
+    origin: dict[str, str] = {}
+    for var, dest in known.items():
+        text = environ.get(var, "").strip()
+        if not text or not hasattr(args, dest) or getattr(args, dest) not in (None, []):
+            continue
+        if "\x00" in text or "\n" in text or "\r" in text:
+            raise ConfigError(var, "control characters are not allowed in a value")
+        value: Any = [x.strip() for x in text.split(",") if x.strip()] if dest in appended else text
+        setattr(args, dest, value)
+        origin["--" + dest.replace("_", "-")] = var
+    return origin
+
+
+def _repeatable(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
+    """The repeatable flags of the (sub)command that parsed `args`."""
+    found: set[str] = set()
+    for action in parser._actions:   # argparse has no public walk over its actions
+        if isinstance(action, argparse._AppendAction):
+            found.add(action.dest)
+        elif isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                found |= _repeatable(chosen, args)
+    return found
