@@ -132,8 +132,8 @@ FAMILY_CASES = [
                  "windows", "exact", "Windows 10/11", 9,
                  id="Windows 10 over IPv6 (MSS 1440, 45 segments) is windows"),
     pytest.param(dict(ttl=128, window=64240, layout=WINDOWS_OPTS, ws=8, df=False),
-                 "windows", "fuzzy", "Windows 10/11", 0,
-                 id="Windows 10 whose DF bit a NAT cleared is a fuzzy windows"),
+                 "unknown", "none", "unknown", 0,
+                 id="Windows 10 whose DF bit a NAT cleared is unknown: Windows signatures need DF"),
     pytest.param(dict(ttl=121, window=8192, layout=WINDOWS_OPTS, ws=2),
                  "windows", "exact", "Windows 7", 7,
                  id="Windows 7 (8192, shift 2) is windows 7"),
@@ -231,10 +231,10 @@ def test_shipped_signatures_name_each_family(spec: dict[str, object], family: st
 NO_MATCH_CASES = [
     pytest.param(dict(ttl=128, window=65495, mss=65495, layout=LINUX_OPTS, ws=7),
                  id="a Linux SYN sent with IP_TTL 128 is no known OS, never windows"),
-    pytest.param(dict(ttl=60, window=49640, layout=["mss", "nop", "ws", "nop", "nop", "sok"], ws=0),
-                 id="Solaris 10 (Windows' option order, TTL 64) is not windows"),
-    pytest.param(dict(ttl=250, window=4128, layout=["mss"]),
-                 id="a router's bare MSS-only SYN with TTL 255 is unknown"),
+    pytest.param(dict(ttl=128, window=64240, layout=WINDOWS_XP_OPTS, df=False),
+                 id="a TTL-128 device without DF in Windows XP's option order is not windows"),
+    pytest.param(dict(ttl=120, window=8192, layout=WINDOWS_OPTS, ws=2, df=False, ip_id=0),
+                 id="a TTL-128 device without DF and IP ID 0 in Windows 7's layout is not windows"),
     pytest.param(dict(ttl=64, window=64240, layout=LINUX_OPTS, ws=7, ip_options=b"\x01\x01\x01\x00"),
                  id="IPv4 options no stack sends make a SYN unknown"),
 ]
@@ -246,6 +246,79 @@ def test_syns_no_signature_explains_are_unknown_with_match_none(spec: dict[str, 
     assert (fact.os, fact.os_match, fact.status) == ("unknown", "none", NONE)
     assert fact.fields is not None
     assert fact.os_distance == fact.fields.distance
+
+
+# Each "other" signature of the shipped set, by the SYN its source describes
+# (observed-signature notation, core/syn.py synthesize()).
+OTHER_CASES = [
+    ("4:58:0:1460:49640,0:mss,nop,ws,nop,nop,sok:df,id+:0", "Solaris 10", "exact",
+     "Solaris 10 (Windows' option order, TTL 64, 34 segments) is other"),
+    ("4:55:0:1460:32850,1:nop,ws,nop,nop,ts,nop,nop,sok,mss:df,id+:0", "Solaris 8", "exact",
+     "Solaris 8 (MSS written last) is other"),
+    ("4:58:0:1460:65535,1:mss,nop,ws,nop,nop,ts,nop,nop,sok:df,id+:0", "AIX", "exact", "AIX 5.3 is other"),
+    ("4:61:0:1460:32768,0:mss,ws,nop:df,id+:0", "HP-UX", "exact", "HP-UX 11 is other"),
+    ("4:120:0:1460:3000,0:mss,nop,ws::0", "OpenVMS", "exact", "OpenVMS 8 (TTL 128, no DF) is other, not windows"),
+    ("4:59:0:1460:32768,0:mss,nop,ws:df,id+:0", "Tru64", "exact", "Tru64 is other"),
+    ("4:118:0:1452:65535,0:mss,nop,nop,sok,nop,nop,ts::0", "BlackBerry", "exact",
+     "a BlackBerry (TTL 128, no DF) is other, not windows"),
+    ("4:60:0:1360:32768,0:mss,nop,nop,sok:df,id+:0", "Nintendo", "exact",
+     "a Nintendo console (Windows XP's order at TTL 64) is other"),
+    ("4:62:0:1460:5840,0:ws,nop,sok,ts,mss:df,id+:0", "FortiGate", "exact", "a FortiGate is other"),
+    ("4:248:0:1460:65535,0:mss,ws,nop::0", "Plan 9", "exact", "Plan 9 is other"),
+    ("4:252:0:1460:4128,0:mss:id-:0", "Cisco", "exact", "a Cisco IOS router (TTL 255, IP ID 0) is other"),
+    ("4:126:0:1460:16384,0:mss:df,id+:0", "Novell", "exact", "NetWare (TTL 128, MSS only) is other, not windows"),
+    ("4:62:0:1452:17424,0:mss::0", "AXIS", "exact", "an AXIS print server is other"),
+    ("4:249:0:536:2144,0:mss::0", "lwIP", "exact", "an lwIP device on stock settings is other"),
+    ("4:121:0:1460:4096,0:mss::0", "Embedded", "generic",
+     "any MSS-only SYN at TTL 128 without DF is a generic other, not windows"),
+    ("4:30:0:1460:4096,0:mss::0", "Embedded", "generic", "an MSS-only SYN at TTL 32 is a generic other"),
+    ("4:59:0:1460:60000,0:nop,ws,nop,nop,ts,nop,nop,sok,mss:df,id+:0", "Unix", "generic",
+     "the MSS written last is a generic Solaris-derived other"),
+    ("4:124:0:1460:60352,2:mss,nop,ws,nop,nop,ts,nop,nop,sok:df,id+:0", "Unix", "generic",
+     "TS before SACK with NOP pairs at TTL 128 is a generic other, not windows"),
+    ("4:60:0:1460:61440,0:mss,nop,ws::0", "Unix", "generic", "MSS,NOP,WS without DF is a generic other"),
+]
+
+
+@pytest.mark.parametrize("observed, name, quality", [pytest.param(*c[:3], id=c[3]) for c in OTHER_CASES])
+def test_other_systems_are_other_never_windows_or_unknown(observed: str, name: str, quality: str) -> None:
+    fact = classify(syn_module.synthesize(observed), SHIPPED)
+    assert (fact.os, fact.os_match) == ("other", quality), fact
+    assert fact.os_name.startswith(name)
+
+
+@pytest.mark.parametrize("mss, segments", [(1460, 44), (1440, 45), (1400, 46), (1380, 47), (1360, 48)])
+def test_64kb_rounded_down_to_whole_segments_is_exact_for_windows_and_linux(mss: int, segments: int) -> None:
+    win = classify(syn_module.synthesize(f"4:110:0:{mss}:{mss * segments},8:mss,nop,ws,nop,nop,sok:df,id+:0"),
+                   SHIPPED)
+    lin = classify(syn_module.synthesize(f"4:50:0:{mss}:{mss * segments},7:mss,sok,ts,nop,ws:df,id+:0"), SHIPPED)
+    assert (win.os, win.os_match, lin.os, lin.os_match) == ("windows", "exact", "linux", "exact")
+
+
+def test_synthesize_round_trips_through_the_parser() -> None:
+    for observed in ("4:117:0:1460:64240,8:mss,nop,ws,nop,nop,sok:df,id+:0",
+                     "6:57:0:1440:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:ecn,flow:0",
+                     "4:252:0:1460:4128,0:mss:id-:0",
+                     "4:64:0:1460:64240,7:mss,sok,ts,nop,ws:df,ts1-,ts2+:0"):
+        f = parse_syn(syn_module.synthesize(observed))
+        assert f is not None
+        ver, ttl, _olen, mss, win, layout, quirks, _p = observed.split(":")
+        assert (f.version, f.ttl, f.mss, f.window, f.wscale or 0) == (
+            int(ver), int(ttl), int(mss), int(win.split(",")[0]), int(win.split(",")[1]))
+        assert f.layout_text() == layout
+        assert set(f.quirks) == {q for q in quirks.split(",") if q}
+
+
+@pytest.mark.parametrize("observed", [
+    pytest.param("4:64:0:1460:64240,7:mss,sok,ts,nop,ws:df,id+", id="seven fields"),
+    pytest.param("5:64:0:1460:64240,7:mss:df:0", id="IP version 5"),
+    pytest.param("4:64:0:1460:64240,7:mss,nop:df:0", id="options not on a 32-bit word"),
+    pytest.param("4:64:0:1460:64240,7:mss,bogus:df:0", id="an unknown option"),
+    pytest.param("4:64:0:1460:64240,7:mss:nonsense:0", id="an unknown quirk"),
+])
+def test_synthesize_names_what_it_cannot_build(observed: str) -> None:
+    with pytest.raises(ValueError):
+        syn_module.synthesize(observed)
 
 
 def test_ttl_128_linux_and_ttl_64_linux_are_told_apart() -> None:

@@ -90,3 +90,39 @@ def test_signature_text_either_loads_or_names_a_line(text: str) -> None:
         load_signatures("[tcp:request]\n" + text)
     except ValueError as exc:
         assert str(exc).startswith("line ")
+
+
+_P0F = "/etc/p0f/p0f.fp"
+
+
+def _p0f_sigs() -> object:
+    import os
+    if not os.path.exists(_P0F):
+        return None
+    with open(_P0F, encoding="utf-8", errors="replace") as f:
+        return load_signatures(f.read())
+
+
+P0F_SIGS = _p0f_sigs()
+_OPTION = st.sampled_from(["mss", "nop", "ws", "sok", "ts", "sack"])
+
+
+@FAST
+@given(st.sampled_from([4, 6]), st.integers(1, 255), st.integers(0, 65535), st.integers(0, 65535),
+       st.integers(0, 255), st.lists(_OPTION, max_size=8),
+       st.sets(st.sampled_from(["df", "id+", "id-", "ecn", "flow", "ts1-", "ts2+", "0+", "pushf+", "uptr+"])))
+def test_any_well_formed_syn_gives_a_fact_with_either_signature_set(
+        version: int, ttl: int, mss: int, window: int, scale: int, layout: list[str], quirks: set[str]) -> None:
+    text = ",".join(layout)
+    size = sum({"mss": 4, "nop": 1, "ws": 3, "sok": 2, "ts": 10, "sack": 2}[t] for t in layout)
+    if size % 4:
+        text = ",".join(layout + ["nop"] * (-size % 4))
+    from smtpguard.core.syn import synthesize
+    try:
+        data = synthesize(f"{version}:{ttl}:0:{mss}:{window},{scale}:{text}:{','.join(sorted(quirks))}:0")
+    except ValueError:
+        return      # more than 40 option bytes: not a SYN a stack can send
+    _check_fact(data)
+    if P0F_SIGS is not None:
+        fact = classify(data, P0F_SIGS)  # type: ignore[arg-type]
+        assert fact.os in FAMILIES

@@ -40,6 +40,13 @@ Deliberate departures from p0f, and why:
     signature already ignores window and scale, and with the TTL relaxed too
     only the option layout would be left, which stacks share (Solaris 10
     writes Windows' MSS,NOP,WS,NOP,NOP,SACK order with TTL 64).
+  * A Windows signature (class `win`) never matches an IPv4 SYN without
+    DF, not even fuzzily. Every Windows since NT 4 sets DF (path MTU
+    discovery, EnablePMTUDiscovery=1 by default), while printers, consoles,
+    OpenVMS and other TTL-128 stacks without DF share its option layouts; the
+    shipped policy refuses on `os = windows`, so a Windows SYN whose DF a
+    router cleared comes out `unknown` rather than anything else coming out
+    Windows (STRICT_DF_CLASSES).
   * The IPv6 `flow` quirk may appear or vanish as a fuzzy difference: flow
     labels (RFC 6437) are a per-host policy that stacks switched on over the
     years (Linux auto_flowlabels since 3.17), not a property of the stack.
@@ -91,6 +98,9 @@ _V6_ONLY = QUIRKS["flow"]
 # 'ecn' may appear". flow may do either (see the module docstring).
 _MAY_VANISH = QUIRKS["df"] | QUIRKS["id+"] | QUIRKS["flow"]
 _MAY_APPEAR = QUIRKS["id-"] | QUIRKS["ecn"] | QUIRKS["flow"]
+# Signature classes whose IPv4 SYNs must carry DF to match at all, fuzzy or
+# not (see "Deliberate departures" in the module docstring).
+STRICT_DF_CLASSES: frozenset[str] = frozenset({"win"})
 
 INITIAL_TTLS: tuple[int, ...] = (32, 64, 128, 255)  # p0f README §5 "ittl"
 MAX_DISTANCE = 35  # p0f's MAX_DIST: paths longer than this are implausible
@@ -717,6 +727,8 @@ def _matches(sig: Signature, f: SynFields, by_mss: frozenset[int], by_mtu: froze
         appeared = f.quirk_bits & ~ref
         if vanished & ~_MAY_VANISH or appeared & ~_MAY_APPEAR:
             return None
+        if vanished & QUIRKS["df"] and sig.label.cls in STRICT_DF_CLASSES:
+            return None          # a Windows SYN always has DF (module docstring)
         fuzzy = True
 
     if f.ttl > sig.ittl:         # TTLs only go down (see the module docstring)
@@ -771,3 +783,96 @@ def classify(data: bytes | None, sigs: SignatureSet) -> OsFact:
     if fields is None:
         return UNKNOWN_OS
     return match(fields, sigs)
+
+
+# --------------------------------------------------------------------------
+# A SYN from an observed signature (labelled data, `fingerprint --sig`)
+# --------------------------------------------------------------------------
+
+_OPTION_BYTES: dict[str, bytes] = {"nop": b"\x01", "sok": b"\x04\x02", "sack": b"\x05\x02"}
+
+
+def synthesize(observed: str) -> bytes:
+    """IP + TCP header bytes of a SYN described by an *observed* signature.
+
+    `observed` is a p0f v3 `sig` line with concrete values, as
+    `SynFields.signature()` prints them without the `+distance`: the TTL as
+    received, a literal MSS and window, the scale, the option layout, the
+    quirks and the payload class, e.g. `4:116:0:1460:64240,8:mss,nop,ws,nop,
+    nop,sok:df,id+:0`. Quirks are written the way they arise: `df` sets DF,
+    `id+` (with df) or the absence of `id-` (without) gives a non-zero IP ID,
+    `flow` a flow label, `ecn` ECE+CWR on the SYN, `ts1-`/`ts2+` the
+    timestamp values. The labelled SYN sets (tests/data/syn_labelled.tsv)
+    and the evaluation are built with it, so that a reader sees the fields.
+    Raises ValueError naming what it cannot build.
+    """
+    parts = observed.strip().split(":")
+    if len(parts) != 8:
+        raise ValueError(f"expected ver:ttl:olen:mss:wsize,scale:olayout:quirks:pclass, got {observed!r}")
+    ver_t, ttl_t, olen_t, mss_t, win_t, layout_t, quirks_t, pclass_t = (p.strip() for p in parts)
+    if ver_t not in ("4", "6"):
+        raise ValueError(f"ver must be 4 or 6, got {ver_t!r}")
+    version = int(ver_t)
+    ttl = _number(ttl_t.split("+")[0], "ttl", 1, 255)
+    if _number(olen_t, "olen", 0, 0):
+        raise ValueError("olen must be 0")
+    mss = None if mss_t in ("*", "") else _number(mss_t, "mss", 0, 65535)
+    wsize_t, _, scale_t = win_t.partition(",")
+    window = _number(wsize_t, "wsize", 0, 65535)
+    scale = _number(scale_t or "0", "scale", 0, 255)
+    quirks = {q.strip() for q in quirks_t.split(",") if q.strip()}
+    unknown = quirks - set(QUIRK_NAMES)
+    if unknown:
+        raise ValueError(f"unknown quirk(s) {', '.join(sorted(unknown))}")
+
+    ts1 = 0 if "ts1-" in quirks else 0x1C2D3E4F
+    ts2 = 0x01020304 if "ts2+" in quirks else 0
+    opts = b""
+    tokens = [t.strip() for t in layout_t.split(",") if t.strip()]
+    pad = 0
+    for n, token in enumerate(tokens):
+        if token == "mss":
+            opts += struct.pack("!BBH", 2, 4, 1460 if mss is None else mss)
+        elif token == "ws":
+            opts += struct.pack("!BBB", 3, 3, scale)
+        elif token == "ts":
+            opts += struct.pack("!BBII", 8, 10, ts1, ts2)
+        elif token in _OPTION_BYTES:
+            opts += _OPTION_BYTES[token]
+        elif token.startswith("eol+") and n == len(tokens) - 1:
+            pad = _number(token[4:], "eol padding", 0, 40)
+            opts += b"\x00" * (1 + pad)
+        elif token.startswith("?"):
+            opts += bytes([_number(token[1:], "option kind", 9, 255), 2])
+        else:
+            raise ValueError(f"cannot build option {token!r}")
+    if len(opts) % 4:   # the data offset counts 32-bit words (RFC 9293 §3.1)
+        raise ValueError(f"options of {len(opts)} bytes: write the padding as nop or eol+N")
+    if len(opts) > 40:
+        raise ValueError("more than 40 bytes of TCP options")
+    flags = _SYN
+    if "ecn" in quirks:
+        flags |= _ECE | _CWR
+    if "pushf+" in quirks:
+        flags |= _PSH
+    if "urgf+" in quirks:
+        flags |= _URG
+    seq = 0 if "seq-" in quirks else 0x5EED1234
+    ack = 0x0BADF00D if "ack+" in quirks else 0
+    payload = b"" if pclass_t in ("0", "*") else b"x"
+    doff = (20 + len(opts)) // 4
+    tcp = struct.pack("!HHIIBBHHH", 40000, 25, seq, ack, doff << 4, flags, window, 0,
+                      0x0101 if "uptr+" in quirks else 0) + opts
+    if version == 4:
+        df = "df" in quirks
+        ip_id = (0x1B2C if ("id+" in quirks or not df) and "id-" not in quirks else 0)
+        frag = (0x4000 if df else 0) | (0x8000 if "0+" in quirks else 0)
+        total = 20 + len(tcp) + len(payload)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, ip_id, frag, ttl, _IPPROTO_TCP, 0,
+                         bytes([192, 0, 2, 1]), bytes([198, 51, 100, 25]))
+    else:
+        word = (6 << 28) | (0x5A3C1 if "flow" in quirks else 0)
+        ip = struct.pack("!IHBB16s16s", word, len(tcp) + len(payload), _IPPROTO_TCP, ttl,
+                         bytes.fromhex("20010db8000000000000000000000001"),
+                         bytes.fromhex("20010db8000000000000000000000025"))
+    return ip + tcp + payload

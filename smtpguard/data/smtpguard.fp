@@ -70,6 +70,9 @@ sig   = *:128:0:*:8192,8:mss,nop,ws,sok,ts:df,id+:0
 label = s:win:Windows:10/11 or Server 2016+
 sig   = *:128:0:*:mss*44,8:mss,nop,ws,nop,nop,sok:df,id+:0
 sig   = *:128:0:*:mss*45,8:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:mss*46,8:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:mss*47,8:mss,nop,ws,nop,nop,sok:df,id+:0
+sig   = *:128:0:*:mss*48,8:mss,nop,ws,nop,nop,sok:df,id+:0
 sig   = *:128:0:*:65535,8:mss,nop,ws,nop,nop,sok:df,id+:0
 sig   = *:128:0:*:mss*44,8:mss,nop,ws,sok,ts:df,id+:0
 
@@ -78,6 +81,32 @@ label = g:win:Windows:NT 6 or newer
 sig   = *:128:0:*:*,*:mss,nop,ws,nop,nop,sok:df,id+:0
 label = g:win:Windows:NT 5
 sig   = *:128:0:*:*,0:mss,nop,nop,sok:df,id+:0
+
+; ======================================================================
+; Android: the Linux stack with Android's own buffer settings. These lines
+; come before Linux's, whose 4.19+ lines accept any shift. Android
+; kernels before 4.19 carried a tcp_default_init_rwnd patch that let the
+; SYN window reach 64 KB (44 x 1460) while mainline Linux announced 10 or 20
+; segments, and Android's per-network tcp_rmem maxima (110208 bytes on
+; UMTS, about 1-2.5 MB on HSPA/Wi-Fi/LTE) give shifts of 1 to 6, below
+; mainline's 7. Android on a 4.19+ kernel sends the same SYN as desktop
+; Linux and is reported as linux: a SYN cannot tell them apart.
+; ======================================================================
+
+label = s:unix:Android:4.x-9
+sig   = *:64:0:*:mss*44,1:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,2:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,3:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,4:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,5:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,6:mss,sok,ts,nop,ws:df,id+,flow:0
+; The same patch without rounding to whole segments announced 65535.
+sig   = *:64:0:*:65535,1:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,2:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,3:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,4:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,5:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,6:mss,sok,ts,nop,ws:df,id+,flow:0
 
 ; ======================================================================
 ; Linux: initial TTL 64 (net.ipv4.ip_default_ttl). Options MSS, SACK-
@@ -96,14 +125,15 @@ sig   = *:128:0:*:*,0:mss,nop,nop,sok:df,id+:0
 ; ======================================================================
 
 label = s:unix:Linux:4.19-6.x
-sig   = *:64:0:*:mss*44,7:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,8:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,9:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,10:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*45,7:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*45,9:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,7:mss,nop,nop,sok,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,9:mss,nop,nop,sok,nop,ws:df,id+,flow:0
+; 64 KB rounded down to whole segments: 44 x 1460 on Ethernet, 45 x 1440 on
+; IPv6, 46-48 segments for the 1365-1424 byte MSS of tunnels and VPNs.
+sig   = *:64:0:*:mss*44,*:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*45,*:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*46,*:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*47,*:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*48,*:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*44,*:mss,nop,nop,sok,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:mss*45,*:mss,nop,nop,sok,nop,ws:df,id+,flow:0
 
 label = s:unix:Linux:3.x-4.18
 sig   = *:64:0:*:mss*20,*:mss,sok,ts,nop,ws:df,id+,flow:0
@@ -125,24 +155,6 @@ sig   = 6:64:0:65476:65476,*:mss,sok,ts,nop,ws:flow:0
 label = g:unix:Linux:2.6 or newer
 sig   = *:64:0:*:*,*:mss,sok,ts,nop,ws:df,id+,flow:0
 sig   = *:64:0:*:*,*:mss,nop,nop,sok,nop,ws:df,id+,flow:0
-
-; ======================================================================
-; Android: the Linux stack with Android's own buffer settings. Android
-; kernels before 4.19 carried a tcp_default_init_rwnd patch that let the
-; SYN window reach 64 KB (44 x 1460) while mainline Linux announced 10 or 20
-; segments, and Android's per-network tcp_rmem maxima (110208 bytes on
-; UMTS, about 1-2.5 MB on HSPA/Wi-Fi/LTE) give shifts of 1 to 6, below
-; mainline's 7. Android on a 4.19+ kernel sends the same SYN as desktop
-; Linux and is reported as linux: a SYN cannot tell them apart.
-; ======================================================================
-
-label = s:unix:Android:4.x-9
-sig   = *:64:0:*:mss*44,1:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,2:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,3:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,4:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,5:mss,sok,ts,nop,ws:df,id+,flow:0
-sig   = *:64:0:*:mss*44,6:mss,sok,ts,nop,ws:df,id+,flow:0
 
 ; ======================================================================
 ; Apple (XNU): initial TTL 64, window 65535, options MSS, NOP, WS, NOP, NOP,
@@ -214,3 +226,104 @@ sig   = *:64:0:*:16384,3:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
 
 label = g:unix:OpenBSD:
 sig   = *:64:0:*:16384,*:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
+
+; ======================================================================
+; Other systems a mail server meets: Unix servers, network gear, printers,
+; consoles and embedded stacks. Each must come out "other", never Windows
+; or unknown: scan-to-mail printers, UPS cards, switches and routers send
+; alerts by SMTP, and a rule aimed at Windows desktops must not hit them.
+; Numbers: Debian's p0f 3.09b p0f.fp (P0F3, LGPL) and the p0f 2.0 SYN
+; database (P0F2, GPL), read for their facts and written here in our own
+; lines; lwIP's opt.h defaults (IP_DEFAULT_TTL 255, TCP_MSS 536,
+; TCP_WND 4 x TCP_MSS, no DF).
+; ======================================================================
+
+; Solaris 10 (P0F3): Windows' option order, but TTL 64 and 34 segments.
+label = s:unix:Solaris:10
+sig   = *:64:0:*:mss*34,0:mss,nop,ws,nop,nop,sok:df,id+:0
+
+; Solaris 8 and NetApp Data ONTAP (P0F3, P0F2): the MSS written last.
+label = s:unix:Solaris:8 or NetApp ONTAP
+sig   = *:64:0:*:32850,1:nop,ws,nop,nop,ts,nop,nop,sok,mss:df,id+:0
+
+; AIX 5.3 (P0F2): timestamps before SACK-permitted, each NOP-aligned.
+label = s:unix:AIX:5.3
+sig   = *:64:0:*:65535,1:mss,nop,ws,nop,nop,ts,nop,nop,sok:df,id+:0
+
+; HP-UX 11.00-11.11 (P0F2): window scale right after the MSS.
+label = s:unix:HP-UX:11.x
+sig   = *:64:0:*:32768,0:mss,ws,nop:df,id+:0
+
+; OpenVMS 8 (P0F3): TTL 128 without DF, window 2 x MTU. Not Windows.
+label = s:other:OpenVMS:8.x
+sig   = 4:128:0:1460:mtu*2,0:mss,nop,ws::0
+
+; Tru64 (P0F3).
+label = s:other:Tru64:4.x
+sig   = 4:64:0:1460:32768,0:mss,nop,ws:df,id+:0
+
+; BlackBerry (P0F3): TTL 128 without DF, timestamps after SACK-permitted.
+label = s:other:BlackBerry:
+sig   = *:128:0:1452:65535,0:mss,nop,nop,sok,nop,nop,ts::0
+
+; Nintendo consoles (P0F3): Windows XP's option order at TTL 64.
+label = s:other:Nintendo:3DS or Wii
+sig   = *:64:0:*:32768,0:mss,nop,nop,sok:df,id+:0
+
+; FortiGate (P0F2): options led by the window scale, MSS last.
+label = s:other:FortiGate:
+sig   = *:64:0:*:mss*4,0:ws,nop,sok,ts,mss:df,id+:0
+
+; Plan 9 (P0F2).
+label = s:other:Plan 9:
+sig   = *:255:0:*:65535,0:mss,ws,nop::0
+
+; Cisco IOS (P0F2): TTL 255, window 4128, no DF and IP ID zero.
+label = s:other:Cisco:IOS
+sig   = *:255:0:*:4128,0:mss:id-:0
+
+; Novell NetWare (P0F2): TTL 128 with DF and nothing but the MSS.
+label = s:other:Novell:NetWare
+sig   = *:128:0:*:16384,0:mss:df,id+:0
+sig   = *:128:0:*:6144,0:mss:df,id+:0
+
+; AXIS print servers (P0F2): 12 segments, no DF.
+label = s:other:AXIS:print server
+sig   = *:64:0:*:mss*12,0:mss::0
+
+; lwIP with its stock settings (opt.h): printers, cameras, sensors.
+label = s:other:lwIP:embedded
+sig   = *:255:0:536:2144,0:mss::0
+
+; Last resorts, by what no mainstream desktop or server stack of the last
+; twenty years sends: a SYN whose only option is the MSS (no window scaling,
+; no SACK: network gear, printers and embedded stacks); the MSS written last
+; (Solaris-derived stacks); timestamps before SACK-permitted with NOP pairs
+; (AIX, Solaris 9, IRIX, switches); the short MSS,NOP,WS or MSS,WS,NOP of
+; VMS, Tru64, HP-UX and Plan 9. Each at every initial TTL.
+label = g:other:Embedded or network device:MSS option only
+sig   = *:255:0:*:*,*:mss::0
+sig   = *:255:0:*:*,*:mss:df,id+:0
+sig   = *:128:0:*:*,*:mss::0
+sig   = *:128:0:*:*,*:mss:df,id+:0
+sig   = *:64:0:*:*,*:mss::0
+sig   = *:64:0:*:*,*:mss:df,id+:0
+sig   = *:32:0:*:*,*:mss::0
+sig   = *:32:0:*:*,*:mss:df,id+:0
+
+label = g:other:Unix:Solaris-derived (MSS last)
+sig   = *:64:0:*:*,*:nop,ws,nop,nop,ts,nop,nop,sok,mss:df,id+:0
+sig   = *:255:0:*:*,*:nop,ws,nop,nop,ts,nop,nop,sok,mss:df,id+:0
+
+label = g:other:Unix:AIX, Solaris or IRIX
+sig   = *:64:0:*:*,*:mss,nop,ws,nop,nop,ts,nop,nop,sok:df,id+:0
+sig   = *:64:0:*:*,*:mss,nop,ws,nop,nop,ts,nop,nop,sok::0
+sig   = *:128:0:*:*,*:mss,nop,ws,nop,nop,ts,nop,nop,sok:df,id+:0
+sig   = *:255:0:*:*,*:mss,nop,ws,nop,nop,ts,nop,nop,sok:df,id+:0
+
+label = g:other:Unix:VMS, Tru64, HP-UX or Plan 9
+sig   = *:64:0:*:*,*:mss,nop,ws::0
+sig   = *:64:0:*:*,*:mss,nop,ws:df,id+:0
+sig   = *:128:0:*:*,*:mss,nop,ws::0
+sig   = *:64:0:*:*,*:mss,ws,nop:df,id+:0
+sig   = *:255:0:*:*,*:mss,ws,nop::0

@@ -1,0 +1,176 @@
+"""Detection quality on the held-out evaluation sets: OS fingerprint and generic rDNS.
+
+Reads the labelled sets in tests/data/ (each row has its provenance), keeps
+only the rows marked `eval` — rows the signatures and the classifier were
+never tuned on — and prints accuracy, precision and recall:
+
+  * OS from the SYN (tests/data/syn_labelled.tsv): accuracy by family group
+    (Windows, Linux/Android, Apple, BSD, other), Windows precision and recall
+    (the shipped policy graylists and refuses on `os = windows`), the
+    fine-grained accuracy (the exact `os` value: Android, iOS, OpenBSD told
+    apart), how many "other" systems came out `unknown`, and the same with
+    Debian's /etc/p0f/p0f.fp loaded into our matcher when it is installed;
+  * generic rDNS (tests/data/rdns_eval.tsv): precision, recall, accuracy,
+    false positives on mail servers, recall on names without address octets.
+
+`--set tune` prints the tuning figures instead (for work on the rules; never
+quote them as the result). `--syn-module FILE --signatures FILE` and
+`--rdns-module FILE` evaluate another version of core/syn.py / core/rdns.py
+(e.g. the previous commit's, from `git show`), for before/after figures.
+Measured, never asserted; no network.
+
+    python bench/detection_eval.py [--set eval|tune] [--misses]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from smtpguard.core import syn as current_syn  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+P0F_FP = Path("/etc/p0f/p0f.fp")
+
+GROUP = {"windows": "windows", "linux": "linux", "android": "linux", "macos": "apple", "ios": "apple",
+         "freebsd": "bsd", "openbsd": "bsd", "other": "other", "unknown": "unknown"}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = [ln for ln in f if ln.strip() and not ln.startswith("#")]
+    header = open(path, encoding="utf-8").readline().lstrip("# ").rstrip("\n").split("\t")
+    return [dict(zip(header, r)) for r in csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def syn_rows(which: str) -> list[dict[str, str]]:
+    return [r for r in _rows(DATA / "syn_labelled.tsv") if which in ("all", r["set"])]
+
+
+def syn_bytes(text: str) -> bytes:
+    return bytes.fromhex(text[4:]) if text.startswith("hex:") else current_syn.synthesize(text)
+
+
+def rdns_rows(which: str) -> list[dict[str, str]]:
+    return [r for r in _rows(DATA / "rdns_eval.tsv") if which in ("all", r["set"])]
+
+
+def _load(path: str, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def ratio(a: int, b: int) -> float:
+    return a / b if b else 1.0
+
+
+def syn_report(title: str, rows: list[dict[str, str]], classify: Callable[[bytes], Any], misses: bool) -> None:
+    n = len(rows)
+    got = [(r, classify(syn_bytes(r["syn"]))) for r in rows]
+    group_ok = sum(GROUP[f.os] == GROUP[r["os"]] for r, f in got)
+    fine_ok = sum(f.os == r["os"] for r, f in got)
+    win_tp = sum(f.os == "windows" and r["os"] == "windows" for r, f in got)
+    win_fp = sum(f.os == "windows" and r["os"] != "windows" for r, f in got)
+    win_fn = sum(f.os != "windows" and r["os"] == "windows" for r, f in got)
+    others = [(r, f) for r, f in got if r["os"] == "other"]
+    print(f"  {title}: n={n}  accuracy {ratio(group_ok, n):.3f}  fine-grained {ratio(fine_ok, n):.3f}  "
+          f"windows precision {ratio(win_tp, win_tp + win_fp):.3f} recall {ratio(win_tp, win_tp + win_fn):.3f} "
+          f"(false windows {win_fp})  other->unknown {sum(f.os == 'unknown' for _, f in others)}/{len(others)}")
+    per = []
+    for fam in ("windows", "linux", "android", "macos", "ios", "freebsd", "openbsd", "other"):
+        sub = [(r, f) for r, f in got if r["os"] == fam]
+        if sub:
+            per.append(f"{fam} {sum(f.os == fam for r, f in sub)}/{len(sub)}")
+    print("    recall by os: " + ", ".join(per))
+    tiers: dict[str, int] = {}
+    for _, f in got:
+        tiers[f.os_match] = tiers.get(f.os_match, 0) + 1
+    print("    match tiers: " + ", ".join(f"{k} {v}" for k, v in sorted(tiers.items())))
+    if misses:
+        for r, f in got:
+            if f.os != r["os"]:
+                print(f"    miss: {r['what']} ({r['source']}): want {r['os']}, got {f.os} "
+                      f"{f.os_match} {f.os_name!r}")
+
+
+def rdns_report(rows: list[dict[str, str]], classify: Callable[..., Any], misses: bool) -> None:
+    from smtpguard.sources.rdns import registrable_domain
+    tp = fp = fn = tn = 0
+    noaddr_tp = noaddr_n = 0
+    wrong = []
+    for r in rows:
+        want = r["label"] == "generic"
+        kwargs: dict[str, Any] = {"confirmed": r["confirmed"] == "yes",
+                                  "domain": registrable_domain(r["name"]) or None}
+        if r.get("helo") and "helo" in getattr(classify, "__code__", classify).co_varnames:
+            kwargs["helo"] = r["helo"]
+        v = classify(r["name"], r["ip"], **kwargs)
+        tp += v.generic and want
+        fp += v.generic and not want
+        fn += want and not v.generic
+        tn += not want and not v.generic
+        if want and r.get("octets") == "no":
+            noaddr_n += 1
+            noaddr_tp += v.generic
+        if v.generic != want:
+            wrong.append((r, v))
+    n = len(rows)
+    servers = fp + tn
+    print(f"  n={n} ({tp + fn} generic, {servers} servers)  precision {ratio(tp, tp + fp):.3f}  "
+          f"recall {ratio(tp, tp + fn):.3f}  accuracy {ratio(tp + tn, n):.3f}  "
+          f"false generic on servers {fp}/{servers} ({ratio(fp, servers):.1%})  "
+          f"recall without address octets {ratio(noaddr_tp, noaddr_n):.3f} ({noaddr_tp}/{noaddr_n})")
+    if misses:
+        for r, v in wrong:
+            kind = "missed generic" if r["label"] == "generic" else "false generic"
+            print(f"    {kind}: {r['name']} [{r['ip']}] score {v.score} ({' '.join(v.reasons)}) - {r['source']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", default="eval", choices=("eval", "tune", "all"))
+    ap.add_argument("--misses", action="store_true", help="list every misclassified row")
+    ap.add_argument("--quick", action="store_true", help="accepted for make bench; the run is fast anyway")
+    ap.add_argument("--syn-module", help="another core/syn.py to evaluate (before/after)")
+    ap.add_argument("--signatures", help="the .fp file to use with it (default: the shipped one)")
+    ap.add_argument("--rdns-module", help="another core/rdns.py to evaluate (before/after)")
+    args = ap.parse_args()
+
+    syn = _load(args.syn_module, "_syn_under_test") if args.syn_module else current_syn
+    if args.signatures:
+        sigs = syn.load_signatures(Path(args.signatures).read_text(encoding="utf-8"))
+    else:
+        sigs = syn.load_signatures((ROOT / "smtpguard" / "data" / "smtpguard.fp").read_text(encoding="utf-8"))
+    rows = syn_rows(args.set)
+    print(f"OS fingerprint, {args.set} set (tests/data/syn_labelled.tsv)")
+    syn_report("shipped smtpguard.fp", rows, lambda b: syn.classify(b, sigs), args.misses)
+    if P0F_FP.exists():
+        p0f = syn.load_signatures(P0F_FP.read_text(encoding="utf-8", errors="replace"))
+        syn_report("Debian p0f.fp", rows, lambda b: syn.classify(b, p0f), False)
+
+    if (DATA / "rdns_eval.tsv").exists():
+        if args.rdns_module:
+            rdns = _load(args.rdns_module, "_rdns_under_test")
+        else:
+            from smtpguard.core import rdns
+        print(f"generic rDNS, {args.set} set (tests/data/rdns_eval.tsv)")
+        rdns_report(rdns_rows(args.set), rdns.classify, args.misses)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
