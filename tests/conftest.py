@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures_dns",
     "tests.fixtures_redis",
     "tests.fixtures_smtp",
+    "tests.fixtures_faults",
 ]

@@ -120,6 +120,11 @@ class Connection:
             raise UpstreamError("UPSTREAM-TIMEOUT", str(e)) from e
         except (SMTPException, OSError, ValueError) as e:
             raise UpstreamError("UPSTREAM", str(e)) from e
+        if r.code == 421:
+            # The MTA is closing the connection (RFC 5321 §3.8): a failure of
+            # the upstream, not a reply for the client, whose session goes on.
+            self.close()
+            raise UpstreamError("UPSTREAM", f"421 {r.message}")
         return UpstreamReply(r.code, r.message)
 
     def close(self) -> None:
@@ -366,6 +371,8 @@ class Transaction:
                 await protocol._drain_helper()
             protocol.write(b".\r\n")
             r = await protocol.read_response(timeout=timeout)
+            if r.code == 421:
+                raise SMTPException(f"421 {r.message}")
         except (SMTPException, OSError, asyncio.TimeoutError, AssertionError) as e:
             conn.close()
             _failure("end-of-data", e, self.upstream)
