@@ -25,6 +25,7 @@ from smtpguard.core.address import DomainSet, normalise_domain
 from smtpguard.core.policy import Policy, geo_rules, parse_policy
 from smtpguard.core.units import parse_duration, parse_size
 from smtpguard.errors import ConfigError
+from smtpguard.observe.http import HttpSettings
 from smtpguard.sources.dnsbl import DnsblSettings
 from smtpguard.sources.geo import GeoSettings
 from smtpguard.sources.greylist import GraylistSettings, StateSettings
@@ -179,6 +180,10 @@ class Config:
     path: str = ""
     pregreet: PregreetSettings = field(default_factory=PregreetSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)   # issue 12: page, metrics, health
+    # [state] url was written (file, flag or environment): the screen's pass
+    # cache and rate counters then live there, else in the process.
+    state_given: bool = False
 
 
 # --- value parsers: each takes (key, value) and returns the typed value ---
@@ -389,7 +394,7 @@ LOG_KEYS: dict[str, Parser] = {
 # Tables read by the other areas' own `from_mapping`; listed so that an
 # unknown top-level table is an error.
 OTHER_TABLES = ("dns", "geo", "fingerprint", "rdns", "dnsbl", "graylist", "state",
-                "policy", "lists", "rule")
+                "policy", "lists", "rule", "http")
 
 # flag dest -> (table, key): every flag has a key in the file.
 FLAG_KEYS: dict[str, tuple[str, str]] = {
@@ -415,6 +420,7 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "per_ip_rate": ("limits", "per_ip_rate"),
     "max_sessions": ("limits", "max_sessions"),
     "limits_exempt": ("limits", "exempt"),
+    "http": ("http", "listen"),
 }
 
 
@@ -489,6 +495,7 @@ def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str
                           "client claim any address")
     try:
         areas = _areas(doc)
+        areas["http"] = HttpSettings.from_mapping(_table(doc, "http"), areas["policy"])
     except ConfigError as e:
         # A value that came from a flag is reported under the flag's name.
         flag = origin.get(e.key)
@@ -522,6 +529,7 @@ def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str
         log=LogSettings(**log),
         pregreet=PregreetSettings(**pregreet),
         limits=LimitsSettings(**limits),
+        state_given="url" in _table(doc, "state"),
         path=path,
         **areas,
     )

@@ -1,11 +1,12 @@
 """Listeners and the wire: the only module that imports aiosmtpd.
 
-aiosmtpd owns the SMTP protocol; `GuardSMTP` adds what a filtering front
-needs and aiosmtpd lacks: the connect stage before the banner (it has no
-hook there, so `_handle_client` — a private method — is wrapped; the minor
-version is pinned in pyproject.toml and an end-to-end test proves the
-connect stage runs before 220), the SYN capture, our own reply format for
-aiosmtpd's protocol errors, an error budget, a 421 on idle timeout, and no
+aiosmtpd owns the SMTP protocol once a client has earned a session: the
+screen (smtpguard/screen.py) owns the connection before that (PROXY
+header, SYN, limits, pregreet wait, connect stage) and `Server.hand_over`
+attaches a `GuardSMTP` to the same transport; aiosmtpd's own `220` is then
+the greeting's last line, and no private aiosmtpd method is overridden.
+`GuardSMTP` adds what a filtering front needs and aiosmtpd lacks: our own
+reply format for aiosmtpd's protocol errors, an error budget, a 421 on idle timeout, and no
 AUTH. Listening sockets are made here: SO_REUSEPORT for one process per
 core, TCP_SAVE_SYN for the OS fingerprint.
 """
@@ -21,17 +22,19 @@ import secrets
 import signal
 import socket
 import ssl
-from typing import Any
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Callable
 
-from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.proxy_protocol import AF, PROTO, V2_CMD, get_proxy
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpguard.adapters.spool import MessageSpool
 
 from smtpguard.config import Config
 from smtpguard.core import reply as replies
-from smtpguard.core.facts import ClientInfo
 from smtpguard.observe.log import event
+from smtpguard.core.ip import client_ip
+from smtpguard.screen import Screen
 from smtpguard.session import ClientSession
 from smtpguard.sources import osfp
 
@@ -121,25 +124,13 @@ class GuardSMTP(SMTP):
 
     # -- connection -------------------------------------------------------
 
+    # The screen's hold on the client's place in the session counts,
+    # given back when the connection ends (Server.hand_over sets it).
+    release: Callable[[], None] | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The client (address, SYN, connect verdict) was settled by the screen.
         if self.transport is None:  # the first call, not the STARTTLS one
-            peer = transport.get_extra_info("peername") or ("", 0)
-            local = transport.get_extra_info("sockname") or ("", 0)
-            sock = transport.get_extra_info("socket")
-            # The client's SYN, saved by the kernel (TCP_SAVE_SYN): read once.
-            syn = osfp.read_saved_syn(sock) if self.server.save_syn else None
-            if sock is not None:
-                # Replies are small and each waits for the client: no Nagle delay.
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-            ip = peer[0].removeprefix("::ffff:") if isinstance(peer, tuple) else str(peer)
-            self.guard.client = ClientInfo(
-                session_id=self.server.new_session_id(), ip=ip, port=peer[1] if isinstance(peer, tuple) else 0,
-                local_ip=local[0] if isinstance(local, tuple) else "", local_port=local[1] if isinstance(local, tuple) else 0,
-                syn=syn)
-            self.guard.facts.update(ip=ip, port=self.guard.client.port)
             self.server.sessions.add(self)
         super().connection_made(transport)
         if self.session is not None and self.session.ssl is not None:
@@ -157,27 +148,8 @@ class GuardSMTP(SMTP):
         if first and self in self.server.sessions:
             self.server.sessions.discard(self)
             self.server.track(self.loop.create_task(self.guard.on_close()))
-
-    async def _handle_client(self) -> None:
-        # The connect stage (and the PROXY header before it) runs before the
-        # banner: aiosmtpd has no hook there (DESIGN.md).
-        if self.server.config.server.proxy_protocol:
-            self._reset_timeout(self.server.config.server.proxy_timeout)
-            data = await get_proxy(self._reader)
-            if not data or not data.valid or data.src_addr is None:
-                event("proxy.invalid", logging.WARNING, session=self.guard.client.session_id,
-                      ip=self.guard.client.ip)
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            c = self.guard.client
-            ip = str(data.src_addr).removeprefix("::ffff:")
-            self.guard.client = ClientInfo(c.session_id, ip, int(data.src_port or 0), c.local_ip,
-                                           c.local_port, None, via_proxy=True)
-            self.guard.facts.update(ip=ip, port=self.guard.client.port)
-            self._reset_timeout()
-        self._banner_line = await self.guard.on_connect()
-        await super()._handle_client()
+            if self.release is not None:
+                self.release()
 
     # -- replies ----------------------------------------------------------
 
@@ -356,6 +328,9 @@ class Server:
         self.services = services
         self._listen = config.server.listen
         self.sessions: set[GuardSMTP] = set()
+        self.screens: set[Screen] = set()       # connections not yet handed to a session
+        self.refusals: dict[str, int] = {}      # screen refusals per limit, for the log's counter
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
         self.save_syn = False
         self._servers: list[asyncio.base_events.Server] = []
@@ -390,13 +365,16 @@ class Server:
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    def _protocol(self) -> GuardSMTP:
+    def _protocol(self) -> Screen:
+        """Every accepted connection starts in the screen."""
+        return Screen(self)
+
+    def session_protocol(self, handler: ClientSession) -> GuardSMTP:
         s = self.config.server
         if (s.tls_cert, s.tls_key) != self._tls_files:
             # a reload named other certificate files: new sessions use them
             self._tls_files = (s.tls_cert, s.tls_key)
             self.tls_context = self._tls_context()
-        handler = ClientSession(self.services, ClientInfo("", "", 0))
         return GuardSMTP(
             handler, self,
             hostname=s.hostname,
@@ -407,6 +385,44 @@ class Server:
             auth_require_tls=True,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],
         )
+
+    def hand_over(self, transport: asyncio.BaseTransport, handler: ClientSession, buffered: bytes,
+                  release: Callable[[], None]) -> GuardSMTP:
+        """The screened client's session: aiosmtpd's protocol on the same transport.
+
+        aiosmtpd greets (`220 <hostname> ESMTP smtpguard`: after the screen's
+        `220-` line, the greeting's last one) and reads the bytes the client
+        sent while it was screened, as if they had come now."""
+        proto = self.session_protocol(handler)
+        proto.release = release
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if buffered:
+            proto.data_received(buffered)
+        return proto
+
+    async def parse_proxy(self, header: bytes) -> tuple[str, int] | str | None:
+        """A complete PROXY v1/v2 header: the client's (address, port); None for
+        LOCAL, UNKNOWN and AF_UNIX (use the peer's address); a reason text when invalid.
+
+        aiosmtpd's parser reads it; its result is not trusted as it is: a
+        mapped IPv6 address is the IPv4 client (issue 19 item 7), an AF_UNIX
+        address is bytes, never an IP (issue 9 item 3)."""
+        reader = asyncio.StreamReader()
+        reader.feed_data(header)
+        reader.feed_eof()
+        data = await get_proxy(reader)
+        if not data.valid:
+            return data.error or "malformed PROXY header"
+        if data.version == 2 and data.command == V2_CMD.LOCAL:
+            return None  # the balancer's own health check
+        if data.family not in (AF.INET, AF.INET6) or data.protocol != PROTO.STREAM:
+            return None  # UNKNOWN, UNSPEC, AF_UNIX: the peer's address stands
+        ip = client_ip(data.src_addr) if isinstance(data.src_addr, (IPv4Address, IPv6Address)) else None
+        port = data.src_port
+        if ip is None or not isinstance(port, int) or not 0 <= port <= 65535:
+            return "PROXY source address or port malformed"
+        return ip, port
 
     def _listen_socket(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -430,7 +446,7 @@ class Server:
         return sock
 
     async def start(self) -> list[tuple[str, int]]:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         bound: list[tuple[str, int]] = []
         for host, port in self._listen:
             sock = self._listen_socket(host, port)
@@ -446,6 +462,8 @@ class Server:
         self.stopping = True
         for srv in self._servers:
             srv.close()
+        for screen in list(self.screens):
+            screen.shutdown()
         for sess in list(self.sessions):
             sess.shutdown()
         deadline = asyncio.get_running_loop().time() + self.config.server.grace_period
@@ -467,6 +485,10 @@ async def serve(config: Config, services: Any, ready: "asyncio.Future[list[tuple
     await services.start()  # may raise ConfigError: nothing is listening yet
     server = Server(config, services)
     bound = await server.start()
+    http = None
+    if services.config.http.listen is not None:   # issue 12: page, metrics and health in this loop
+        from smtpguard.observe import http as observe_http
+        http = await observe_http.start(services, server)
     if ready is not None and not ready.done():
         ready.set_result(bound)
     loop = asyncio.get_running_loop()
@@ -481,6 +503,8 @@ async def serve(config: Config, services: Any, ready: "asyncio.Future[list[tuple
     finally:
         event("stopping", pid=os.getpid(), sessions=len(server.sessions))
         await server.stop()
+        if http is not None:
+            await http.stop()
         housekeeping.cancel()
         await services.close()
 

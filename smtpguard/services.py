@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Awaitable
 
-from smtpguard.adapters.dns import Resolver, within
+from smtpguard.adapters.dns import Resolver, SessionResolver, within
 from smtpguard.adapters.store import Store, open_store
 from smtpguard.adapters.upstream import Upstream
 from smtpguard.config import Config, load
@@ -24,6 +24,7 @@ from smtpguard.core.facts import UNKNOWN, FactValue
 from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
+from smtpguard.observe.metrics import observe_graylist
 from smtpguard.sources import dkim, dnsbl, geo, greylist, helo, osfp, rdns
 
 if TYPE_CHECKING:
@@ -41,6 +42,36 @@ SOURCE_FACTS: dict[str, frozenset[str]] = {
 }
 # A host has a handful of addresses; the bound only guards against surprises.
 MAX_LOCAL_ADDRESSES = 256
+# The screen's rate limit counts new sessions in fixed one-minute windows
+# (Postfix's anvil counts per anvil_rate_time_unit, 60 s); a window's
+# counter outlives it by one more minute, then the store expires it.
+RATE_WINDOW = 60.0
+
+
+class ClientCounts:
+    """Sessions held now, per client (IPv4 address or IPv6 /64) and in all:
+    the screen's per_ip_sessions and max_sessions (one process's own)."""
+
+    __slots__ = ("total", "by_key")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_key: dict[str, int] = {}
+
+    def acquire(self, key: str) -> int:
+        """Count one more session of `key`; its count now."""
+        self.total += 1
+        n = self.by_key.get(key, 0) + 1
+        self.by_key[key] = n
+        return n
+
+    def release(self, key: str) -> None:
+        self.total -= 1
+        n = self.by_key.get(key, 0) - 1
+        if n > 0:
+            self.by_key[key] = n
+        else:
+            self.by_key.pop(key, None)
 
 
 class Services:
@@ -55,6 +86,7 @@ class Services:
         self.signatures = signatures
         self.store = store
         self._flags = dict(flags or {})  # the command line, applied again on every reload
+        self.clients = ClientCounts()    # the screen's session counts (this process)
         self._last_purge = 0.0
         self._configure(config)
 
@@ -100,9 +132,9 @@ class Services:
         if self.run["osfp"]:
             lookups["osfp"] = osfp.gather(client, self.config.fingerprint, self.signatures)
         if self.run["rdns"]:
-            lookups["rdns"] = rdns.gather(client.ip, self.resolver, self.config.rdns)
+            lookups["rdns"] = rdns.gather(client.ip, self._dns(session), self.config.rdns)
         if self.run["dnsbl"] and self.config.dnsbl.lists:
-            lookups["dnsbl"] = dnsbl.gather(client.ip, self.config.dnsbl.lists, self.resolver,
+            lookups["dnsbl"] = dnsbl.gather(client.ip, self.config.dnsbl.lists, self._dns(session),
                                             self.config.dns.stage_budget)
         if lookups:
             got = await within(self.config.dns.stage_budget, lookups, lambda _k: None)
@@ -118,9 +150,22 @@ class Services:
         return out
 
     async def _helo_facts(self, session: "ClientSession") -> dict[str, FactValue]:
-        fact = await helo.gather(session.helo, session.client.ip, session.rdns, self.resolver,
+        fact = await helo.gather(session.helo, session.client.ip, session.rdns, self._dns(session),
                                  us=self._us_at(session.client.local_ip), budget=self.config.dns.stage_budget)
         return fact.as_facts()
+
+    def _dns(self, session: Any) -> SessionResolver:
+        """The resolver as this session sees it: its lookups spend the
+        session's budget ([dns] session_lookups, made at its first lookup)
+        and its DNS error lines carry its id (issue 19 items 1 and 2)."""
+        budget = getattr(session, "dns_budget", None)
+        if budget is None:
+            budget = self.resolver.budget()
+            try:
+                session.dns_budget = budget
+            except AttributeError:  # a session object without a __dict__: per call, then
+                pass
+        return self.resolver.for_session(budget, str(getattr(session.client, "session_id", "") or ""))
 
     def _us_at(self, local_ip: str) -> OurIdentity:
         """Who we are, including the address the client connected to (a
@@ -146,6 +191,7 @@ class Services:
                                     rdns_confirmed_domain=self._confirmed_domain(session),
                                     sender=session.sender or "", rcpt=rcpt, strict=strict, now=self.clock())
         out = fact.as_facts()
+        observe_graylist(out.get("graylist"))   # issue 12: graylist outcomes in /metrics
         out["graylist_wait"] = fact.wait
         out["graylist_on_error"] = self.config.graylist.on_error
         if fact.error:
@@ -173,6 +219,61 @@ class Services:
         facts = session.facts
         domain = facts.get("rdns_domain") if facts.get("rdns") == "confirmed" else None
         return str(domain) if domain else None
+
+    # --- the screen's shared state (pregreet pass cache, rate counters) ------------
+
+    async def pregreet_passed(self, ip: str) -> bool:
+        """Whether `ip` passed the pregreet test within pass_ttl (any node sharing the store)."""
+        if self.store is None:
+            return False
+        try:
+            return await self.store.get(f"pregreet:{ip}", now=self.clock()) is not None
+        except StoreError as e:
+            # the client waits once more: never a refusal for a store outage
+            event("pregreet.store_error", logging.WARNING, ip=ip, error=str(e))
+            return False
+
+    async def pregreet_pass(self, ip: str) -> None:
+        """Remember that `ip` waited for the greeting, for [pregreet] pass_ttl."""
+        if self.store is None:
+            return
+        now = self.clock()
+        try:
+            await self.store.set(f"pregreet:{ip}", "pass", expires_at=now + self.config.pregreet.pass_ttl, now=now)
+        except StoreError as e:
+            event("pregreet.store_error", logging.WARNING, ip=ip, error=str(e))
+
+    async def session_rate(self, key: str) -> int | None:
+        """New sessions of client `key` in this minute, this one included, counted
+        in the store so that nodes sharing it count together; None when it cannot tell."""
+        if self.store is None:
+            return None
+        now = self.clock()
+        window = int(now // RATE_WINDOW)
+        try:
+            return await self.store.incr(f"rate:{key}:{window}", expires_at=(window + 2) * RATE_WINDOW, now=now)
+        except StoreError as e:
+            event("rate.store_error", logging.WARNING, key=key, error=str(e))
+            return None
+
+    async def probe_upstream(self) -> bool:
+        """Health (observe/http.py, /healthz): the MTA answers NOOP, on a pooled
+        connection or a new one; a failure is logged as upstream.error."""
+        import asyncio
+
+        from smtpguard.errors import UpstreamError
+
+        try:
+            conn, _pooled = await self.upstream.acquire()
+        except UpstreamError:
+            return False
+        try:
+            reply = await asyncio.wait_for(conn.command(b"NOOP"), self.config.upstream.timeout)
+        except (UpstreamError, asyncio.TimeoutError):
+            conn.close()
+            return False
+        self.upstream.release(conn, reply.ok)
+        return reply.ok
 
     # --- housekeeping ----------------------------------------------------------
 
@@ -202,8 +303,9 @@ class Services:
             geodb = open_geo(config)
             signatures = osfp.signature_set(config.fingerprint)
             new_store = None
-            if uses_graylist(config) and (self.store is None or config.state != self.config.state):
-                new_store = open_store(config.state.url, timeout=config.state.timeout)
+            url = store_url(config)
+            if url and (self.store is None or url != store_url(self.config) or config.state != self.config.state):
+                new_store = open_store(url, timeout=config.state.timeout)
         except ConfigError as e:
             event("reload.failed", logging.ERROR, error=str(e))
             return
@@ -235,6 +337,17 @@ def uses_graylist(config: Config) -> bool:
     return any(r.action == "graylist" for r in config.policy.rules) or bool(config.graylist.traps)
 
 
+def store_url(config: Config) -> str | None:
+    """The state store to open: the graylist needs [state]; the screen's pregreet
+    pass cache and rate counters use it when it was configured (so that nodes
+    sharing Redis share them), else a store of the process's own."""
+    if uses_graylist(config):
+        return config.state.url
+    if config.pregreet.wait > 0 or config.limits.per_ip_rate > 0:
+        return config.state.url if config.state_given else "memory://"
+    return None
+
+
 def open_geo(config: Config) -> Any:
     if not config.geo.enabled:
         return None
@@ -249,8 +362,9 @@ def build_services(config: Config, flags: dict[str, Any] | None = None, *, with_
     geodb = open_geo(config)
     signatures = osfp.signature_set(config.fingerprint)
     store = None
-    if with_store and uses_graylist(config):
-        store = open_store(config.state.url, timeout=config.state.timeout)
+    url = store_url(config) if with_store else None
+    if url:
+        store = open_store(url, timeout=config.state.timeout)
     return Services(config, geodb, signatures, store, flags=flags)
 
 

@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from email.utils import formatdate
-from typing import Any, Protocol
+from typing import Any, Awaitable, Protocol
 
 from smtpguard.adapters.spool import MessageSpool
 from smtpguard.adapters.upstream import ClientIdentity, Transaction, Upstream, UpstreamReply
@@ -31,6 +31,7 @@ from smtpguard.core.facts import ClientInfo, FactValue
 from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
+from smtpguard.observe.metrics import observe_facts
 
 # HELO/EHLO per session: a client greets once, again after STARTTLS, and
 # perhaps once more after RSET; 25,000 EHLOs on one connection were seen
@@ -85,6 +86,7 @@ class ClientSession:
         self.pending: Verdict | None = None     # a refusal held back to RCPT (reject_at)
         self.tarpit = 0.0
         self.banner_refusal: replies.Reply | None = None  # a 554 greeting was given
+        self.dropped = False                    # a connect-stage `drop`: the screen closes
         self.helos = 0
         # transaction state
         self.sender: str | None = None
@@ -136,7 +138,10 @@ class ClientSession:
 
     async def run_stage(self, stage: str) -> Verdict | None:
         """Gather the stage's facts, then decide; None when an accept rule already holds."""
-        self.facts.update(await self.services.facts(stage, self))
+        started = time.monotonic()
+        got = await self.services.facts(stage, self)
+        observe_facts(stage, time.monotonic() - started, got)   # issue 12: /metrics
+        self.facts.update(got)
         if self.accepted_by or (self.txn_accepted_by and stage != "connect"):
             return None
         return self.decide(stage)
@@ -184,11 +189,25 @@ class ClientSession:
 
     # --- stages (aiosmtpd hooks) -----------------------------------------
 
-    async def on_connect(self) -> str | None:
-        """Runs before the banner; a line returned replaces the 220 greeting."""
+    async def on_connect(self, pregreet: "bool | Awaitable[bool] | None" = None) -> str | None:
+        """The connect stage, run by the screen before the greeting's last line.
+
+        `pregreet` is the early-talker test: its result, or an awaitable that
+        gives it when the wait is over (the connect-stage lookups run
+        meanwhile), or None when the client was not tested (the fact stays
+        unknown). A line returned is the screen's answer instead of the
+        greeting: 521 and close when `dropped`, else 554 or 421 (RFC 5321 §3.1)."""
         event("connect", logging.DEBUG, session=self.client.session_id, ip=self.client.ip, port=self.client.port)
-        verdict = await self.run_stage("connect")
+        self.facts.update(await self.services.facts("connect", self))
+        if pregreet is not None:
+            self.facts["pregreet"] = pregreet if isinstance(pregreet, bool) else await pregreet
+        verdict = None if self.accepted_by else self.decide("connect")
         await self.slow()
+        if verdict is not None and verdict.action == "drop":
+            # postscreen's drop: 521 and close, never held back
+            self.dropped = True
+            return self.refuse("connect", self.verdict_reply(verdict, "connect"), rule=verdict.rule,
+                               action="drop")
         if verdict is not None and self.refuses_now(verdict):
             # RFC 5321 §3.1: 554 in place of the greeting (421 for a tempfail, §4.3.2)
             self.banner_refusal = self.verdict_reply(verdict, "connect")
@@ -438,6 +457,7 @@ class ClientSession:
                   told=len(told), upstream=len(txn.rcpts))
             return self._lose_transaction("data")
         trace = self.received_header(told)
+        relay_started = time.monotonic()
         try:
             r = await txn.data(itertools.chain((trace,), message.blocks()))
         except UpstreamError as e:
@@ -447,10 +467,12 @@ class ClientSession:
         if r.ok:
             self.messages += 1
             event("relay.accepted", session=self.client.session_id, ip=self.client.ip,
-                  size=message.size, rcpts=len(told), reply=r.text.split("\n")[-1])
+                  size=message.size, rcpts=len(told), reply=r.text.split("\n")[-1],
+                  seconds=round(time.monotonic() - relay_started, 4))
         else:
             event("relay.refused", session=self.client.session_id, ip=self.client.ip,
-                  size=message.size, code=r.code, reply=r.text.split("\n")[-1])
+                  size=message.size, code=r.code, reply=r.text.split("\n")[-1],
+                  seconds=round(time.monotonic() - relay_started, 4))
         return self.forward(r)
 
     async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:

@@ -221,6 +221,9 @@ class Guard:
         flags.setdefault("listen", ["127.0.0.1:0"])
         flags.setdefault("domain", ["example.test"])
         flags.setdefault("hostname", "mx.example.test")
+        # The screen's early-talker wait (6 s by default) only where a test asks for it.
+        if "wait" not in (doc or {}).get("pregreet", {}):
+            flags.setdefault("pregreet_wait", "0s")
         self.config = cfg.build(doc or {}, flags)
         self.log = io.StringIO()
         log.setup("json", "debug", stream=self.log)

@@ -250,8 +250,10 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str, str]] = [
      f"{FW}.when.country_in", "'ZZ' is not an ISO"),
     ("when that is not a table", {"rule": [r(when="os = windows")]},
      f"{FW}.when", "expected a table of conditions"),
-    ("an unknown action", {"rule": [r(action="drop")]},
-     f"{FW}.action", "unknown action 'drop'; actions: reject, tempfail"),
+    ("an unknown action", {"rule": [r(action="bounce")]},
+     f"{FW}.action", "unknown action 'bounce'; actions: reject, tempfail"),
+    ("drop after the connect stage", {"rule": [r(action="drop", stage="helo")]},
+     f"{FW}.action", "drop acts in the screen"),
     ("a missing action", {"rule": [{"name": "foreign-windows"}]},
      f"{FW}.action", "missing; actions"),
     ("an unknown stage", {"rule": [r(stage="rctp")]},
@@ -340,7 +342,8 @@ def test_geo_shorthand_error(label: str, kwargs: dict[str, Any], key: str, words
 
 
 def test_a_valid_document_parses_every_action() -> None:
-    rules = [{"name": f"r-{a}", "action": a} for a in ACTIONS]
+    # drop acts in the screen: connect stage (graylist needs rcpt, the default)
+    rules = [{"name": f"r-{a}", "action": a, **({"stage": "connect"} if a == "drop" else {})} for a in ACTIONS]
     policy = parse_policy({"rule": rules})
     assert [rl.action for rl in policy.rules] == list(ACTIONS)
 
@@ -697,7 +700,7 @@ def test_the_example_file_mirrors_the_default_policy() -> None:
 
 def test_policy_lists_the_facts_its_rules_read() -> None:
     policy = default_policy()
-    assert policy.facts("connect") == {"country", "os", "rdns", "rdns_generic", "dnsbl_score"}
+    assert policy.facts("connect") == {"country", "os", "rdns", "rdns_generic", "dnsbl_score", "pregreet"}
     assert policy.facts("helo") == {"helo_is_us"}
     assert policy.facts("rcpt") == {"rcpt", "os"}  # the postmaster allowlist reads rcpt
 

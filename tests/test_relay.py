@@ -409,7 +409,7 @@ def test_a_client_vanishing_mid_transaction_ends_the_upstream_transaction(guard:
 
 def test_proxy_protocol_gives_the_real_client(recorder_factory: Any, guard_factory: Any) -> None:
     up = recorder_factory(xclient=True)
-    g = guard_factory({"server": {"proxy_protocol": True}, "upstream": {"xclient": True}}, upstream=up.address)
+    g = guard_factory({"server": {"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"]}, "upstream": {"xclient": True}}, upstream=up.address)
     with socket.create_connection((g.host, g.port), timeout=10) as sock:
         f = sock.makefile("rb")
         sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n")
@@ -428,7 +428,7 @@ def test_proxy_protocol_gives_the_real_client(recorder_factory: Any, guard_facto
 
 
 def test_a_connection_without_a_proxy_header_is_dropped(guard_factory: Any, recorder: Recorder) -> None:
-    g = guard_factory({"server": {"proxy_protocol": True, "proxy_timeout": "3s"}}, upstream=recorder.address)
+    g = guard_factory({"server": {"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"], "proxy_timeout": "3s"}}, upstream=recorder.address)
     with socket.create_connection((g.host, g.port), timeout=10) as sock:
         sock.sendall(b"EHLO c.test\r\n")
         assert sock.recv(100) == b""  # no banner for a client that skipped the load balancer

@@ -47,6 +47,22 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="private key for STARTTLS (with --tls-cert) [server.tls_key]")
     p.add_argument("--workers", metavar="N",
                    help="processes serving the same addresses (SO_REUSEPORT); default 1 [server.workers]")
+    p.add_argument("--proxy-trusted", action="append", metavar="NETWORK",
+                   help="networks allowed to send a PROXY header (repeatable or comma-separated; "
+                        "required with proxy_protocol) [server.proxy_trusted]")
+    p.add_argument("--pregreet-wait", metavar="DURATION",
+                   help="the screen's early-talker wait before the last 220 line (default 6s; 0s: off) [pregreet.wait]")
+    p.add_argument("--per-ip-sessions", metavar="N",
+                   help="concurrent sessions per client, IPv6 per /64 (default 20; 0: off) [limits.per_ip_sessions]")
+    p.add_argument("--per-ip-rate", metavar="N",
+                   help="new sessions per minute per client (default 0: off) [limits.per_ip_rate]")
+    p.add_argument("--max-sessions", metavar="N",
+                   help="sessions of this process (default 1000; 0: off) [limits.max_sessions]")
+    p.add_argument("--limits-exempt", action="append", metavar="NETWORK",
+                   help="networks exempt from the limits and the pregreet wait (repeatable) [limits.exempt]")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the resolution page, /metrics, /healthz and /livez here (off by default; "
+                        "with --workers N, worker k takes the first free of PORT..PORT+N-1) [http.listen]")
     p.set_defaults(func=run)
 
 

@@ -75,6 +75,8 @@ FACTS: dict[str, Kind] = {
     # content
     "dkim": Kind.TEXT,               # pass fail none unknown
     "dkim_domains": Kind.LIST,       # d= of the signatures that verify
+    # the screen (issue: the screen)
+    "pregreet": Kind.BOOL,           # talked before the greeting's last line; unknown when not tested
 }
 
 

@@ -61,7 +61,7 @@ The rule language
     name = "foreign-windows"      # [A-Za-z0-9][A-Za-z0-9._-]{0,63}, unique
     stage = "connect"             # connect | helo | mail | rcpt (default) | data
     when = { os = "windows", country_not_in = "$home" }
-    action = "reject"             # reject | tempfail | graylist | tarpit | accept | continue
+    action = "reject"             # reject | tempfail | graylist | tarpit | accept | continue | drop
     reason = "GEO-OS"             # [A-Z0-9][A-Z0-9-]{1,19}; default per action
     text = "..."                  # printable ASCII; default: the reason's text
     observe = false
@@ -124,6 +124,8 @@ Actions:
                       connection) or mail (for the transaction: RSET and
                       end of DATA clear it, STYLE.md §12); at rcpt it
                       accepts that recipient only (ACCEPT_SCOPE).
+    drop              connect stage only: the screen answers 521 5.7.1 and
+                      closes at once, never held back (postscreen's drop).
     continue          matched: recorded in `matched`, evaluation goes on.
                       For logging what a rule sees without acting on it.
 
@@ -164,7 +166,11 @@ STAGE_INDEX: dict[str, int] = {s: i for i, s in enumerate(STAGES)}
 # and it is where Postfix evaluates restrictions (smtpd_delay_reject = yes).
 DEFAULT_STAGE = "rcpt"
 
-ACTIONS: tuple[str, ...] = ("reject", "tempfail", "graylist", "tarpit", "accept", "continue")
+ACTIONS: tuple[str, ...] = ("reject", "tempfail", "graylist", "tarpit", "accept", "continue", "drop")
+# Actions the screen carries out at once, never held back (postscreen's
+# `drop`: 521 and close); connect stage only, where the screen owns the
+# connection.
+IMMEDIATE: frozenset[str] = frozenset({"drop"})
 # Actions that refuse and may be held back to RCPT.
 REFUSALS: frozenset[str] = frozenset({"reject", "tempfail"})
 # Stages whose refusals reject_at = "rcpt" holds back to RCPT.
@@ -179,6 +185,8 @@ REPLY_CODES: dict[str, tuple[int, str]] = {
     "reject": (550, "5.7.1"),
     "tempfail": (451, "4.7.1"),
     "graylist": (451, "4.7.1"),
+    # postscreen's drop: RFC 7504 §3 521 "does not accept mail", then close.
+    "drop": (521, "5.7.1"),
 }
 # At the greeting only 554 (refused) and 421 (closing) are valid replies
 # (RFC 5321 §3.1, §4.3.2); used when reject_at = "connect".
@@ -192,12 +200,14 @@ DEFAULT_REASONS: dict[str, str] = {
     "tarpit": "TARPIT",
     "accept": "ACCEPT",
     "continue": "MATCH",
+    "drop": "POLICY",
 }
 # action -> text when neither the rule nor reply.REASONS has one.
 DEFAULT_TEXTS: dict[str, str] = {
     "reject": "refused by local policy",
     "tempfail": "temporarily refused by local policy, try again later",
     "graylist": "greylisted, try again later",
+    "drop": "refused by local policy",
 }
 
 # What an accept covers, by the stage that decided it.
@@ -234,6 +244,7 @@ FACT_STAGE: dict[str, str] = {
     "sender": "mail", "sender_domain": "mail",
     "rcpt": "rcpt", "rcpt_domain": "rcpt",
     "dkim": "data", "dkim_domains": "data",
+    "pregreet": "connect",
 }
 
 
@@ -571,10 +582,12 @@ def reply_code(action: str, reason: str, stage: str) -> tuple[int, str] | None:
     base = REPLY_CODES.get(action)
     if base is None:
         return None
+    if action in IMMEDIATE:
+        return base  # postscreen's drop is 521 whatever the reason
     known = REASONS.get(reason)
     if known is not None and known[0] // 100 == base[0] // 100:
         base = (known[0], known[1])
-    if stage == "connect":
+    if stage == "connect" and action not in IMMEDIATE:
         return CONNECT_REPLY_CODES[base[0] // 100], base[1]
     return base
 
@@ -760,6 +773,9 @@ def _rule(index: int, table: Any, lists: Mapping[str, tuple[Any, ...]],
     if action not in ACTIONS:
         raise ConfigError(f"{where}.action", f"unknown action {_describe(action)}; "
                                              f"actions: {', '.join(ACTIONS)}")
+    if action in IMMEDIATE and stage != "connect":
+        raise ConfigError(f"{where}.action", f"{action} acts in the screen, before the session: "
+                                             "use stage = \"connect\"")
     if action == "graylist" and stage != "rcpt":
         raise ConfigError(f"{where}.action", "graylist needs the recipient (the triplet is "
                                              "client, sender, recipient): use stage = \"rcpt\"")
@@ -945,6 +961,17 @@ stage = "helo"
 when = { helo_is_us = true }
 action = "reject"
 reason = "HELO-FORGED"
+
+# A client that talks before the greeting's last line is a bot (postscreen's
+# pregreet test, [pregreet] wait); refused at RCPT like postscreen's
+# `enforce`, so the log shows whom it wrote to. action = "drop" instead
+# answers 521 and closes at once (postscreen's `drop`).
+[[rule]]
+name = "pregreet"
+stage = "connect"
+when = { pregreet = true }
+action = "reject"
+reason = "PREGREET"
 
 # Weighted DNS list score: Postfix's POSTSCREEN_README example uses
 # threshold 3 with zen.spamhaus.org*3, so one strong list or two weaker ones.
