@@ -10,6 +10,10 @@ command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(pos
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -f /etc/p0f/p0f.fp ] || need+=(p0f)
+# systemd: `systemd-analyze verify` checks examples/systemd (tests/test_deploy_files.py)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# nftables: `nft -c -f` checks the output of `smtpguard firewall export`
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then
