@@ -16,7 +16,7 @@ from smtpguard import __version__
 from smtpguard.errors import ConfigError
 
 # subcommand modules, in the order `--help` lists them
-COMMANDS = ("serve", "check", "sink", "fingerprint", "zones", "graylist", "health", "report", "firewall")
+COMMANDS = ("serve", "check", "sink", "fingerprint", "zones", "graylist", "health", "report", "firewall", "page")
 
 
 class Parser(argparse.ArgumentParser):

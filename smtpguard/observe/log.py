@@ -14,7 +14,7 @@ import logging
 import re
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 LOGGER = logging.getLogger("smtpguard")
 # A client-supplied value longer than this is cut: HELO names and addresses
@@ -101,7 +101,33 @@ def setup(fmt: str = "text", level: str = "info", stream: TextIO | None = None) 
     logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
+# Subscribers see every event, whatever the log level: observe/metrics.py
+# counts from them (issue 12). A subscriber gets the name and the fields,
+# never a formatted line; one that raises is logged and the session goes on.
+_SUBSCRIBERS: list[Callable[[str, dict[str, Any]], None]] = []
+
+
+def subscribe(fn: Callable[[str, dict[str, Any]], None]) -> None:
+    if fn not in _SUBSCRIBERS:
+        _SUBSCRIBERS.append(fn)
+
+
+def unsubscribe(fn: Callable[[str, dict[str, Any]], None]) -> None:
+    if fn in _SUBSCRIBERS:
+        _SUBSCRIBERS.remove(fn)
+
+
+def _notify(name: str, fields: dict[str, Any]) -> None:
+    for fn in tuple(_SUBSCRIBERS):
+        try:
+            fn(name, fields)
+        except Exception:  # a counting bug must never reach a client's session
+            LOGGER.error("subscriber.error", extra={"fields": {"event": name}}, exc_info=True)
+
+
 def event(name: str, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
-    """Log one event; cheap when the level is off."""
+    """Log one event; cheap when the level is off (and no subscriber listens)."""
+    if _SUBSCRIBERS:
+        _notify(name, fields)
     if LOGGER.isEnabledFor(level):
         LOGGER.log(level, name, extra={"fields": fields}, exc_info=exc_info)
