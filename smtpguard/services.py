@@ -24,7 +24,7 @@ from smtpguard.core.facts import UNKNOWN, FactValue
 from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
-from smtpguard.observe.metrics import observe_graylist
+from smtpguard.observe.metrics import observe_facts, observe_graylist
 from smtpguard.sources import dkim, dnsbl, geo, greylist, helo, osfp, rdns
 
 if TYPE_CHECKING:
@@ -111,6 +111,13 @@ class Services:
     # --- facts ---------------------------------------------------------------
 
     async def facts(self, stage: str, session: "ClientSession") -> dict[str, FactValue]:
+        """The stage's facts; the time they took and their results go to /metrics (issue 12)."""
+        started = time.monotonic()
+        got = await self._stage_facts(stage, session)
+        observe_facts(stage, time.monotonic() - started, got)
+        return got
+
+    async def _stage_facts(self, stage: str, session: "ClientSession") -> dict[str, FactValue]:
         if stage == "connect":
             return await self._connect_facts(session)
         if stage == "helo" and self.run["helo"]:

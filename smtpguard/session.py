@@ -31,7 +31,6 @@ from smtpguard.core.facts import ClientInfo, FactValue
 from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
-from smtpguard.observe.metrics import observe_facts
 
 # HELO/EHLO per session: a client greets once, again after STARTTLS, and
 # perhaps once more after RSET; 25,000 EHLOs on one connection were seen
@@ -138,10 +137,7 @@ class ClientSession:
 
     async def run_stage(self, stage: str) -> Verdict | None:
         """Gather the stage's facts, then decide; None when an accept rule already holds."""
-        started = time.monotonic()
-        got = await self.services.facts(stage, self)
-        observe_facts(stage, time.monotonic() - started, got)   # issue 12: /metrics
-        self.facts.update(got)
+        self.facts.update(await self.services.facts(stage, self))
         if self.accepted_by or (self.txn_accepted_by and stage != "connect"):
             return None
         return self.decide(stage)

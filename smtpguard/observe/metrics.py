@@ -39,7 +39,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from smtpguard.observe import log
 
 PREFIX = "smtpguard"
-STAGES = ("connect", "helo", "mail", "rcpt", "data")
+STAGES = ("screen", "connect", "helo", "mail", "rcpt", "data")
+# The screen's limits (screen.py refuse_limit: a `defer` at stage "screen", the limit as rule).
+LIMITS = ("max_sessions", "per_ip_sessions", "per_ip_rate")
 # Label values are checked against these shapes: a reason code (ours or a
 # rule's), a short lower-case word. Anything else is "other".
 _CODE = re.compile(r"^[A-Z0-9][A-Z0-9-]{0,31}$")
@@ -137,6 +139,8 @@ class Metrics:
     def _refusal(self, kind: str, f: Mapping[str, Any]) -> None:
         stage = _word(f.get("stage"), STAGES)
         self.refusals.labels(_code(f.get("reason")), stage, kind).inc()
+        if stage == "screen":
+            self.screen.labels("limits", _word(f.get("rule"), LIMITS)).inc()
         session = f.get("session")
         if session:
             if len(self._open) >= MAX_TRACKED:
