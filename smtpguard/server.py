@@ -51,6 +51,7 @@ AIOSMTPD_REPLIES: tuple[tuple[str, str, int, str, str | None], ...] = (
     ("500 Error: command ", "SYNTAX", 500, "5.5.1", "command not recognized"),
     ("502 5.5.1 Too many unrecognized commands", "ERRORS", 421, "4.7.0", None),
     ("502 EXPN", "SYNTAX", 502, "5.5.1", "EXPN is not available"),
+    ("502 Could not VRFY", "BAD-ADDRESS", 501, "5.1.3", "malformed address"),
     ("552 Error: message size exceeds", "SIZE", 552, "5.3.4", "message size exceeds the limit of {size} bytes"),
     ("552 Error: Too much mail data", "SIZE", 552, "5.3.4", "message size exceeds the limit of {size} bytes"),
     ("553 5.1.3 Error: malformed address", "BAD-ADDRESS", 553, "5.1.3", "malformed address"),

@@ -17,6 +17,7 @@ because the MTA behind may route such an address onwards once accepted.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -184,5 +185,13 @@ def is_hostname(name: str) -> bool:
 
 
 def is_ehlo_argument(name: str) -> bool:
-    """A valid EHLO/HELO argument: a host name or an address literal (RFC 5321 §4.1.1.1)."""
-    return is_hostname(name) or _ADDRESS_LITERAL.match(name) is not None
+    """A valid EHLO/HELO argument: a host name or an address literal (RFC 5321 §4.1.1.1, §4.1.3)."""
+    if is_hostname(name):
+        return True
+    if _ADDRESS_LITERAL.match(name) is None:
+        return False
+    try:
+        ipaddress.ip_address(name[1:-1].removeprefix("IPv6:"))
+    except ValueError:
+        return False
+    return True
