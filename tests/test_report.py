@@ -342,3 +342,28 @@ def test_the_text_log_keeps_its_digest_and_the_json_log_gets_the_facts() -> None
             logger.handlers[:] = handlers
             logger.setLevel(level)
             logger.propagate = propagate
+
+
+def test_clients_refused_at_the_greeting_are_counted_without_facts(
+        recorder: Recorder, guard_factory: Any, dns_server: DnsServer, tmp_path: Path) -> None:
+    """A refusal before any session is the client's only log line: the report counts it."""
+    _dns(dns_server)
+    doc = {"geo": {"zones": _zones(tmp_path), "allow": ["US"]}, "policy": {"reject_at": "connect"}}
+    g = guard_factory(doc, upstream=recorder.address)
+    assert _session(g, US, None, "mail.us.test", 1) == [250]
+    with socket.socket() as sock:
+        sock.bind((CN_WIN, 0))
+        sock.settimeout(10)
+        sock.connect((g.host, g.port))
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"554 5.7.1 [GEO] ")
+        sock.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"221 ")
+    wait_for(lambda: g.events("close") and g.events("reject"))
+    log_path = tmp_path / "greeting.log"
+    log_path.write_text(g.log.getvalue())
+    result, replayed = cmd.build([str(log_path)], policy=cmd.load_policy(_policy(tmp_path, "p.toml", "")))
+    assert (result["sessions"], result["delivered"]) == (2, 1)
+    assert _rows(result, "outcome") == {("delivered", "", ""): (1, 1), ("reject", "GEO", "geo-allow"): (1, 0)}
+    assert _rows(result, "country") == {("US",): (1, 1), ("-",): (1, 0)}
+    assert replayed is not None and (replayed["replayed"], replayed["not_replayable"]) == (1, 1)

@@ -6,10 +6,12 @@ Decides:
     turning on `[geo] allow` or an OS rule.
 Inputs:
     lines of the JSON decision log (`--log-format json`, observe/log.py),
-    plain, rotated or gzip'ed; only `close` lines are read, one per session
+    plain, rotated or gzip'ed; `close` lines are read, one per session
     (`seen`: the facts of the connection; `steps`: every decision; the
-    older `facts` digest is read when `seen` is absent). `since`: the
-    earliest timestamp kept.
+    older `facts` digest is read when `seen` is absent), and the refusal
+    lines of clients the screen refused before any session (stage connect
+    or screen: the client's only line, without facts, so its country, OS
+    and rDNS are "-"). `since`: the earliest timestamp kept.
 Output:
     `Report.result()`, a JSON-able dict of tables (by country, os, rdns
     class, outcome, country x os, country x rdns), each row with sessions,
@@ -43,7 +45,7 @@ import re
 from collections import Counter
 from typing import IO, Any, Iterable, Iterator, Mapping
 
-from smtpguard.observe.replay import DEFERRED, PENDING, REFUSED, outcome, steps_of
+from smtpguard.observe.replay import DEFERRED, REFUSED, outcome, steps_of
 
 # Examples (ip, session) kept per outcome row.
 EXAMPLES = 3
@@ -52,6 +54,10 @@ TOP = 20
 NOT_GATHERED = "-"
 # What the log carries, and its cheap pre-filter: json.dumps writes `"event": "close"`.
 CLOSE_MARK = '"event": "close"'
+# Refused before any session (the screen: the greeting refused, `drop`, a
+# limit): that refusal is the client's only line.
+BEFORE_SESSION = ("connect", "screen")
+STAGE_MARKS = ('"stage": "connect"', '"stage": "screen"')
 TABLES: tuple[tuple[str, str], ...] = (
     ("country", "by country"),
     ("os", "by OS family"),
@@ -77,10 +83,17 @@ def open_log(path: str) -> IO[str]:
     return open(path, encoding="utf-8", errors="replace")
 
 
+def _refused_before_session(obj: Mapping[str, Any]) -> bool:
+    """A refusal at the greeting or by a limit: the screen's one log line for
+    a client that never got an SMTP session, so no close line follows."""
+    return obj.get("event") in ("reject", "defer") and obj.get("stage") in BEFORE_SESSION
+
+
 def close_records(lines: Iterable[str], since: float = 0.0, stats: Counter[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The `close` objects of a JSON decision log at or after `since` (a Unix time)."""
+    """The `close` objects of a JSON decision log at or after `since` (a Unix time),
+    and the refusals of clients that never had a session (no close line)."""
     for line in lines:
-        if CLOSE_MARK not in line:
+        if CLOSE_MARK not in line and not (STAGE_MARKS[0] in line or STAGE_MARKS[1] in line):
             continue
         try:
             obj = json.loads(line)
@@ -88,7 +101,7 @@ def close_records(lines: Iterable[str], since: float = 0.0, stats: Counter[str] 
             if stats is not None:
                 stats["skipped"] += 1
             continue
-        if not isinstance(obj, dict) or obj.get("event") != "close":
+        if not isinstance(obj, dict) or not (obj.get("event") == "close" or _refused_before_session(obj)):
             continue
         ts = obj.get("ts")
         if since and not (isinstance(ts, (int, float)) and ts >= since):
@@ -122,8 +135,11 @@ def session_outcome(record: Mapping[str, Any]) -> tuple[str, str, str]:
     for _stage, facts, step in steps_of(record):
         action = str(step.get("action", "continue"))
         seen = outcome(action, bool(step.get("held")), bool(step.get("needs")), facts.get("graylist"))
-        if seen in (REFUSED, DEFERRED) and seen != PENDING:
+        if seen in (REFUSED, DEFERRED):
             return action, str(step.get("reason") or ""), str(step.get("rule") or "")
+    if record.get("event") in ("reject", "defer"):
+        return str(record.get("action") or record.get("event")), str(record.get("reason") or ""), \
+            str(record.get("rule") or "")
     refusals = record.get("refusals")
     if isinstance(refusals, int) and refusals > 0:
         return "refused", str(record.get("reason") or ""), ""
@@ -233,7 +249,8 @@ def replay_text(result: Mapping[str, Any]) -> str:
     lines = [f"replayed {result['replayed']} of {result['sessions']} sessions through the new policy: "
              f"{result['changed']} would be treated differently"]
     if result.get("not_replayable"):
-        lines.append(f"  {result['not_replayable']} sessions have no logged facts (older log, or no decision)")
+        lines.append(f"  {result['not_replayable']} sessions have no logged facts (refused before a session, "
+                     "or an older log)")
     if result.get("truncated_by_accept"):
         lines.append(f"  {result['truncated_by_accept']} sessions were accepted for the whole session by the "
                      "old policy: their later stages were not logged")
