@@ -263,21 +263,22 @@ class Services:
             event("rate.store_error", logging.WARNING, key=key, error=str(e))
             return None
 
-    async def probe_upstream(self) -> bool:
-        """Health (observe/http.py, /healthz): the MTA answers NOOP, on a pooled
-        connection or a new one; a failure is logged as upstream.error."""
+    async def probe_upstream(self, timeout: float) -> bool:
+        """Health (observe/http.py, /healthz): the MTA answers NOOP within
+        `timeout`, on a pooled connection or a new one (a failure to connect
+        is logged as upstream.error)."""
         import asyncio
 
         from smtpguard.errors import UpstreamError
 
+        conn = None
         try:
-            conn, _pooled = await self.upstream.acquire()
-        except UpstreamError:
-            return False
-        try:
-            reply = await asyncio.wait_for(conn.command(b"NOOP"), self.config.upstream.timeout)
-        except (UpstreamError, asyncio.TimeoutError):
-            conn.close()
+            async with asyncio.timeout(timeout):
+                conn, _pooled = await self.upstream.acquire()
+                reply = await conn.command(b"NOOP")
+        except (UpstreamError, TimeoutError):
+            if conn is not None:
+                conn.close()
             return False
         self.upstream.release(conn, reply.ok)
         return reply.ok

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 # Kubernetes' default probe period (periodSeconds = 10).
 DEFAULT_HEALTH_INTERVAL = 10.0
+# One check waits this long at most (Docker's HEALTHCHECK --timeout in the
+# image is 5 s; an MTA that takes longer to say 250 to NOOP is not healthy).
+PROBE_TIMEOUT = 5.0
 # The page's path when server.resolution_url names none (the README's example URL).
 DEFAULT_PAGE_PATH = "/smtp"
 # A contact line and a text are read by people: a few lines at most.
@@ -286,7 +289,7 @@ class HttpServer:
     # --- the upstream check --------------------------------------------------------
 
     async def check_upstream(self) -> bool:
-        ok = bool(await self.services.probe_upstream())
+        ok = bool(await self.services.probe_upstream(min(PROBE_TIMEOUT, self.settings.health_interval)))
         self.upstream_ok, self.upstream_checked = ok, self.clock()
         self.metrics.upstream_up.set(1 if ok else 0)
         return ok
@@ -318,9 +321,10 @@ class HttpServer:
         host, port = self.settings.listen or ("127.0.0.1", 0)
         workers = self.services.config.server.workers
         sock = bind_first_free(host, port, workers if port else 1)
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # A scrape or a page takes milliseconds: stopping waits 1 s at most for one.
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.SockSite(self._runner, sock, shutdown_timeout=1.0)
+        site = web.SockSite(self._runner, sock)
         await site.start()
         self.bound = sock.getsockname()[:2]
         self._probe = asyncio.get_running_loop().create_task(self._probe_loop())
