@@ -149,7 +149,7 @@ class ClientSession:
         trail = getattr(self, "trail", None)
         if trail is None:
             trail = self.trail = Trail()
-        trail.record(stage, self.facts, verdict)
+        trail.record(stage, self.facts, verdict, [a for a, _ in self.accepted], self.messages)
         for rule, action, reason in verdict.observed:
             event("observe", session=self.client.session_id, ip=self.client.ip, stage=stage,
                   rule=rule, would=action, reason=reason, sender=self.sender, rcpt=self.facts.get("rcpt"))
@@ -514,13 +514,16 @@ class ClientSession:
 
     async def on_close(self) -> None:
         from smtpguard.observe.replay import close_fields
+        trail = getattr(self, "trail", None)
+        if trail is not None:
+            trail.settle("close", [a for a, _ in self.accepted], self.messages)
         await self._reset_transaction()
         digest = " ".join(f"{k}={v}" for k, v in self.facts.items()
                           if k in ("country", "os", "rdns", "dnsbl_score", "graylist") and v not in (None, ""))
         event("close", session=self.client.session_id, ip=self.client.ip, port=self.client.port,
               helo=self.helo, duration=round(time.monotonic() - self.started, 3),
               messages=self.messages, refusals=self.refusals, reason=self.last_reason or None,
-              rule=self.accepted_by, facts=digest or None, **close_fields(getattr(self, "trail", None)))
+              rule=self.accepted_by, facts=digest or None, **close_fields(trail))
 
     # --- trace ------------------------------------------------------------
 

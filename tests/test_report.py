@@ -143,10 +143,16 @@ def test_the_close_line_carries_every_fact_and_decision(traffic: dict[str, Any])
                       ("mail", "reject", "windows-no-rdns", "rcpt"), ("rcpt", "reject", "windows-no-rdns", None)]
     rcpt_step = refused["steps"][-1]
     assert rcpt_step["set"]["rcpt"] == "b@example.test" and rcpt_step["set"]["rcpt_domain"] == "example.test"
+    assert rcpt_step["relayed"] is False
     # two transactions in one session: each recipient decision has its own facts
     twice = [c for c in closes if c["ip"] == US and c["messages"] == 2][0]
     facts = [f for stage, f, _ in steps_of(twice) if stage == "rcpt"]
     assert len(facts) == 2 and all(f["rcpt"] == "b@example.test" and f["helo"] == "mail.us.test" for f in facts)
+    # per recipient and per message, what came of each decision
+    assert [(s["stage"], s.get("relayed"), s.get("delivered")) for s in twice["steps"]] == [
+        ("connect", None, None), ("helo", None, None),
+        ("mail", None, None), ("rcpt", True, None), ("data", None, True),
+        ("mail", None, None), ("rcpt", True, None), ("data", None, True)]
 
 
 def test_report_counts_sessions_and_delivered_mail(traffic: dict[str, Any]) -> None:
@@ -367,3 +373,28 @@ def test_clients_refused_at_the_greeting_are_counted_without_facts(
     assert _rows(result, "outcome") == {("delivered", "", ""): (1, 1), ("reject", "GEO", "geo-allow"): (1, 0)}
     assert _rows(result, "country") == {("US",): (1, 1), ("-",): (1, 0)}
     assert replayed is not None and (replayed["replayed"], replayed["not_replayable"]) == (1, 1)
+
+
+def test_each_recipient_says_whether_the_mta_took_it_and_each_message_whether_delivered(
+        recorder: Recorder, guard_factory: Any) -> None:
+    recorder.refuse_rcpt["nobody@example.test"] = "550 5.1.1 no such user"
+    g = guard_factory(upstream=recorder.address)
+    with smtplib.SMTP(g.host, g.port, timeout=10) as s:
+        s.ehlo("c.test")
+        s.mail("a@sender.test")
+        assert s.rcpt("b@example.test")[0] == 250
+        assert s.rcpt("nobody@example.test")[0] == 550
+        assert s.data(MESSAGE)[0] == 250
+        recorder.data_reply = "554 5.6.0 content refused"
+        s.mail("a@sender.test")
+        assert s.rcpt("B@Example.TEST")[0] == 250
+        assert s.data(MESSAGE)[0] == 554
+        s.mail("a@sender.test")
+        assert s.rcpt("c@example.test")[0] == 250   # then the client leaves without DATA
+    [close] = wait_for(lambda: g.events("close"))
+    outcomes = [(s["stage"], s.get("set", {}).get("rcpt"), s.get("relayed"), s.get("delivered"))
+                for s in close["steps"] if s["stage"] in ("rcpt", "data")]
+    assert outcomes == [("rcpt", "b@example.test", True, None), ("rcpt", "nobody@example.test", False, None),
+                        ("data", None, None, True), ("rcpt", "B@example.test", True, None),
+                        ("data", None, None, False), ("rcpt", "c@example.test", None, None)]
+    # the last one: QUIT reset the transaction before the close line, so whether the MTA took it is not said

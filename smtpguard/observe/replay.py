@@ -18,7 +18,8 @@ Output:
     `unset` (facts dropped, such as the previous recipient's graylist
     state), and the verdict (`action`, `rule`, `reason`, `held` when a
     refusal was held back to RCPT, `needs` when the graylist state was
-    asked for). `Replay.add(record)` compares; `Replay.result()` is a
+    asked for), and what came of it: a rcpt step's `relayed` (the MTA
+    accepted that recipient) and a data step's `delivered`. `Replay.add(record)` compares; `Replay.result()` is a
     JSON-able summary.
 Failure modes:
     a record without `seen`/`steps` (an older log, or a session that never
@@ -73,15 +74,41 @@ def structured_log() -> bool:
 class Trail:
     """What one session's policy saw, decision by decision (bounded)."""
 
-    __slots__ = ("seen", "last", "steps", "dropped")
+    __slots__ = ("seen", "last", "steps", "dropped", "_rcpts", "_data")
 
     def __init__(self) -> None:
         self.seen: dict[str, Any] | None = None
         self.last: dict[str, FactValue] = {}
         self.steps: list[dict[str, Any]] = []
         self.dropped = 0
+        self._rcpts: list[tuple[dict[str, Any], str]] = []  # rcpt steps of this transaction, not yet settled
+        self._data: tuple[dict[str, Any], int] | None = None  # the last data step, messages before it
 
-    def record(self, stage: str, facts: Mapping[str, FactValue], verdict: Verdict) -> None:
+    def settle(self, stage: str, relayed: Iterable[str], messages: int) -> None:
+        """What happened after earlier decisions: whether each recipient was
+        relayed (the MTA said 250: `relayed` is the transaction's accepted
+        recipients) and whether the message was delivered (`messages`, the
+        session's count, went up). Known at the next rcpt or data decision
+        and at close; a transaction dropped by RSET or a new MAIL leaves its
+        recipients without `relayed` (unknown)."""
+        if self._data is not None:
+            step, before = self._data
+            step["delivered"] = messages > before
+            self._data = None
+        if stage in ("rcpt", "data", "close"):
+            # the fact is the normalised address, the session keeps the client's spelling
+            accepted = {a.lower() for a in relayed}
+            for step, rcpt in self._rcpts:
+                if rcpt.lower() in accepted:
+                    step["relayed"] = True
+                elif stage != "close":
+                    # at close, QUIT may already have reset the transaction: unknown
+                    step["relayed"] = False
+        self._rcpts = []
+
+    def record(self, stage: str, facts: Mapping[str, FactValue], verdict: Verdict,
+               relayed: Iterable[str] = (), messages: int = 0) -> None:
+        self.settle(stage, relayed, messages)
         if len(self.steps) >= MAX_STEPS:
             self.dropped += 1
             return
@@ -106,6 +133,13 @@ class Trail:
         if verdict.needs:
             step["needs"] = list(verdict.needs)
         self.steps.append(step)
+        if stage == "rcpt" and not verdict.needs and isinstance(facts.get("rcpt"), str):
+            if outcome(verdict.action, bool(verdict.deferred_to), False, facts.get("graylist")) != THROUGH:
+                step["relayed"] = False   # refused or deferred by the policy: never relayed
+            else:
+                self._rcpts.append((step, str(facts["rcpt"])))
+        elif stage == "data":
+            self._data = (step, messages)
 
     def fields(self) -> dict[str, Any]:
         """Extra fields of the `close` line."""
