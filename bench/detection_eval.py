@@ -61,7 +61,14 @@ def syn_bytes(text: str) -> bytes:
 
 
 def rdns_rows(which: str) -> list[dict[str, str]]:
-    return [r for r in _rows(DATA / "rdns_eval.tsv") if which in ("all", r["set"])]
+    rows = [r for r in _rows(DATA / "rdns_eval.tsv") if which in ("all", r["set"])]
+    if which in ("tune", "all"):   # the older labelled set is the tuning set
+        for line in (DATA / "rdns_labelled.tsv").read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, ip, confirmed, label, note = line.split("\t")
+                rows.append({"set": "tune", "name": name, "ip": ip, "confirmed": confirmed, "helo": "",
+                             "octets": "", "label": label, "source": "rdns_labelled.tsv", "note": note})
+    return rows
 
 
 def _load(path: str, name: str) -> ModuleType:
@@ -115,7 +122,7 @@ def rdns_report(rows: list[dict[str, str]], classify: Callable[..., Any], misses
         want = r["label"] == "generic"
         kwargs: dict[str, Any] = {"confirmed": r["confirmed"] == "yes",
                                   "domain": registrable_domain(r["name"]) or None}
-        if r.get("helo") and "helo" in getattr(classify, "__code__", classify).co_varnames:
+        if r.get("helo") and "helo" in classify.__code__.co_varnames:
             kwargs["helo"] = r["helo"]
         v = classify(r["name"], r["ip"], **kwargs)
         tp += v.generic and want
@@ -166,7 +173,8 @@ def main() -> int:
             rdns = _load(args.rdns_module, "_rdns_under_test")
         else:
             from smtpguard.core import rdns
-        print(f"generic rDNS, {args.set} set (tests/data/rdns_eval.tsv)")
+        where = "rdns_eval.tsv" if args.set == "eval" else "rdns_eval.tsv + rdns_labelled.tsv"
+        print(f"generic rDNS, {args.set} set (tests/data/{where})")
         rdns_report(rdns_rows(args.set), rdns.classify, args.misses)
     return 0
 
