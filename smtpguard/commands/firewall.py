@@ -90,11 +90,11 @@ def _config(args: argparse.Namespace) -> cfg.Config:
     doc = cfg.read_toml(args.config) if args.config else {}
     flags: dict[str, Any] = {"zones": args.zones, "allow_country": args.allow_country,
                              "hostname": "firewall.invalid"}
-    upstream = doc.get("upstream") if isinstance(doc.get("upstream"), dict) else {}
-    server = doc.get("server") if isinstance(doc.get("server"), dict) else {}
-    if not upstream.get("address"):
+    upstream = doc.get("upstream")
+    server = doc.get("server")
+    if not (isinstance(upstream, dict) and upstream.get("address")):
         flags["upstream"] = PLACEHOLDER_UPSTREAM
-    if not server.get("domains"):
+    if not (isinstance(server, dict) and server.get("domains")):
         flags["domain"] = [PLACEHOLDER_DOMAIN]
     return cfg.build(doc, flags, args.config or "")
 

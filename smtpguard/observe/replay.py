@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from smtpguard.core.facts import FactValue
-from smtpguard.core.policy import ACCEPT_SCOPE, FACT_STAGE, Policy, Verdict, decide
+from smtpguard.core.policy import ACCEPT_SCOPE, FACT_STAGE, STAGE_INDEX, Policy, Verdict, decide
 from smtpguard.observe.log import LOGGER, MAX_VALUE, JsonFormatter
 
 # Decisions kept per session (see the module docstring).
@@ -180,16 +180,21 @@ def steps_of(record: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any], M
     steps = record.get("steps")
     if not isinstance(seen, dict) or not isinstance(steps, list):
         return
-    facts: dict[str, Any] = dict(seen)
+    facts: dict[str, Any] = _tuples(seen)
     for step in steps:
-        if not isinstance(step, dict) or step.get("stage") not in FACT_STAGE.values():
+        if not isinstance(step, dict) or step.get("stage") not in STAGE_INDEX:
             return
         for key in step.get("unset") or ():
             facts.pop(key, None)
         changed = step.get("set")
         if isinstance(changed, dict):
-            facts.update(changed)
-        yield step["stage"], {k: tuple(v) if isinstance(v, list) else v for k, v in facts.items()}, step
+            facts.update(_tuples(changed))
+        yield step["stage"], dict(facts), step
+
+
+def _tuples(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON lists back to the tuples of FactValue."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in facts.items()}
 
 
 @dataclass

@@ -45,7 +45,7 @@ import re
 from collections import Counter
 from typing import IO, Any, Iterable, Iterator, Mapping
 
-from smtpguard.observe.replay import DEFERRED, REFUSED, outcome, steps_of
+from smtpguard.observe.replay import DEFERRED, REFUSED, outcome
 
 # Examples (ip, session) kept per outcome row.
 EXAMPLES = 3
@@ -132,11 +132,25 @@ def session_outcome(record: Mapping[str, Any]) -> tuple[str, str, str]:
     """(action, reason, rule) of a session: its first refusal or deferral by
     the policy; else a refusal of the proxy's own (relay, limits, upstream);
     else delivered or no mail."""
-    for _stage, facts, step in steps_of(record):
-        action = str(step.get("action", "continue"))
-        seen = outcome(action, bool(step.get("held")), bool(step.get("needs")), facts.get("graylist"))
-        if seen in (REFUSED, DEFERRED):
-            return action, str(step.get("reason") or ""), str(step.get("rule") or "")
+    steps = record.get("steps")
+    if isinstance(steps, list):
+        # one pass over the raw steps (the report's hot path): only the
+        # graylist state is followed, the one fact an outcome depends on
+        graylist = None
+        for step in steps:
+            if not isinstance(step, dict):
+                break
+            if "graylist" in (step.get("unset") or ()):
+                graylist = None
+            changed = step.get("set")
+            if isinstance(changed, dict) and "graylist" in changed:
+                graylist = changed["graylist"]
+            action = step.get("action")
+            if action in ("continue", "accept", "tarpit", None):
+                continue
+            seen = outcome(str(action), bool(step.get("held")), bool(step.get("needs")), graylist)
+            if seen in (REFUSED, DEFERRED):
+                return str(action), str(step.get("reason") or ""), str(step.get("rule") or "")
     if record.get("event") in ("reject", "defer"):
         return str(record.get("action") or record.get("event")), str(record.get("reason") or ""), \
             str(record.get("rule") or "")
