@@ -94,12 +94,14 @@ def test_deny_list_with_unknown_allowed_drops_only_the_denied(capsys: Any, zones
     config = tmp_path / "c.toml"
     config.write_text(f'[geo]\nzones = "{zones}"\ndeny = ["CN"]\nunknown = "allow"\n'
                       '[[rule]]\nname = "partner"\nstage = "connect"\nwhen = { ip_in = ["203.0.113.8/29"] }\n'
-                      'action = "accept"\n')
+                      'action = "accept"\n'
+                      '[limits]\nexempt = ["2001:db8:3:1::/64"]\n')
     out = _export(capsys, "--config", str(config))
     sets = _nft_sets(out)
     assert IPSet(sets["geo4"]) | IPSet(sets["geo6"]) == _expected(CN)
     # the allowlisted partner inside the denied country is exempt, ahead of the drop
     assert IPNetwork("203.0.113.8/29") in sets["exempt4"]
+    assert IPNetwork("2001:db8:3:1::/64") in sets["exempt6"]   # [limits] exempt too
     assert "tcp dport 25 ip saddr @geo4 drop" in out and "tcp dport 25 drop" not in out
 
 
