@@ -35,6 +35,7 @@ session has it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import struct
@@ -316,7 +317,13 @@ class Screen(asyncio.Protocol):
         if self.paused:
             self.paused = False
             self.transport.resume_reading()
-        self.server.hand_over(self.transport, self.session, buffered, self.release)
+        # The session gives the client's place back when it ends; the screen
+        # itself is not kept (a handed-over session costs no screen memory).
+        self.released = True
+        clients, key = self.server.services.clients, self.key
+        release = functools.partial(clients.release, key) if key is not None else None
+        session, self.session = self.session, None
+        self.server.hand_over(self.transport, session, buffered, release)
 
     # --- the refused client ----------------------------------------------------
 

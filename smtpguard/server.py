@@ -29,6 +29,7 @@ from aiosmtpd.proxy_protocol import AF, PROTO, V2_CMD, get_proxy
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpguard.adapters.spool import MessageSpool
+from smtpguard.core.dsn import DSN_MAIL, DSN_RCPT, split_dsn
 
 from smtpguard.config import Config
 from smtpguard.core import reply as replies
@@ -38,6 +39,9 @@ from smtpguard.screen import Screen
 from smtpguard.session import ClientSession
 from smtpguard.sources import osfp
 
+# How long start-up waits for the MTA's EHLO (its extensions are mirrored);
+# the probe goes on in the background after that.
+PROBE_WAIT = 2.0
 # Pending connections: Postfix's default listen backlog on Linux.
 LISTEN_BACKLOG = 100
 
@@ -47,7 +51,8 @@ AIOSMTPD_REPLIES: tuple[tuple[str, str, int, str, str | None], ...] = (
     ("500 Error: bad syntax", "SYNTAX", 500, "5.5.2", "bad syntax"),
     ("500 Command line too long", "LINE-TOO-LONG", 500, "5.5.2", None),
     ("500 Line too long", "DATA-LINE-TOO-LONG", 500, "5.6.0", None),
-    ("500 Error: strict ASCII mode", "SYNTAX", 500, "5.6.7", "non-ASCII text without SMTPUTF8"),
+    ("500 Error: strict ASCII mode", "NO-SMTPUTF8", 553, "5.6.7",
+     "UTF-8 addresses are not accepted here: the mail server behind does not offer SMTPUTF8"),
     ("500 Error: command ", "SYNTAX", 500, "5.5.1", "command not recognized"),
     ("502 5.5.1 Too many unrecognized commands", "ERRORS", 421, "4.7.0", None),
     ("502 EXPN", "SYNTAX", 502, "5.5.1", "EXPN is not available"),
@@ -214,7 +219,32 @@ class GuardSMTP(SMTP):
         except Exception:
             return None, None
 
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        arg = await self._take_dsn(arg, DSN_MAIL)
+        if arg is not None:
+            await super().smtp_MAIL(arg)
+
+    async def _take_dsn(self, arg: str | None, names: tuple[str, ...]) -> str | None:
+        """Take the DSN parameters (RFC 3461) off a MAIL or RCPT line, verbatim.
+
+        aiosmtpd knows none and would refuse them (555); the session passes
+        them upstream as the client wrote them. Without DSN offered they stay
+        on the line, and aiosmtpd refuses them. None: a syntax error was sent.
+        """
+        if not arg or not self.server.services.upstream.offers("DSN"):
+            return arg
+        try:
+            rest, params = split_dsn(arg, names)
+        except ValueError as e:
+            await self.push(self.guard.refuse("command", replies.Reply(501, "5.5.4", "SYNTAX", str(e))))
+            return None
+        self.guard.dsn_params = params
+        return rest
+
     async def smtp_RCPT(self, arg: str | None) -> None:
+        arg = await self._take_dsn(arg, DSN_RCPT)
+        if arg is None:
+            return
         route = _SOURCE_ROUTE.match(arg or "")
         if route and self.envelope is not None and self.envelope.mail_from is not None:
             # aiosmtpd drops a source route and passes the final address on;
@@ -376,11 +406,16 @@ class Server:
             # a reload named other certificate files: new sessions use them
             self._tls_files = (s.tls_cert, s.tls_key)
             self.tls_context = self._tls_context()
+        upstream = self.services.upstream
+        mta_size = upstream.size_limit()
         return GuardSMTP(
             handler, self,
             hostname=s.hostname,
             ident="ESMTP smtpguard",
-            data_size_limit=s.max_message_size,
+            # SIZE: the smaller of ours and the MTA's (RFC 1870); SMTPUTF8
+            # only when the MTA takes it (RFC 6531): mirrored, never invented.
+            data_size_limit=min(s.max_message_size, mta_size) if mta_size else s.max_message_size,
+            enable_SMTPUTF8=upstream.offers("SMTPUTF8"),
             tls_context=self.tls_context,
             timeout=s.idle_timeout,
             auth_require_tls=True,
@@ -388,7 +423,7 @@ class Server:
         )
 
     def hand_over(self, transport: asyncio.BaseTransport, handler: ClientSession, buffered: bytes,
-                  release: Callable[[], None]) -> GuardSMTP:
+                  release: Callable[[], None] | None) -> GuardSMTP:
         """The screened client's session: aiosmtpd's protocol on the same transport.
 
         aiosmtpd greets (`220 <hostname> ESMTP smtpguard`: after the screen's
@@ -448,6 +483,11 @@ class Server:
 
     async def start(self) -> list[tuple[str, int]]:
         loop = self.loop = asyncio.get_running_loop()
+        # Learn the MTA's ESMTP extensions before the first client asks
+        # (mirrored in our EHLO); a slow MTA does not hold up the listeners.
+        probe = loop.create_task(self.services.upstream.probe())
+        self.track(probe)
+        await asyncio.wait({probe}, timeout=PROBE_WAIT)
         bound: list[tuple[str, int]] = []
         for host, port in self._listen:
             sock = self._listen_socket(host, port)
