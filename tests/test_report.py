@@ -400,3 +400,51 @@ def test_each_recipient_says_whether_the_mta_took_it_and_each_message_whether_de
                         ("data", None, None, True), ("rcpt", "B@example.test", True, None),
                         ("data", None, None, False), ("rcpt", "c@example.test", None, None)]
     # the last one: QUIT reset the transaction before the close line, so whether the MTA took it is not said
+
+
+def test_replay_names_the_facts_the_old_policy_never_gathered(traffic: dict[str, Any]) -> None:
+    """The live policy read no HELO check and no DNS list: a policy that does sees them as unknown."""
+    path = _policy(traffic["tmp"], "helo.toml", '''
+[[rule]]
+name = "helo-forged"
+stage = "helo"
+when = { helo_is_us = true }
+action = "reject"
+reason = "HELO-FORGED"
+''')
+    _result, replayed = cmd.build(traffic["logs"], policy=cmd.load_policy(path))
+    assert replayed is not None
+    assert replayed["missing_facts"] == {"helo_is_us": 5}
+    # unknown never matches a positive condition: nothing changes, and the text says why
+    assert replayed["changed"] == 1 and replayed["differences"][0]["rule"] == "windows-no-rdns"
+    assert "the new policy reads helo_is_us, which 5 sessions did not gather" in cmd.rep.replay_text(replayed)
+
+
+def _step(stage: str, action: str = "continue", **kw: Any) -> dict[str, Any]:
+    return {"stage": stage, "action": action, **kw}
+
+
+@pytest.mark.parametrize("steps, extra, expected", [
+    pytest.param([_step("connect"), _step("rcpt")], {"messages": 1}, ("delivered", "", ""),
+                 id="no rule acted and a message went through: delivered"),
+    pytest.param([_step("connect")], {}, ("no mail", "", ""), id="a client that left without mail"),
+    pytest.param([_step("connect", "reject", rule="geo", reason="GEO", held="rcpt"),
+                  _step("rcpt", "reject", rule="geo", reason="GEO")], {"refusals": 1}, ("reject", "GEO", "geo"),
+                 id="a held-back refusal counts where it was enforced"),
+    pytest.param([_step("connect", "reject", rule="geo", reason="GEO", held="rcpt"),
+                  _step("rcpt", "accept", rule="postmaster", reason="POSTMASTER")], {"messages": 1},
+                 ("accept", "POSTMASTER", "postmaster"), id="a held-back refusal that postmaster@ escaped"),
+    pytest.param([_step("connect", "accept", rule="friends", reason="ACCEPT")], {"messages": 3},
+                 ("accept", "ACCEPT", "friends"), id="an allowlist rule"),
+    pytest.param([_step("rcpt", "graylist", rule="grey", reason="GREY", needs=["graylist"]),
+                  _step("rcpt", "graylist", rule="grey", reason="GREY", set={"graylist": "new"})], {},
+                 ("graylist", "GREY", "grey"), id="a graylisted first attempt is a deferral"),
+    pytest.param([_step("rcpt", "graylist", rule="grey", reason="GREY", needs=["graylist"]),
+                  _step("rcpt", set={"graylist": "passed"})], {"messages": 1}, ("delivered", "", ""),
+                 id="a passed retry is delivered"),
+    pytest.param([_step("connect"), _step("rcpt")], {"refusals": 1, "reason": "RELAY"}, ("refused", "RELAY", ""),
+                 id="a refusal of the proxy's own (relay) after the policy let it through"),
+])
+def test_session_outcome_table(steps: list[dict[str, Any]], extra: dict[str, Any], expected: tuple[str, str, str]) -> None:
+    record = {"event": "close", "seen": {"ip": "192.0.2.1"}, "steps": steps, **extra}
+    assert rep.session_outcome(record) == expected

@@ -225,9 +225,14 @@ class Replay:
             self.not_replayable += 1
             return
         self.replayed += 1
-        first_facts = steps[0][1]
+        # Facts the new policy reads that were never gathered by the stage
+        # the session reached (graylist is asked for when needed: not missing).
+        reached = max(STAGE_INDEX[stage] for stage, _f, _s in steps)
+        final = steps[-1][1]
         for name in self._reads:
-            if name not in first_facts and FACT_STAGE.get(name) == "connect" and name not in ("port", "tls"):
+            stage_of = FACT_STAGE.get(name)
+            if (stage_of is not None and name not in ("port", "graylist") and name not in final
+                    and STAGE_INDEX[stage_of] <= reached):
                 self.missing[name] += 1
         last_action = steps[-1][2].get("action")
         if last_action == "accept" and steps[-1][0] in ("connect", "helo"):

@@ -130,13 +130,14 @@ def rdns_class(facts: Mapping[str, Any]) -> str:
 
 def session_outcome(record: Mapping[str, Any]) -> tuple[str, str, str]:
     """(action, reason, rule) of a session: its first refusal or deferral by
-    the policy; else a refusal of the proxy's own (relay, limits, upstream);
-    else delivered or no mail."""
+    the policy; else the accept rule that let it through; else a refusal of
+    the proxy's own (relay, limits, upstream); else delivered or no mail."""
     steps = record.get("steps")
     if isinstance(steps, list):
         # one pass over the raw steps (the report's hot path): only the
         # graylist state is followed, the one fact an outcome depends on
         graylist = None
+        accepted: tuple[str, str, str] | None = None
         for step in steps:
             if not isinstance(step, dict):
                 break
@@ -146,11 +147,15 @@ def session_outcome(record: Mapping[str, Any]) -> tuple[str, str, str]:
             if isinstance(changed, dict) and "graylist" in changed:
                 graylist = changed["graylist"]
             action = step.get("action")
+            if action == "accept" and accepted is None:
+                accepted = ("accept", str(step.get("reason") or ""), str(step.get("rule") or ""))
             if action in ("continue", "accept", "tarpit", None):
                 continue
             seen = outcome(str(action), bool(step.get("held")), bool(step.get("needs")), graylist)
             if seen in (REFUSED, DEFERRED):
                 return str(action), str(step.get("reason") or ""), str(step.get("rule") or "")
+        if accepted is not None:
+            return accepted  # an accept rule (an allowlist, postmaster@) let it through
     if record.get("event") in ("reject", "defer"):
         return str(record.get("action") or record.get("event")), str(record.get("reason") or ""), \
             str(record.get("rule") or "")
