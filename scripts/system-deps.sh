@@ -14,6 +14,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # nftables: `nft -c -f` checks the output of `smtpguard firewall export`
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
+# chromium: the resolution page and the HTML report opened in a real headless browser
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -308,7 +308,18 @@ class HttpServer:
     def app(self) -> "web.Application":
         from aiohttp import web
 
-        app = web.Application(client_max_size=1024)
+        @web.middleware
+        async def logged(request: "web.Request", handler: Any) -> Any:
+            # path and status at debug, never the query string (strangers' strings)
+            try:
+                response = await handler(request)
+            except web.HTTPException as e:
+                event("http.request", logging.DEBUG, path=request.path[:100], status=e.status)
+                raise
+            event("http.request", logging.DEBUG, path=request.path[:100], status=response.status)
+            return response
+
+        app = web.Application(client_max_size=1024, middlewares=[logged])
         app.router.add_get(page_path(self.services.config.server.resolution_url), self.page)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/healthz", self.healthz)

@@ -138,6 +138,12 @@ TEXTS: dict[str, Text] = {
         "Session refused",
         "This session had already been refused when it began, so no further commands were accepted.",
         "Look at the first refusal of the session and its reason code: that is what to change."),
+    "NO-SMTPUTF8": Text(
+        "Internationalised address without SMTPUTF8",
+        "An envelope address contained non-ASCII (UTF-8) characters, but the client did not ask for "
+        "SMTPUTF8 on MAIL FROM (RFC 6531 section 3.4).",
+        "Send with SMTPUTF8 (the MAIL FROM parameter) when an address has non-ASCII characters, or use "
+        "the ASCII form of the address."),
     "SEQUENCE": Text(
         "Commands out of order",
         "A command came in an order that SMTP does not allow (for instance RCPT before MAIL).",
@@ -265,6 +271,11 @@ UNKNOWN_TEXT = Text(
     "us and quote the address, time and session id below.")
 
 
+# Without `[http] contact`: the address RFC 5321 §4.5.1 requires every mail domain to have.
+NO_CONTACT = ("write to the postmaster of the recipient's domain (postmaster@ that domain) from "
+              "another mail server, or reach the recipient another way")
+
+
 @dataclass(frozen=True, slots=True)
 class Listing:
     """A DNS list that names the address, and where to ask for removal."""
@@ -371,8 +382,7 @@ def render_text(page: Page) -> str:
     if page.listings:
         out.append("")
     out += [f"{label}: {value}" for label, value in _lines(page)]
-    if page.contact:
-        out += ["", "Contact: " + page.contact]
+    out += ["", "Contact: " + (page.contact or NO_CONTACT)]
     out += ["", "Please quote the reason code, address, time and session id when you write to us."]
     # Strangers' strings never carry control characters to a terminal.
     return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "?", "\n".join(out)) + "\n"
@@ -382,7 +392,7 @@ def render_text(page: Page) -> str:
 # relative sizes, wrapping of long words).
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:40em;margin:0 auto;padding:1em;"
           "line-height:1.5;color:#222;background:#fff;overflow-wrap:anywhere}"
-          "h1{font-size:1.4em}dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}"
+          "h1{font-size:1.4em}h2{font-size:1.1em;margin-bottom:0}dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}"
           "dt{font-weight:bold}dd{margin:0;font-family:monospace}"
           ".note{color:#555;font-size:.9em}")
 
@@ -406,7 +416,7 @@ def render_html(page: Page) -> str:
         rows = "".join(f"<li>{esc(x.name)}" + (f" (removal: {_link(x.removal)})" if x.removal else "")
                        + "</li>" for x in page.listings)
         listings = f"<p>Listed by:</p><ul>{rows}</ul>"
-    contact = f"<p>Contact: {_link(page.contact)}</p>" if page.contact else ""
+    contact = f"<p>Contact: {_link(page.contact)}</p>" if page.contact else f"<p>Contact: {esc(NO_CONTACT)}</p>"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
