@@ -16,6 +16,7 @@ file: one line naming it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -80,24 +81,13 @@ def build(paths: Sequence[str], since: float = 0.0, policy: Policy | None = None
             stream = rep.open_log(path)
         except OSError as e:
             raise ConfigError("LOG", f"cannot read {path}: {e.strerror}") from None
-        with stream if path != "-" else _nullcontext(stream) as lines:
+        with stream if path != "-" else contextlib.nullcontext(stream) as lines:
             for record in rep.close_records(lines, cutoff, stats):
                 report.add(record)
                 if replay is not None:
                     replay.add(record)
     report.stats.update(stats)
     return report.result(), (replay.result() if replay is not None else None)
-
-
-class _nullcontext:
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __enter__(self) -> Any:
-        return self.value
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def render(fmt: str, result: dict[str, Any], replayed: dict[str, Any] | None) -> str:
@@ -122,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
             since = parse_duration(args.since)
         except ValueError as e:
             raise ConfigError("--since", str(e)) from None
+    if args.format == "html":
+        try:
+            import matplotlib  # noqa: F401  (the charts; an optional extra)
+        except ImportError:
+            raise ConfigError("--format", "html needs matplotlib: pip install 'smtpguard[report]'") from None
     policy = load_policy(args.policy) if args.policy else None
     result, replayed = build(args.logs, since, policy)
     body = render(args.format, result, replayed)
