@@ -230,3 +230,30 @@ def _free(port: int) -> bool:
 
 async def _drop_pooled(guard: Guard) -> None:
     guard.services.upstream.purge(now=float("inf"))
+
+
+def test_the_dnsbl_page_names_the_lists_that_list_the_address_with_their_removal_links(
+        recorder: Recorder, guard_factory: Any, dns_server: Any) -> None:
+    dns_server.set("7.2.0.192.bl.test", "A", ["127.0.0.2"])
+    dns_server.set("7.2.0.192.other.test", "A", ["127.0.0.2"])
+    dns_server.set("7.2.0.192.wl.test", "A", ["127.0.0.2"])   # an allowlist is never named
+    doc = {"dnsbl": [{"zone": "bl.test", "name": "Example-BL"}, {"zone": "other.test"},
+                     {"zone": "quiet.test"}, {"zone": "wl.test", "weight": -2}],
+           "http": {"removal": {"bl.test": "https://bl.example/remove"}}}
+    guard = guard_factory(doc, upstream=recorder.address)
+    http = start_http(guard)
+    try:
+        base = f"http://127.0.0.1:{http.bound[1]}"
+        body = get(base + "/smtp?code=DNSBL&ip=192.0.2.7&format=text")[2]
+        assert "Listed by Example-BL; removal: https://bl.example/remove" in body
+        assert "Listed by other.test\n" in body
+        assert "quiet.test" not in body and "wl.test" not in body
+        page = get(base + "/smtp?code=DNSBL&ip=192.0.2.7", accept="text/html")[2]
+        assert '<li>Example-BL (removal: <a href="https://bl.example/remove" rel="noreferrer nofollow">' in page
+        # only for DNSBL, and only for a valid address: no lookups for anything else
+        asked = dns_server.total_queries()
+        get(base + "/smtp?code=GEO&ip=192.0.2.7")
+        get(base + "/smtp?code=DNSBL&ip=not-an-ip")
+        assert dns_server.total_queries() == asked
+    finally:
+        stop_http(guard, http)
