@@ -154,3 +154,8 @@ def test_bad_input_is_one_line_and_exit_2(capsys: Any, zones: Path, args: list[s
     assert main(["firewall", "export", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{key}:" in err
+
+
+def test_an_allowed_country_without_zone_data_is_warned_about(capsys: Any, zones: Path) -> None:
+    assert main(["firewall", "export", "--zones", str(zones), "--allow-country", "US,MX"]) == 0
+    assert "no zone data for allowed MX" in capsys.readouterr().err

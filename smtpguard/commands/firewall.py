@@ -262,6 +262,12 @@ def run(args: argparse.Namespace) -> int:
         rs = rule_set(config, db.table, port)
     finally:
         db.close()
+    unzoned = sorted({c.upper() for c in config.geo.allow if c != "local"} - set(rs.countries)) \
+        if rs.mode == "accept" and config.geo.allow else []
+    if unzoned:
+        # an allowed country without data would be dropped whole by the filter
+        sys.stderr.write(f"smtpguard: warning: no zone data for allowed {', '.join(unzoned)}: "
+                         "the filter would drop its clients\n")
     body = WRITERS[args.format](rs)
     if args.out:
         try:
