@@ -263,13 +263,51 @@ def test_the_facts_of_check_are_those_of_the_live_session(traffic: dict[str, Any
             conn, _ = listener.accept()
             syn = read_saved_syn(conn)
             conn.close()
-    checked = asyncio.run(evaluate(g.config, DE, helo="mail.de.test", sender="a@sender.test",
-                                   rcpt="b@example.test", syn=syn))
     live = next(c for c in g.events("close") if c["ip"] == DE)
     [(_stage, live_facts, _step)] = [x for x in steps_of(live) if x[0] == "rcpt"]
     live_facts = {k: list(v) if isinstance(v, tuple) else v for k, v in live_facts.items()}
-    assert checked["facts"] == live_facts
     assert live_facts["country"] == "DE" and live_facts["rdns"] == "unconfirmed" and live_facts["os"] == "linux"
+    # check's own function on the live session's configuration ...
+    checked = asyncio.run(evaluate(g.config, DE, helo="mail.de.test", sender="a@sender.test",
+                                   rcpt="b@example.test", syn=syn))
+    assert checked["facts"] == live_facts
+    # ... and the command, `check --json`, from a configuration file saying the same
+    tmp = traffic["tmp"]
+    config = tmp / "live.toml"
+    rules = "".join(f'[[rule]]\nname = "{r["name"]}"\nstage = "{r["stage"]}"\nwhen = {_toml_table(r["when"])}\n'
+                    f'action = "{r["action"]}"\n' + (f'reason = "{r["reason"]}"\n' if "reason" in r else "")
+                    + ("observe = true\n" if r.get("observe") else "") for r in CURRENT_RULES)
+    config.write_text(f'[server]\nhostname = "mx.example.test"\ndomains = ["example.test"]\n'
+                      f'[geo]\nzones = "{traffic["zones"]}"\n'
+                      f'[fingerprint]\nsignatures = "{g.config.fingerprint.signatures}"\n{rules}')
+    out = _cli_json(["check", DE, "--helo", "mail.de.test", "--sender", "a@sender.test", "--rcpt", "b@example.test",
+                     "--syn", syn.hex(), "--json", "--config", str(config),
+                     "--dns-server", g.config.dns.servers[0]])
+    assert out["facts"] == live_facts
+
+
+def _toml_table(table: dict[str, Any]) -> str:
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in table.items()) + " }"
+
+
+def _cli_json(argv: list[str]) -> dict[str, Any]:
+    """Run a command in-process, its standard output parsed; the logging it sets up undone."""
+    import contextlib
+    import io
+    import logging
+
+    names = ("smtpguard", "mail.log", "asyncio", "aiosmtplib")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level) for n in names}
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            assert main(argv) == 0
+    finally:
+        for n, (handlers, level) in saved.items():
+            logging.getLogger(n).handlers[:] = handlers
+            logging.getLogger(n).setLevel(level)
+    result: dict[str, Any] = json.loads(buf.getvalue())
+    return result
 
 
 def test_html_is_one_self_contained_page(traffic: dict[str, Any]) -> None:
