@@ -24,7 +24,7 @@ from smtpguard.core.facts import UNKNOWN, FactValue
 from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
-from smtpguard.observe.metrics import observe_facts, observe_graylist
+from smtpguard.observe.metrics import observe_facts, observe_graylist, observe_pregreet
 from smtpguard.sources import dkim, dnsbl, geo, greylist, helo, osfp, rdns
 
 if TYPE_CHECKING:
@@ -188,6 +188,8 @@ class Services:
     # --- policy ----------------------------------------------------------------
 
     def decide(self, stage: str, facts: dict[str, FactValue], pending: Any = None) -> pol.Verdict:
+        if stage == "connect" and "pregreet" in facts:
+            observe_pregreet(facts["pregreet"])   # issue 12: the screen's pregreet results in /metrics
         return pol.decide(self.policy, stage, facts, pending)
 
     async def graylist(self, session: "ClientSession", rcpt: str, strict: bool) -> dict[str, FactValue]:

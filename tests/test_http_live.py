@@ -257,3 +257,36 @@ def test_the_dnsbl_page_names_the_lists_that_list_the_address_with_their_removal
         assert dns_server.total_queries() == asked
     finally:
         stop_http(guard, http)
+
+
+def test_the_screens_results_pregreet_and_limits(recorder: Recorder, guard_factory: Any) -> None:
+    import socket
+
+    doc = {"pregreet": {"wait": "0.3s"}, "state": {"url": "memory://"}, "limits": {"per_ip_sessions": 1},
+           "rule": [{"name": "pregreet", "stage": "connect", "when": {"pregreet": True}, "action": "drop",
+                     "reason": "PREGREET"}]}
+    guard = guard_factory(doc, upstream=recorder.address)
+    http = start_http(guard)
+    try:
+        base = f"http://127.0.0.1:{http.bound[1]}"
+        with socket.create_connection((guard.host, guard.port), timeout=5) as early:   # talks at once
+            early.sendall(b"EHLO fast.bot\r\n")
+            assert b"521 5.7.1 [PREGREET]" in early.makefile("rb").read()
+        with smtplib.SMTP(guard.host, guard.port, timeout=10) as s:   # waits for the whole greeting
+            s.ehlo("client.test")
+            with socket.create_connection((guard.host, guard.port), timeout=5) as second:   # one too many
+                assert second.makefile("rb").readline().startswith(b"421 4.7.0 [BUSY]")
+        wait_for(lambda: len(guard.events("close")) == 1)   # the one that became a session
+        m = samples(base)
+        assert value(m, "smtpguard_screen_total", test="pregreet", result="fail") == 1
+        assert value(m, "smtpguard_screen_total", test="pregreet", result="pass") == 1
+        assert value(m, "smtpguard_screen_total", test="limits", result="per_ip_sessions") == 1
+        assert value(m, "smtpguard_refusals_total", reason="BUSY", stage="screen", kind="defer") == 1
+        assert value(m, "smtpguard_refusals_total", reason="PREGREET", stage="connect", kind="reject") == 1
+        # three connections, three sessions counted, each once
+        assert value(m, "smtpguard_sessions_total", outcome="refused", stage="connect") == 1
+        assert value(m, "smtpguard_sessions_total", outcome="deferred", stage="screen") == 1
+        assert value(m, "smtpguard_sessions_total", outcome="closed", stage="none") == 1
+        assert sum(v for (name, _), v in m.items() if name == "smtpguard_sessions_total") == 3
+    finally:
+        stop_http(guard, http)

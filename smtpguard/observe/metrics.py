@@ -33,7 +33,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from smtpguard.observe import log
@@ -79,6 +80,9 @@ class Metrics:
     """The counters of one process, in a registry of their own."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # No `_created` series beside each counter: noise for a scrape of
+        # one process that says its start time anyway (process-wide switch).
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.sessions = Counter(f"{PREFIX}_sessions", "Sessions closed, by outcome "
@@ -101,7 +105,8 @@ class Metrics:
         self.graylist = Counter(f"{PREFIX}_graylist", "Graylist outcomes per recipient "
                                 "(new, deferred = too early, passed, allowed, trapped, unknown)",
                                 ["outcome"], registry=r)
-        self.screen = Counter(f"{PREFIX}_screen", "Results of the screen's tests (pregreet, limits)",
+        self.screen = Counter(f"{PREFIX}_screen", "Results of the screen's tests: pregreet pass/fail, "
+                              "limits refused per limit",
                               ["test", "result"], registry=r)
         self.internal = Counter(f"{PREFIX}_internal_errors", "Sessions that met an internal error", registry=r)
         self.fact_seconds = Histogram(f"{PREFIX}_fact_gathering_seconds", "Time to gather a stage's facts",
@@ -140,7 +145,14 @@ class Metrics:
         stage = _word(f.get("stage"), STAGES)
         self.refusals.labels(_code(f.get("reason")), stage, kind).inc()
         if stage == "screen":
+            # refused by a limit before any session began: no `close` line follows
             self.screen.labels("limits", _word(f.get("rule"), LIMITS)).inc()
+            self.sessions.labels("deferred", stage).inc()
+            return
+        if f.get("action") == "drop":
+            # postscreen's drop: 521 and the connection closed, no `close` line follows
+            self.sessions.labels("refused", stage).inc()
+            return
         session = f.get("session")
         if session:
             if len(self._open) >= MAX_TRACKED:
@@ -264,3 +276,10 @@ def observe_graylist(outcome: Any) -> None:
     if _current is not None:
         _current.graylist.labels(_word(outcome, ("new", "deferred", "passed", "allowed", "trapped",
                                                  "unknown"))).inc()
+
+
+def observe_pregreet(talked_early: Any) -> None:
+    """The screen's pregreet test for one client (services.py, at the connect decision):
+    `fail` when it talked before the greeting, `pass` when it waited."""
+    if _current is not None and isinstance(talked_early, bool):
+        _current.screen.labels("pregreet", "fail" if talked_early else "pass").inc()
