@@ -30,6 +30,7 @@ from smtpguard.sources.dnsbl import DnsblSettings
 from smtpguard.sources.geo import GeoSettings
 from smtpguard.sources.greylist import GraylistSettings, StateSettings
 from smtpguard.sources.osfp import FingerprintSettings
+from smtpguard.sources.dkim import DkimSettings
 from smtpguard.sources.rdns import RdnsSettings
 
 # RFC 5321 §4.5.3.2.7: the server waits at least 5 minutes for a command.
@@ -172,6 +173,7 @@ class Config:
     dns: DnsSettings = field(default_factory=DnsSettings)
     geo: GeoSettings = field(default_factory=GeoSettings)
     fingerprint: FingerprintSettings = field(default_factory=FingerprintSettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)   # issue 14: authserv_id, limits
     rdns: RdnsSettings = field(default_factory=RdnsSettings)
     dnsbl: DnsblSettings = field(default_factory=DnsblSettings)
     graylist: GraylistSettings = field(default_factory=GraylistSettings)
@@ -394,7 +396,7 @@ LOG_KEYS: dict[str, Parser] = {
 # Tables read by the other areas' own `from_mapping`; listed so that an
 # unknown top-level table is an error.
 OTHER_TABLES = ("dns", "geo", "fingerprint", "rdns", "dnsbl", "graylist", "state",
-                "policy", "lists", "rule", "http")
+                "policy", "lists", "rule", "http", "dkim")
 
 # flag dest -> (table, key): every flag has a key in the file.
 FLAG_KEYS: dict[str, tuple[str, str]] = {
@@ -564,6 +566,7 @@ def _areas(doc: Mapping[str, Any]) -> dict[str, Any]:
         "dns": DnsSettings.from_mapping(_table(doc, "dns")),
         "geo": geo,
         "fingerprint": FingerprintSettings.from_mapping(_table(doc, "fingerprint")),
+        "dkim": DkimSettings.from_mapping(_table(doc, "dkim")),
         "rdns": RdnsSettings.from_mapping(_table(doc, "rdns")),
         "dnsbl": DnsblSettings.from_list(dnsbl),
         "graylist": GraylistSettings.from_mapping(_table(doc, "graylist")),

@@ -24,7 +24,7 @@ from smtpguard.core.facts import UNKNOWN, FactValue
 from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
-from smtpguard.observe.metrics import observe_facts, observe_graylist, observe_pregreet
+from smtpguard.observe.metrics import observe_facts, observe_graylist
 from smtpguard.sources import dkim, dnsbl, geo, greylist, helo, osfp, rdns
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ SOURCE_FACTS: dict[str, frozenset[str]] = {
     "osfp": frozenset({"os", "os_name", "os_distance", "os_match"}),
     "rdns": frozenset({"rdns", "rdns_name", "rdns_domain", "rdns_generic"}),
     "dnsbl": frozenset({"dnsbl", "dnsbl_score", "dnsbl_hits"}),
-    "dkim": frozenset({"dkim", "dkim_domains"}),
+    "dkim": frozenset({"dkim", "dkim_domains", "from_domain", "dkim_aligned"}),
     "helo": frozenset({"helo_valid", "helo_bare_ip", "helo_literal_matches", "helo_is_us",
                        "helo_resolves", "helo_matches_ip", "helo_matches_rdns"}),
 }
@@ -188,8 +188,6 @@ class Services:
     # --- policy ----------------------------------------------------------------
 
     def decide(self, stage: str, facts: dict[str, FactValue], pending: Any = None) -> pol.Verdict:
-        if stage == "connect" and "pregreet" in facts:
-            observe_pregreet(facts["pregreet"])   # issue 12: the screen's pregreet results in /metrics
         return pol.decide(self.policy, stage, facts, pending)
 
     async def graylist(self, session: "ClientSession", rcpt: str, strict: bool) -> dict[str, FactValue]:

@@ -75,6 +75,8 @@ FACTS: dict[str, Kind] = {
     # content
     "dkim": Kind.TEXT,               # pass fail none unknown
     "dkim_domains": Kind.LIST,       # d= of the signatures that verify
+    "from_domain": Kind.TEXT,        # RFC 5322 From: domain ("" unless exactly one)
+    "dkim_aligned": Kind.BOOL,       # a passing d= aligned with from_domain (RFC 7489 §3.1.1 relaxed)
     # the screen (issue: the screen)
     "pregreet": Kind.BOOL,           # talked before the greeting's last line; unknown when not tested
 }

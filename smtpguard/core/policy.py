@@ -244,6 +244,7 @@ FACT_STAGE: dict[str, str] = {
     "sender": "mail", "sender_domain": "mail",
     "rcpt": "rcpt", "rcpt_domain": "rcpt",
     "dkim": "data", "dkim_domains": "data",
+    "from_domain": "data", "dkim_aligned": "data",
     "pregreet": "connect",
 }
 
@@ -264,7 +265,7 @@ DERIVED_FACTS: dict[str, tuple[str, Kind, Callable[[FactValue], FactValue]]] = {
 
 # Domain names: `.example.com` entries match names below example.com.
 DOMAIN_FACTS: frozenset[str] = frozenset(
-    {"rdns_name", "rdns_domain", "helo", "sender_domain", "rcpt_domain"})
+    {"rdns_name", "rdns_domain", "helo", "sender_domain", "rcpt_domain", "from_domain"})
 
 # Enumerated TEXT facts: the values their sources produce (facts.py), so a
 # misspelt value is an error. "unknown" is always allowed.

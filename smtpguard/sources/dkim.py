@@ -1,38 +1,178 @@
-"""DKIM: does a valid signature vouch for this message?
+"""DKIM: which signatures vouch for this message, and for whose From: domain?
 
-Decides: nothing; it gives the facts `dkim` (pass: at least one signature
-verifies; fail: signatures, none verifies; none: no signature; unknown: a
-key could not be fetched and no other signature verified) and
-`dkim_domains` (the d= of every signature that verifies), at the data stage.
-Inputs: the message as received, the one resolver (keys are TXT records at
-`selector._domainkey.domain`, RFC 6376 §3.6.2.1), a deadline.
-Output: DkimFact.
-Failure modes: a malformed signature or key counts as a failed signature
-(RFC 6376 §6.1: PERMFAIL); a key lookup that times out or SERVFAILs is
-TEMPFAIL, the fact `unknown`; never an exception.
-Defaults and why: at most MAX_SIGNATURES signatures are checked (RFC 6376
-§6.1 lets a verifier limit them; a message with more is abusive), keys
-shorter than 1024 bits fail (RFC 8301 §3.2). Verification is CPU work (RSA
-over the whole body) and runs in a thread, never on the event loop; dkimpy
-does the cryptography and canonicalisation, our resolver the DNS.
+Decides: nothing; it gives the data-stage facts
+  * `dkim`: pass (at least one signature verifies), fail (signatures, none
+    verifies), none (no signature), unknown (a key could not be fetched or
+    the verification ran out of time, and no other signature verified);
+  * `dkim_domains`: the d= of every signature that verifies;
+  * `from_domain`: the domain of the RFC 5322 From: address ("" when there is
+    not exactly one From: field with exactly one parsable address);
+  * `dkim_aligned`: a passing signature's d= is the From: domain or shares
+    its organisational domain (the registrable domain, ICANN Public Suffix
+    List), DMARC's relaxed alignment (RFC 7489 §3.1.1); unknown when no
+    signature passed but one could not be checked.
+It also keeps each signature's RFC 8601 result (pass fail neutral temperror
+permerror) for the `Authentication-Results:` header that the relay adds for
+the MTA behind (`authentication_results`), after removing any incoming one
+that claims our authserv-id (`strip_authentication_results`, RFC 8601 §5).
+
+Inputs: the message as received (the session's spooled `message` when it is
+small enough to read, else today's `content` bytes), the one resolver (keys
+are TXT records at `selector._domainkey.domain`, RFC 6376 §3.6.2.1), a DNS
+budget, and DkimSettings.
+
+Output: DkimFact (its `results` carry one SignatureResult per signature).
+
+Failure modes: never an exception. A malformed signature (bad tag list,
+missing tags, unknown algorithm), a key record that is absent (NXDOMAIN /
+no TXT, RFC 6376 §6.1.2), malformed or too short, is `permerror`; a body or
+header that no longer matches is `fail`; a key lookup that times out or
+SERVFAILs, or a verification cut short by `verify_timeout`, is `temperror`.
+A message dkimpy cannot split into headers is `fail` with the reason logged.
+
+Defaults and why:
+  * max_signatures = 10: RFC 6376 §6.1 lets a verifier limit how many it
+    checks; 10 covers every legitimate chain of forwarders and list servers
+    while bounding the work a hostile message can ask for (each signature is
+    a hash of the whole body and a key lookup). Signatures past the limit are
+    not verified and get no result.
+  * verify_timeout = 5 s: verification is CPU work in a thread; a message
+    near the content limit with 10 RSA-4096 signatures takes well under a
+    second, so 5 s only ever stops abuse, inside RFC 5321 §4.5.3.2's 10
+    minutes for the end-of-data reply.
+  * keys shorter than 1024 bits are refused (RFC 8301 §3.2).
+  * authserv_id = "" means the server's hostname ([server] hostname), the
+    usual choice (RFC 8601 §2.5).
+Verification runs in a worker thread, never on the event loop; dkimpy does
+the cryptography and canonicalisation (pynacl for Ed25519, RFC 8463), our
+resolver the DNS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
+import email.utils
+import re
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Union
 
 import dkim  # type: ignore[import-untyped]
-from dkim.util import parse_tag_value  # type: ignore[import-untyped]
+from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[import-untyped]
 
 from smtpguard.adapters.dns import Answer, gather_within
 from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
+from smtpguard.core.units import parse_duration
+from smtpguard.errors import ConfigError
 
-# RFC 6376 §6.1 allows a limit; opendkim's default MaximumSignaturesToVerify is 3.
-MAX_SIGNATURES = 5
+# RFC 6376 §6.1 allows a limit (see the module docstring).
+MAX_SIGNATURES = 10
+MAX_SIGNATURES_LIMIT = 50          # a config may lower or raise it, within reason
 # RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
 MIN_KEY_BITS = 1024
+VERIFY_TIMEOUT = 5.0               # seconds; see the module docstring
+VERIFY_TIMEOUT_MAX = 60.0
+
+# RFC 8601 §2.7.1 result values for the dkim method.
+PASS, FAIL, NEUTRAL, TEMPERROR, PERMERROR = "pass", "fail", "neutral", "temperror", "permerror"
+
+# Our reason texts (RFC 8601 §2.2 `reason=`): never text from the message.
+REASONS: dict[str, str] = {
+    "bad_signature": "signature did not verify",
+    "body_hash": "body hash did not verify",
+    "malformed": "malformed signature",
+    "no_key": "no key for signature",
+    "bad_key": "malformed key record",
+    "short_key": "key too short",
+    "key_lookup": "key lookup failed",
+    "timeout": "verification timed out",
+}
+
+# A d= or s= value we are willing to copy into a header we write (RFC 6376
+# §3.5: d= is a domain, s= a dot-separated list of sub-domain labels).
+_TOKEN = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)*")
+_B64 = re.compile(r"[A-Za-z0-9+/]+")
+_HEADER_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.ASCII)
+
+Tri = Union[bool, str]  # True, False or UNKNOWN
+
+
+# --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSettings:
+    """The `[dkim]` table."""
+
+    # "" = [server] hostname (module docstring).
+    authserv_id: str = ""
+    # RFC 6376 §6.1 (module docstring).
+    max_signatures: int = MAX_SIGNATURES
+    # seconds of verification per message (module docstring).
+    verify_timeout: float = VERIFY_TIMEOUT
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any], prefix: str = "dkim") -> DkimSettings:
+        return from_mapping(table, prefix)
+
+
+_KEYS = ("authserv_id", "max_signatures", "verify_timeout")
+
+
+def from_mapping(table: Mapping[str, Any], prefix: str = "dkim") -> DkimSettings:
+    """Validate the `[dkim]` TOML table; ConfigError names the key."""
+    for key in table:
+        if key not in _KEYS:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(_KEYS)}")
+    out = DkimSettings()
+    authserv = out.authserv_id
+    if "authserv_id" in table:
+        value = table["authserv_id"]
+        text = value.strip().lower().rstrip(".") if isinstance(value, str) else None
+        if text is None or (text and not _TOKEN.fullmatch(text)) or len(text or "") > 253:
+            raise ConfigError(f"{prefix}.authserv_id",
+                              f"expected a host name such as mx.example.com (RFC 8601 §2.5), got {value!r}")
+        authserv = text
+    count = out.max_signatures
+    if "max_signatures" in table:
+        value = table["max_signatures"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIGNATURES_LIMIT:
+            raise ConfigError(f"{prefix}.max_signatures",
+                              f"expected a whole number 1..{MAX_SIGNATURES_LIMIT}, got {value!r}")
+        count = value
+    timeout = out.verify_timeout
+    if "verify_timeout" in table:
+        try:
+            timeout = parse_duration(table["verify_timeout"])
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}.verify_timeout", str(exc)) from None
+        if not 0 < timeout <= VERIFY_TIMEOUT_MAX:
+            raise ConfigError(f"{prefix}.verify_timeout",
+                              f"must be more than 0 and at most {VERIFY_TIMEOUT_MAX:g}s, "
+                              f"got {table['verify_timeout']!r}")
+    return DkimSettings(authserv_id=authserv, max_signatures=count, verify_timeout=timeout)
+
+
+# --------------------------------------------------------------------------
+# The fact
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureResult:
+    """One DKIM-Signature's outcome (RFC 8601 §2.7.1), values validated."""
+
+    result: str                 # pass fail neutral temperror permerror
+    domain: str = ""            # d=, "" when absent or not a valid domain
+    selector: str = ""          # s=, "" when absent or not valid
+    algorithm: str = ""         # a=, e.g. rsa-sha256, ed25519-sha256
+    b: str = ""                 # the first 8 characters of b= (RFC 6008 header.b)
+    reason: str = ""            # a REASONS key, "" for pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,21 +181,192 @@ class DkimFact:
     dkim: str                         # pass fail none unknown
     domains: tuple[str, ...] = ()     # d= of the signatures that verify
     error: str = ""                   # for the log
+    from_domain: str = ""             # RFC 5322 From: domain, "" if none or several
+    aligned: Tri = False              # dkim_aligned
+    results: tuple[SignatureResult, ...] = ()
 
     def as_facts(self) -> dict[str, FactValue]:
-        return {"dkim": self.dkim, "dkim_domains": self.domains}
+        return {"dkim": self.dkim, "dkim_domains": self.domains,
+                "from_domain": self.from_domain, "dkim_aligned": self.aligned}
+
+
+# --------------------------------------------------------------------------
+# Headers: From:, Authentication-Results
+# --------------------------------------------------------------------------
+
+
+def authserv(settings: DkimSettings, hostname: str) -> str:
+    """The authserv-id we write and strip: `[dkim] authserv_id`, else the hostname."""
+    return settings.authserv_id or hostname.strip().lower().rstrip(".")
+
+
+def header_block(message: bytes) -> bytes:
+    """The header block of a message (up to and including the blank line)."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        at = message.find(sep)
+        if at >= 0:
+            return message[:at + len(sep)]
+    return message
+
+
+def _clean_domain(text: str) -> str:
+    """A domain as a rule sees it: lowercase A-labels, or "" if it is none."""
+    name = text.strip().strip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")   # U-labels as A-labels (RFC 5890)
+        except UnicodeError:
+            return ""
+    if "." not in name or len(name) > 253 or not _TOKEN.fullmatch(name) or "_" in name:
+        return ""
+    return name
+
+
+def from_domain(headers: bytes) -> str:
+    """The RFC 5322 From: domain; "" unless exactly one field with one address.
+
+    RFC 5322 §3.6 allows one From: field; a message with several, or with a
+    mailbox list, names no single author domain (DMARC §6.6.1 rejects or
+    ignores such messages), so the fact is empty rather than a guess.
+    """
+    try:
+        parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(headers)
+        fields = parsed.get_all("From") or []
+    except Exception:  # the email package raises several kinds on hostile input
+        return ""
+    if len(fields) != 1:
+        return ""
+    addresses = [a for _, a in email.utils.getaddresses([str(fields[0])]) if a]
+    if len(addresses) != 1 or addresses[0].count("@") != 1:
+        return ""
+    return _clean_domain(addresses[0].rpartition("@")[2])
+
+
+def organisational_domain(name: str) -> str:
+    """The registrable domain (ICANN PSL) of a name, or the name itself."""
+    from smtpguard.sources.rdns import registrable_domain   # the one PSL instance
+    return registrable_domain(name) or name
+
+
+def aligned(from_dom: str, passed: tuple[str, ...]) -> bool:
+    """DMARC relaxed alignment (RFC 7489 §3.1.1) of any passing d= with From:."""
+    if not from_dom:
+        return False
+    org = organisational_domain(from_dom)
+    return any(d == from_dom or organisational_domain(d) == org for d in passed)
+
+
+def _fields(headers: bytes) -> list[bytes]:
+    """Header fields with their continuation lines, byte-exact, in order."""
+    out: list[bytes] = []
+    for line in headers.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] += line
+        else:
+            out.append(line)
+    return out
+
+
+def _authserv_id(value: bytes) -> str:
+    """The authserv-id of an Authentication-Results value (RFC 8601 §2.2)."""
+    text = value.decode("utf-8", "replace")
+    text = re.sub(r"\([^()]*\)", " ", text)      # CFWS comments (one level is what senders write)
+    text = text.split(";", 1)[0].strip()
+    token = text.split()[0] if text.split() else ""
+    return token.strip('"').lower().rstrip(".")
+
+
+def strip_authentication_results(headers: bytes, authserv_id: str) -> bytes:
+    """The header block without Authentication-Results fields claiming `authserv_id`.
+
+    RFC 8601 §5: a border MTA MUST remove (or rename) such fields from
+    incoming mail, or the MTA behind would trust a forgery. Fields naming
+    other authserv-ids, and every other field, are kept byte for byte.
+    """
+    ours = authserv_id.strip().lower().rstrip(".")
+    kept: list[bytes] = []
+    for field in _fields(headers):
+        m = _HEADER_FIELD.match(field)
+        if m and m.group(1).lower() == b"authentication-results" and ours \
+                and _authserv_id(field[m.end():]) == ours:
+            continue
+        kept.append(field)
+    return b"".join(kept)
+
+
+def authentication_results(authserv_id: str, fact: DkimFact) -> bytes:
+    """Our `Authentication-Results:` field (RFC 8601) for one message, CRLF-ended.
+
+    One `dkim=` resinfo per verified signature, with header.d, header.s,
+    header.a and header.b (RFC 6008) when the signature's values are valid;
+    `dkim=none` for an unsigned message. Only validated tokens and our own
+    reason texts reach the header.
+    """
+    parts: list[str] = []
+    for r in fact.results:
+        item = f"dkim={r.result}"
+        if r.reason:
+            item += f' reason="{REASONS[r.reason]}"'
+        if r.domain:
+            item += f" header.d={r.domain}"
+        if r.selector:
+            item += f" header.s={r.selector}"
+        if r.algorithm:
+            item += f" header.a={r.algorithm}"
+        if r.b:
+            item += f" header.b={r.b}"
+        parts.append(item)
+    if not parts:
+        parts.append("dkim=none" if fact.dkim == "none" else f"dkim={TEMPERROR}")
+    return ("Authentication-Results: " + authserv_id + ";\r\n\t" + ";\r\n\t".join(parts) + "\r\n").encode("ascii")
+
+
+# --------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------
+
+
+def _tags(value: bytes) -> dict[bytes, bytes] | None:
+    try:
+        tags = parse_tag_value(value)
+    except (InvalidTagValueList, ValueError, TypeError):
+        return None
+    return tags if isinstance(tags, dict) else None
+
+
+def _text(value: bytes | None, pattern: re.Pattern[str] = _TOKEN) -> str:
+    if not value:
+        return ""
+    text = value.decode("ascii", "replace").strip().lower()
+    return text if pattern.fullmatch(text) and len(text) <= 253 else ""
+
+
+def _describe(value: bytes) -> SignatureResult:
+    """What a signature claims, validated, before any verification."""
+    tags = _tags(value) or {}
+    b = re.sub(rb"\s+", b"", tags.get(b"b", b""))[:8].decode("ascii", "replace")
+    algorithm = tags.get(b"a", b"").decode("ascii", "replace").strip().lower()
+    return SignatureResult(
+        result=NEUTRAL, domain=_text(tags.get(b"d")), selector=_text(tags.get(b"s")),
+        algorithm=algorithm if re.fullmatch(r"[a-z0-9]{1,16}-[a-z0-9]{1,16}", algorithm) else "",
+        b=b if _B64.fullmatch(b) else "")
 
 
 def _key_name(value: bytes) -> str | None:
-    try:
-        tags = parse_tag_value(value)
-        return f"{tags[b's'].decode('ascii')}._domainkey.{tags[b'd'].decode('ascii')}".lower().rstrip(".")
-    except Exception:  # dkimpy raises several kinds for a malformed tag list
+    tags = _tags(value)
+    if not tags or b"s" not in tags or b"d" not in tags:
         return None
+    name = f"{_text(tags[b's'])}._domainkey.{_text(tags[b'd'])}"
+    return None if name.startswith(".") or name.endswith(".") else name
 
 
-def _verify(message: bytes, count: int, keys: dict[str, Answer]) -> list[tuple[bool, str]]:
-    """(verified, d=) per signature; runs in a worker thread."""
+def _verify(message: bytes, signatures: list[bytes], keys: dict[str, Answer], deadline: float,
+            stop: threading.Event, out: list[SignatureResult]) -> None:
+    """One SignatureResult per signature into `out`; runs in a worker thread.
+
+    Checks the deadline and `stop` before each signature; the caller marks
+    the ones not reached as temperror.
+    """
 
     def dnsfunc(name: Any, timeout: float = 5) -> bytes | None:
         text = (name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)).lower().rstrip(".")
@@ -64,35 +375,106 @@ def _verify(message: bytes, count: int, keys: dict[str, Answer]) -> list[tuple[b
             return None
         return answer.values[0].encode("utf-8", "replace")
 
-    out: list[tuple[bool, str]] = []
-    for idx in range(count):
+    try:
         d = dkim.DKIM(message, minkey=MIN_KEY_BITS)
+    except Exception:  # a message dkimpy cannot parse: every signature is unreadable
+        out.extend(replace_result(_describe(v), PERMERROR, "malformed") for v in signatures)
+        return
+    for idx, value in enumerate(signatures):
+        if stop.is_set() or time.monotonic() > deadline:
+            return
+        claimed = _describe(value)
+        tags = _tags(value)
+        if tags is None:
+            out.append(replace_result(claimed, PERMERROR, "malformed"))
+            continue
+        try:
+            dkim.validate_signature_fields(tags)
+        except dkim.DKIMException:
+            out.append(replace_result(claimed, PERMERROR, "malformed"))
+            continue
+        name = _key_name(value)
+        answer = keys.get(name or "")
+        if answer is None or answer.status == UNKNOWN:
+            out.append(replace_result(claimed, TEMPERROR, "key_lookup"))
+            continue
+        if answer.status != OK or not answer.values:
+            out.append(replace_result(claimed, PERMERROR, "no_key"))     # RFC 6376 §6.1.2
+            continue
+        try:
+            _pk, bits, ktag, _tlsrpt = dkim.evaluate_pk(name, answer.values[0].encode("utf-8", "replace"))
+        except Exception:  # KeyFormatError, and the errors of a key that does not decode
+            out.append(replace_result(claimed, PERMERROR, "bad_key"))
+            continue
+        if ktag == b"rsa" and bits < MIN_KEY_BITS:
+            out.append(replace_result(claimed, PERMERROR, "short_key"))
+            continue
         try:
             ok = bool(d.verify(idx=idx, dnsfunc=dnsfunc))
-        except dkim.DKIMException:
-            ok = False
-        domain = d.domain.decode("ascii", "replace").lower() if getattr(d, "domain", None) else ""
-        out.append((ok, domain))
-    return out
+        except dkim.ValidationError as e:
+            # dkimpy reports a changed body as a ValidationError, not False.
+            body = str(e).startswith("body hash mismatch")
+            out.append(replace_result(claimed, FAIL if body else PERMERROR, "body_hash" if body else "malformed"))
+            continue
+        except Exception:  # MessageFormatError, KeyFormatError, ... never into the session
+            out.append(replace_result(claimed, PERMERROR, "malformed"))
+            continue
+        out.append(replace_result(claimed, PASS, "") if ok else replace_result(claimed, FAIL, "bad_signature"))
 
 
-async def gather(message: bytes, resolver: Any, budget: float) -> DkimFact:
+def replace_result(r: SignatureResult, result: str, reason: str) -> SignatureResult:
+    return SignatureResult(result, r.domain, r.selector, r.algorithm, r.b, reason)
+
+
+def message_bytes(session: Any, limit: int) -> bytes | None:
+    """The whole message of a session: its spooled `message` if it has one
+    (and the message is at most `limit` bytes), else its `content`."""
+    message = getattr(session, "message", None)
+    if message is not None and hasattr(message, "read"):
+        data = message.read(limit)
+        return data if isinstance(data, bytes) else None
+    content = getattr(session, "content", None)
+    return content if isinstance(content, bytes) else None
+
+
+async def gather(message: bytes, resolver: Any, budget: float,
+                 settings: DkimSettings | None = None) -> DkimFact:
     """The DKIM facts of one message (the bytes as the client sent them)."""
+    settings = settings or DkimSettings()
     try:
         headers = dkim.DKIM(message).headers
     except Exception as e:  # a message dkimpy cannot even split into headers
         return DkimFact(OK, "fail", error=f"unparsable message: {type(e).__name__}")
-    signatures = [v for k, v in headers if k.lower() == b"dkim-signature"][:MAX_SIGNATURES]
+    author = from_domain(header_block(message))
+    signatures = [v for k, v in headers if k.lower() == b"dkim-signature"][:settings.max_signatures]
     if not signatures:
-        return DkimFact(NONE, "none")
-    names = {name for name in map(_key_name, signatures) if name}
-    answers = await gather_within(budget, **{f"k{i}": resolver.query(n, "TXT") for i, n in enumerate(sorted(names))})
-    keys = {n: answers[f"k{i}"] for i, n in enumerate(sorted(names))}
-    results = await asyncio.to_thread(_verify, message, len(signatures), keys)
-    passed = tuple(dict.fromkeys(domain for ok, domain in results if ok and domain))
+        return DkimFact(NONE, "none", from_domain=author)
+    names = sorted({name for name in map(_key_name, signatures) if name})
+    answers = await gather_within(budget, **{f"k{i}": resolver.query(n, "TXT") for i, n in enumerate(names)})
+    keys = {n: answers[f"k{i}"] for i, n in enumerate(names)}
+
+    out: list[SignatureResult] = []
+    stop = threading.Event()
+    deadline = time.monotonic() + settings.verify_timeout
+    error = ""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_verify, message, signatures, keys, deadline, stop, out),
+                               settings.verify_timeout)
+    except (asyncio.TimeoutError, TimeoutError):
+        error = f"verification stopped after {settings.verify_timeout:g}s"
+    stop.set()
+    done = list(out)
+    results = tuple(done) + tuple(replace_result(_describe(v), TEMPERROR, "timeout")
+                                  for v in signatures[len(done):])
+    if len(done) < len(signatures) and not error:
+        error = f"verification stopped after {settings.verify_timeout:g}s"
+
+    passed = tuple(dict.fromkeys(r.domain for r in results if r.result == PASS and r.domain))
+    temp = any(r.result == TEMPERROR for r in results)
     if passed:
-        return DkimFact(OK, "pass", passed)
-    failed_lookups = [n for n, a in keys.items() if a.status == UNKNOWN]
-    if failed_lookups:
-        return DkimFact(UNKNOWN, UNKNOWN, error=f"key lookup failed: {', '.join(failed_lookups)}")
-    return DkimFact(OK, "fail")
+        return DkimFact(OK, "pass", passed, error, author, aligned(author, passed), results)
+    if temp:
+        failed = [n for n, a in keys.items() if a.status == UNKNOWN]
+        why = error or f"key lookup failed: {', '.join(failed)}"
+        return DkimFact(UNKNOWN, UNKNOWN, (), why, author, UNKNOWN if author else False, results)
+    return DkimFact(OK, "fail", (), error, author, False, results)
