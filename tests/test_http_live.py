@@ -204,6 +204,10 @@ def test_serve_with_http_and_two_workers_answers_on_consecutive_ports(recorder: 
             wait_port("127.0.0.1", port, timeout=20)
             wait_for(lambda: get(f"http://127.0.0.1:{port}/healthz")[0] == 200, timeout=20)
             assert get(f"http://127.0.0.1:{port}/livez")[0] == 200
+        # the container's HEALTHCHECK command reads the same endpoint
+        check = subprocess.run([sys.executable, "-m", "smtpguard", "health", "--http",
+                                f"http://127.0.0.1:{http}/healthz"], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
         wait_port("127.0.0.1", smtp)
         with smtplib.SMTP("127.0.0.1", smtp, timeout=10) as s:
             s.ehlo("client.test")
