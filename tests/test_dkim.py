@@ -335,3 +335,38 @@ def test_unsigned_mail_claiming_a_listed_bank_is_refused(recorder: Recorder, gua
         s.sendmail("x@elsewhere.test", ["bob@example.test"], signed(key, forged, b"bank.test"))
         s.sendmail("alice@sender.test", ["bob@example.test"], MESSAGE)      # another From: passes
     assert len(recorder.messages) == 2
+
+
+# -- smtpguard check --message ---------------------------------------------------------
+
+def _check(tmp_path: Any, dns_server: DnsServer, *args: str) -> Any:
+    import subprocess
+    import sys
+    conf = tmp_path / "c.toml"
+    conf.write_text('[server]\nhostname = "mx.example.test"\ndomains = ["example.test"]\n'
+                    '[upstream]\naddress = "127.0.0.1:1"\n[dkim]\nauthserv_id = "auth.example.test"\n')
+    return subprocess.run([sys.executable, "-m", "smtpguard", "check", "192.0.2.7", "--config", str(conf),
+                           "--dns-server", dns_server.address, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_message_shows_the_dkim_facts_of_a_stored_message(tmp_path: Any, dns_server: DnsServer,
+                                                                 key: Any) -> None:
+    import json
+    publish(dns_server, key)
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(signed(key).replace(b"\r\n", b"\n"))        # saved with Unix line ends
+    r = _check(tmp_path, dns_server, "--message", str(eml), "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["message"]
+    assert m["facts"] == {"dkim": "pass", "dkim_domains": ["sender.test"], "from_domain": "sender.test",
+                          "dkim_aligned": True}
+    assert [(s["result"], s["domain"], s["selector"]) for s in m["signatures"]] == [("pass", "sender.test", "s1")]
+    assert m["authentication_results"].startswith("Authentication-Results: auth.example.test;\r\n\tdkim=pass ")
+    text = _check(tmp_path, dns_server, "--message", str(eml)).stdout
+    assert "dkim_aligned" in text and "signature 1: pass d=sender.test s=s1 a=rsa-sha256" in text
+
+
+def test_check_message_errors_name_the_flag(tmp_path: Any, dns_server: DnsServer) -> None:
+    r = _check(tmp_path, dns_server, "--message", str(tmp_path / "missing.eml"))
+    assert r.returncode == 2 and "--message" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

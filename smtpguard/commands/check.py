@@ -41,6 +41,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--sender", default="", metavar="ADDR", help="MAIL FROM address")
     p.add_argument("--rcpt", default="", metavar="ADDR", help="RCPT TO address")
     p.add_argument("--syn", default="", metavar="HEX", help="the client's SYN (IP+TCP headers as hex) for the os fact")
+    p.add_argument("--message", default="", metavar="FILE.eml",
+                   help="a stored message: show its DKIM facts (dkim, dkim_domains, from_domain, dkim_aligned), "
+                        "each signature's result and the Authentication-Results header the MTA would get")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     add_common_config_flags(p)
     p.set_defaults(func=run)
@@ -119,6 +122,37 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
     return result
 
 
+async def message_facts(config: cfg.Config, data: bytes) -> dict[str, Any]:
+    """`--message`: the DKIM facts of a stored message, as the data stage sees them."""
+    from smtpguard.adapters.dns import Resolver
+    from smtpguard.sources import dkim
+
+    resolver = Resolver.from_settings(config.dns)
+    fact = await dkim.gather(data, resolver, config.dns.stage_budget, config.dkim)
+    close = getattr(resolver, "close", None)
+    if close is not None:
+        await close()
+    header = dkim.authentication_results(dkim.authserv(config.dkim, config.server.hostname), fact)
+    return {"facts": {k: (list(v) if isinstance(v, tuple) else v) for k, v in fact.as_facts().items()},
+            "signatures": [{"result": r.result, "domain": r.domain, "selector": r.selector,
+                            "algorithm": r.algorithm, "reason": dkim.REASONS.get(r.reason, "")}
+                           for r in fact.results],
+            "error": fact.error, "authentication_results": header.decode("ascii")}
+
+
+def _message_text(m: dict[str, Any]) -> str:
+    lines = ["message:"]
+    for key in sorted(m["facts"]):
+        lines.append(f"  {key:<22} {m['facts'][key]}")
+    for n, sig in enumerate(m["signatures"], 1):
+        lines.append(f"  signature {n}: {sig['result']} d={sig['domain'] or '-'} s={sig['selector'] or '-'} "
+                     f"a={sig['algorithm'] or '-'}" + (f" ({sig['reason']})" if sig["reason"] else ""))
+    if m["error"]:
+        lines.append(f"  note: {m['error']}")
+    lines.append("  " + m["authentication_results"].rstrip().replace("\r\n", "\n  "))
+    return "\n".join(lines)
+
+
 def _text(result: dict[str, Any]) -> str:
     lines = [f"client {result['ip']}", "facts:"]
     for key in sorted(result["facts"]):
@@ -143,6 +177,20 @@ def _text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _read_message(path: str, limit: int) -> bytes:
+    """A stored message (.eml, LF or CRLF line ends), at most `limit` bytes."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError("--message", f"cannot read {path!r}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ConfigError("--message", f"{path!r} is larger than server.max_message_size ({limit} bytes)")
+    if b"\r\n" not in data:
+        data = data.replace(b"\n", b"\r\n")   # a message saved with Unix line ends: the wire form is CRLF
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         ipaddress.ip_address(args.ip)
@@ -155,8 +203,12 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError("--syn", "expected the SYN's IP+TCP header bytes as hex") from None
     config = _config(args)
+    data = _read_message(args.message, config.server.max_message_size) if args.message else None
     log.setup(config.log.format, args.log_level or "warning")
     result = asyncio.run(evaluate(config, args.ip, args.helo, args.sender, args.rcpt, syn))
-    print(json.dumps(result, indent=2, default=str) if args.json else _text(result))
+    if data is not None:
+        result["message"] = asyncio.run(message_facts(config, data))
+    text = _text(result) + ("\n" + _message_text(result["message"]) if data is not None else "")
+    print(json.dumps(result, indent=2, default=str) if args.json else text)
     sys.stdout.flush()
     return 0
