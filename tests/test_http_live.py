@@ -82,6 +82,9 @@ def test_counters_move_by_exactly_the_sessions_sent(served: Any, recorder: Recor
         assert code == 550
     with smtplib.SMTP(guard.host, guard.port, timeout=10) as s:   # a session that sends nothing
         s.ehlo("client.test")
+        open_now = samples(base)
+        assert value(open_now, "smtpguard_sessions_current") == 1
+        assert value(open_now, "smtpguard_connections_current") == 1
     wait_for(lambda: len(guard.events("close")) == 4)
     m = samples(base)
     sizes = [e["size"] for e in guard.events("relay.accepted")]
@@ -97,6 +100,7 @@ def test_counters_move_by_exactly_the_sessions_sent(served: Any, recorder: Recor
     # one fact-gathering observation per session at connect; relay time per message
     assert value(m, "smtpguard_fact_gathering_seconds_count", stage="connect") == 4
     assert value(m, "smtpguard_relay_seconds_count") == 2
+    wait_for(lambda: value(samples(base), "smtpguard_connections_current") == 0)
     assert value(m, "smtpguard_sessions_current") == 0
     assert value(m, "smtpguard_upstream_errors_total", kind="connect") == 0
     # no label carries an address or a name

@@ -381,8 +381,11 @@ async def start(services: Any, server: Any, clock: Callable[[], float] = time.ti
     from smtpguard.observe import metrics as m
 
     counting = m.Metrics().install()
-    counting.add_callback(m.gauge_family("sessions_current", "Sessions open now",
+    counting.add_callback(m.gauge_family("sessions_current", "SMTP sessions open now (past the screen)",
                                          lambda: len(getattr(server, "sessions", ()))))
+    counting.add_callback(m.gauge_family("connections_current", "Client connections open now, in the "
+                                         "screen or in a session (the count the limits use)",
+                                         lambda: getattr(getattr(services, "clients", None), "total", 0)))
     counting.add_callback(m.resolver_families(lambda: services.resolver.stats()))
     http = HttpServer(services, server, counting, clock)
     try:
