@@ -14,6 +14,7 @@ and log settings.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Union
 
 from smtpguard.adapters.dns import DnsSettings
-from smtpguard.core.address import DomainSet, normalise_domain
+from smtpguard.core.address import DomainSet, domain_key, normalise_domain
 from smtpguard.core.policy import Policy, geo_rules, parse_policy
 from smtpguard.core.units import parse_duration, parse_size
 from smtpguard.errors import ConfigError
@@ -87,6 +88,9 @@ MAX_DURATION = 7 * 86400.0
 MIN_MESSAGE_SIZE = 65_536
 
 UPSTREAM_TLS = ("none", "opportunistic", "required")
+# ESMTP extensions mirrored from the MTA to clients when the MTA offers them
+# (a front must not take features away from the MTA behind it).
+UPSTREAM_EXTENSIONS = ("SMTPUTF8", "DSN", "8BITMIME")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 URL_PLACEHOLDERS = ("code", "ip", "helo", "sender", "rcpt", "session")
@@ -130,6 +134,8 @@ class UpstreamSettings:
     # XFORWARD (Postfix XFORWARD_README) is its own choice: XCLIENT no longer
     # turns it on as a side effect.
     xforward: bool = False
+    # What may be mirrored; `extensions = ["DSN"]` narrows the set.
+    extensions: tuple[str, ...] = UPSTREAM_EXTENSIONS
     connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT
     timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     pool_size: int = DEFAULT_UPSTREAM_POOL
@@ -253,6 +259,21 @@ def _int(key: str, value: Any, minimum: int = 0) -> int:
     return value
 
 
+# More workers than MAX_WORKERS_PER_CPU per core only adds memory and
+# context switches (each is a whole process with its own pools and caches):
+# beyond it, a typo (workers = 40 for 4) is reported instead of forking.
+MAX_WORKERS_PER_CPU = 4
+
+
+def _workers(key: str, value: Any) -> int:
+    n = _int(key, value, 1)
+    cap = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if n > cap:
+        raise ConfigError(key, f"{n} workers on {os.cpu_count() or 1} CPUs; at most {cap} "
+                               f"({MAX_WORKERS_PER_CPU} per CPU)")
+    return n
+
+
 def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -304,7 +325,8 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 def _domain(key: str, value: Any) -> str:
     text = _str(key, value).strip()
-    name = normalise_domain(text).lstrip(".")
+    # U-labels are kept in their A-label form (RFC 5890): both spellings match.
+    name = (domain_key(text.lstrip(".")) or "\x00") if not text.isascii() else normalise_domain(text).lstrip(".")
     if not name or len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
         raise ConfigError(key, f"{text!r} is not a domain name (use .example.com for subdomains)")
     return ("." if text.startswith(".") else "") + name
@@ -366,13 +388,15 @@ SERVER_KEYS: dict[str, Parser] = {
     "proxy_protocol": _bool,
     "proxy_timeout": _positive_duration,
     "proxy_trusted": _networks,
-    "workers": lambda k, v: _int(k, v, 1),
+    "workers": lambda k, v: _workers(k, v),
 }
 UPSTREAM_KEYS: dict[str, Parser] = {
     "address": lambda k, v: parse_hostport(k, v, default_port=25),
     "tls": lambda k, v: _choice(k, v, UPSTREAM_TLS),
     "xclient": _bool,
     "xforward": _bool,
+    "extensions": lambda k, v: tuple(_choice(k, x, tuple(e.lower() for e in UPSTREAM_EXTENSIONS)).upper()
+                                     for x in _list(k, v)),
     "connect_timeout": _positive_duration,
     "timeout": _positive_duration,
     "pool_size": lambda k, v: _int(k, v, 0),
@@ -423,6 +447,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "max_sessions": ("limits", "max_sessions"),
     "limits_exempt": ("limits", "exempt"),
     "http": ("http", "listen"),
+    "xclient": ("upstream", "xclient"),
+    "xforward": ("upstream", "xforward"),
 }
 
 

@@ -14,6 +14,7 @@ core, TCP_SAVE_SYN for the OS fingerprint.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
@@ -32,6 +33,7 @@ from smtpguard.adapters.spool import MessageSpool
 from smtpguard.core.dsn import DSN_MAIL, DSN_RCPT, split_dsn
 
 from smtpguard.config import Config
+from smtpguard.errors import ConfigError
 from smtpguard.core import reply as replies
 from smtpguard.observe.log import event
 from smtpguard.core.ip import client_ip
@@ -460,6 +462,30 @@ class Server:
             return "PROXY source address or port malformed"
         return ip, port
 
+    @staticmethod
+    def probe_free(host: str, port: int) -> None:
+        """Issue 11 item 3: an address another process listens on is an error
+        (exit 2), never shared by SO_REUSEPORT. A bind without SO_REUSEPORT
+        fails on a listening socket whatever its options; our own workers
+        skip this (the supervisor probed before forking)."""
+        if port == 0:
+            return
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind((host, port))
+        except OSError as e:
+            where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError("server.listen", f"{where} is already in use by another process "
+                                  "(only smtpguard's own workers share an address)") from None
+            raise ConfigError("server.listen", f"cannot listen on {where}: {e.strerror}") from None
+        finally:
+            probe.close()
+
     def _listen_socket(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # proto=IPPROTO_TCP: accepted sockets inherit it, and asyncio sets
@@ -489,6 +515,9 @@ class Server:
         self.track(probe)
         await asyncio.wait({probe}, timeout=PROBE_WAIT)
         bound: list[tuple[str, int]] = []
+        if not getattr(self.services, "own_workers", False):
+            for host, port in self._listen:
+                self.probe_free(host, port)
         for host, port in self._listen:
             sock = self._listen_socket(host, port)
             srv = await loop.create_server(self._protocol, sock=sock)

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from smtpguard import config as cfg
 from smtpguard.errors import ConfigError
 from smtpguard.observe import log
+from smtpguard.workers import serve_one, supervise
 
 
 def add_common_config_flags(p: argparse.ArgumentParser) -> None:
@@ -60,6 +61,12 @@ def add_parser(sub: Any) -> None:
                    help="sessions of this process (default 1000; 0: off) [limits.max_sessions]")
     p.add_argument("--limits-exempt", action="append", metavar="NETWORK",
                    help="networks exempt from the limits and the pregreet wait (repeatable) [limits.exempt]")
+    p.add_argument("--xclient", action="store_const", const=True, default=None,
+                   help="send the client's address, name and HELO to the MTA with XCLIENT (Postfix: "
+                        "smtpd_authorized_xclient_hosts must list smtpguard's address) [upstream.xclient]")
+    p.add_argument("--xforward", action="store_const", const=True, default=None,
+                   help="send the client's address, name and HELO to the MTA with XFORWARD, for its logs "
+                        "only (Postfix: smtpd_authorized_xforward_hosts) [upstream.xforward]")
     p.add_argument("--http", metavar="HOST:PORT",
                    help="serve the resolution page, /metrics, /healthz and /livez here (off by default; "
                         "with --workers N, worker k takes the first free of PORT..PORT+N-1) [http.listen]")
@@ -77,24 +84,12 @@ def run(args: argparse.Namespace) -> int:
     log.setup(config.log.format, config.log.level)
     services = build_services(config, vars(args))  # raises ConfigError too, before any socket
     if config.server.workers > 1:
-        from smtpguard.workers import supervise
+        from smtpguard.server import Server
+
+        for host, port in config.server.listen:   # issue 11 item 3: exit 2 before any fork
+            Server.probe_free(host, port)
         return supervise(config, vars(args))   # each worker builds its own after the fork
     return serve_one(config, vars(args), services)
-
-
-def serve_one(config: cfg.Config, flags: dict[str, Any], services: Any = None) -> int:
-    """One process serving until SIGTERM/SIGINT: the exit code."""
-    from smtpguard.server import serve
-    from smtpguard.services import build_services
-
-    try:
-        asyncio.run(serve(config, services or build_services(config, flags)))
-    except OSError as e:
-        # e.g. the port is taken or needs privileges: one line, not a traceback
-        log.event("listen.error", 40, error=str(e))
-        print(f"smtpguard: cannot listen: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 # --- SMTPGUARD_* environment variables (issue 17) ---
