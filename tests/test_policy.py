@@ -599,14 +599,17 @@ DEFAULT_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("a country no zone lists passes by default", "connect", {"country": "unknown"},
      dict(action="continue", rule=None)),
     ("a Windows host without reverse DNS is refused", "connect",
-     {"country": "US", "os": "windows", "rdns": "none"},
+     {"country": "US", "os": "windows", "os_match": "exact", "rdns": "none"},
      dict(action="reject", rule="windows-no-rdns", reason="OS-RDNS")),
     ("a Windows host whose name does not resolve back is refused", "connect",
-     {"country": "US", "os": "windows", "rdns": "unconfirmed"},
+     {"country": "US", "os": "windows", "os_match": "generic", "rdns": "unconfirmed"},
      dict(action="reject", rule="windows-no-rdns")),
     ("a Windows host with a dynamic-pool name is refused", "connect",
-     {"country": "US", "os": "windows", "rdns": "confirmed", "rdns_generic": True},
+     {"country": "US", "os": "windows", "os_match": "exact", "rdns": "confirmed", "rdns_generic": True},
      dict(action="reject", rule="windows-generic-rdns", reason="OS-RDNS")),
+    ("a fuzzy Windows match without reverse DNS is not refused (issue 14: only a sure match)", "connect",
+     {"country": "US", "os": "windows", "os_match": "fuzzy", "rdns": "none", "rdns_generic": True},
+     dict(action="continue", rule=None)),
     ("a Windows host whose reverse DNS failed is told to retry", "connect",
      {"country": "US", "os": "windows", "rdns": "unknown"},
      dict(action="tempfail", rule="windows-rdns-temp", reason="DNS-TEMP")),
@@ -700,7 +703,8 @@ def test_the_example_file_mirrors_the_default_policy() -> None:
 
 def test_policy_lists_the_facts_its_rules_read() -> None:
     policy = default_policy()
-    assert policy.facts("connect") == {"country", "os", "rdns", "rdns_generic", "dnsbl_score", "pregreet"}
+    assert policy.facts("connect") == {"country", "os", "os_match", "rdns", "rdns_generic", "dnsbl_score",
+                                       "pregreet"}
     assert policy.facts("helo") == {"helo_is_us"}
     assert policy.facts("rcpt") == {"rcpt", "os"}  # the postmaster allowlist reads rcpt
 
@@ -708,7 +712,7 @@ def test_policy_lists_the_facts_its_rules_read() -> None:
 def test_explain_names_the_condition_that_failed() -> None:
     policy = default_policy()
     rows = dict((name, (hit, failed)) for name, hit, failed in
-                explain(policy, "connect", {"country": "US", "os": "windows", "rdns": "none"}))
+                explain(policy, "connect", {"country": "US", "os": "windows", "os_match": "exact", "rdns": "none"}))
     assert rows["windows-no-rdns"] == (True, "")
     assert rows["windows-rdns-temp"] == (False, "rdns")
     assert rows["geo-allow"] == (False, "country_not_in")

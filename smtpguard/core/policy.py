@@ -995,18 +995,22 @@ reason = "DNS-TEMP"
 
 # A Windows host with no reverse DNS, or one that does not resolve back to
 # it (as Postfix's reject_unknown_client_hostname): a desktop, not an MTA.
+# Refused only when the SYN matched a Windows signature exactly or by the
+# generic Windows signature (TTL 128, DF and Windows' own option layout); a
+# fuzzy match (a field off) is graylisted strictly below instead.
 [[rule]]
 name = "windows-no-rdns"
 stage = "connect"
-when = { os = "windows", rdns_in = ["none", "unconfirmed"] }
+when = { os = "windows", os_match_in = ["exact", "generic"], rdns_in = ["none", "unconfirmed"] }
 action = "reject"
 reason = "OS-RDNS"
 
-# A Windows host named like a dynamic address pool (dsl, dyn, pool, ...).
+# A Windows host named like a dynamic address pool (dsl, dyn, pool, ...),
+# on the same sure match.
 [[rule]]
 name = "windows-generic-rdns"
 stage = "connect"
-when = { os = "windows", rdns_generic = true }
+when = { os = "windows", os_match_in = ["exact", "generic"], rdns_generic = true }
 action = "reject"
 reason = "OS-RDNS"
 
