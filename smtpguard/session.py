@@ -26,7 +26,8 @@ from smtpguard.adapters.spool import MessageSpool
 from smtpguard.adapters.upstream import ClientIdentity, Transaction, Upstream, UpstreamReply
 from smtpguard.config import Config
 from smtpguard.core import reply as replies
-from smtpguard.core.address import Recipient, Refused, check_recipient, has_control, is_ehlo_argument, is_hostname
+from smtpguard.core.address import (Recipient, Refused, check_recipient, has_control, is_ehlo_argument, is_hostname,
+                                    normalise_domain)
 from smtpguard.core.facts import ClientInfo, FactValue
 from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
@@ -45,6 +46,11 @@ CONTENT_LIMIT = 10 * 1000 * 1000
 MAX_REBUILDS = 1
 LOST_TEXT = ("the mail server behind this gateway lost the transaction; "
              "send the message again later")
+
+
+# RFC 6531 §3.4: a UTF-8 address outside an SMTPUTF8 transaction.
+UTF8_WITHOUT_SMTPUTF8 = replies.Reply(553, "5.6.7", "NO-SMTPUTF8",
+                                      "a UTF-8 address needs the SMTPUTF8 parameter on MAIL FROM")
 
 
 class TransactionLost(Exception):
@@ -87,6 +93,7 @@ class ClientSession:
         self.banner_refusal: replies.Reply | None = None  # a 554 greeting was given
         self.dropped = False                    # a connect-stage `drop`: the screen closes
         self.helos = 0
+        self.dsn_params: list[str] = []        # RFC 3461 parameters of the command being handled, verbatim
         # transaction state
         self.sender: str | None = None
         self.mail_options: list[str] = []
@@ -251,7 +258,14 @@ class ClientSession:
         # No AUTH on an inbound port-25 front (aiosmtpd would offer it after
         # STARTTLS); PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034)
         # are what every reply here honours.
-        lines = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")]
+        # Extensions of the MTA behind are mirrored where the proxy carries
+        # them (SMTPUTF8 and SIZE are set on the protocol by the server).
+        upstream = self.services.upstream
+        known = upstream.capabilities is not None
+        lines = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")
+                 and not (r[4:].upper() == "8BITMIME" and known and not upstream.offers("8BITMIME"))]
+        if upstream.offers("DSN"):
+            lines.append("250-DSN")
         lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
         return lines
 
@@ -261,13 +275,17 @@ class ClientSession:
         if refused:
             return refused
         await self._reset_transaction()
-        if has_control(address) or any(has_control(o) for o in mail_options):
+        options = list(mail_options) + self.dsn_params
+        self.dsn_params = []
+        if has_control(address) or any(has_control(o) for o in options):
             return self.refuse("mail", replies.for_recipient("BAD-ADDRESS", code=501))
+        if not address.isascii() and "SMTPUTF8" not in options:
+            return self.refuse("mail", UTF8_WITHOUT_SMTPUTF8)
         sender = "" if address == "<>" else address
         self.sender = sender
-        self.mail_options = list(mail_options)
+        self.mail_options = options
         self.facts["sender"] = sender
-        self.facts["sender_domain"] = sender.rpartition("@")[2].lower() if "@" in sender else ""
+        self.facts["sender_domain"] = normalise_domain(sender.rpartition("@")[2]) if "@" in sender else ""
         verdict = await self.run_stage("mail")
         await self.slow()
         if self.refuses_now(verdict):
@@ -283,6 +301,10 @@ class ClientSession:
         refused = self.refused_session()
         if refused:
             return refused
+        rcpt_options = list(rcpt_options) + self.dsn_params
+        self.dsn_params = []
+        if not address.isascii() and "SMTPUTF8" not in self.mail_options:
+            return self.refuse("rcpt", UTF8_WITHOUT_SMTPUTF8, address)
         limits = self.config.server
         if len(self.accepted) >= limits.max_recipients:
             return self.refuse("rcpt", replies.make("RCPT-LIMIT"), address)
@@ -541,10 +563,12 @@ class ClientSession:
         note = ""
         if self.helo and not helo:
             note = " helo=" + re.sub(r"[^A-Za-z0-9.:_-]", "_", self.helo[:64])
-        proto = ("ESMTPS" if self.tls_info else "ESMTP") if self.esmtp else ("SMTPS" if self.tls_info else "SMTP")
+        utf8 = "SMTPUTF8" in self.mail_options
+        proto = ("UTF8SMTP" if utf8 else "ESMTP") if self.esmtp else "SMTP"  # RFC 6531 §4.3
+        proto += "S" if self.tls_info else ""
         tls = f"\r\n\t(using {self.tls_info})" if self.tls_info else ""
         for_clause = f"\r\n\tfor <{replies.clean(rcpts[0], 256)}>" if len(rcpts) == 1 else ""
         header = (f"Received: from {helo or literal} ({host} {literal}{note}){tls}\r\n"
                   f"\tby {self.config.server.hostname} (smtpguard) with {proto} id {self.client.session_id}"
                   f"{for_clause};\r\n\t{formatdate(localtime=True)}\r\n")
-        return header.encode("ascii", "replace")
+        return header.encode("utf-8", "surrogateescape") if utf8 else header.encode("ascii", "replace")

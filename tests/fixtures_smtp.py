@@ -113,7 +113,8 @@ class RecorderSMTP(SMTP):
 class Recorder:
     """A recording upstream MTA: it keeps every message it accepted, byte for byte."""
 
-    def __init__(self, xclient: bool = False, xforward: bool = False, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, xclient: bool = False, xforward: bool = False, tls: ssl.SSLContext | None = None,
+                 smtputf8: bool = False, size: int | None = None) -> None:
         self.host = "127.0.0.1"
         self.port = free_port()
         self.messages: list[Received] = []
@@ -127,6 +128,8 @@ class Recorder:
         self._xclient = xclient
         self._xforward = xforward
         self._tls = tls
+        self._smtputf8 = smtputf8
+        self._size = size
         self._loop = LoopThread()
         self._server = self._loop.run(self._start())
 
@@ -178,7 +181,7 @@ class Recorder:
         def factory() -> RecorderSMTP:
             recorder.connections += 1
             return RecorderSMTP(recorder, Handler(), hostname="recorder.test", tls_context=recorder._tls,
-                                data_size_limit=None)
+                                data_size_limit=recorder._size, enable_SMTPUTF8=recorder._smtputf8)
 
         return await asyncio.get_running_loop().create_server(factory, self.host, self.port)
 

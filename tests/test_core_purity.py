@@ -34,6 +34,8 @@ ALLOWED: tuple[str, ...] = (
     "string",
     "struct",
     "typing",
+    "unicodedata",       # address.py: NFC for UTF-8 addresses (RFC 6530)
+    "idna",              # address.py: IDNA 2008 A-labels, a pure computation
     "urllib.parse",      # reply.py: URL-encoding the resolution link
     "smtpguard.core",    # each other
     "smtpguard.errors",  # ConfigError for validation

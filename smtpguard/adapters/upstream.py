@@ -168,6 +168,9 @@ class Upstream:
         self._closed = False  # a reload replaced this pool: connections coming back are closed
         self._quitting: set[asyncio.Task[None]] = set()  # QUITs in flight, referenced until done
         self.failures = 0  # upstream errors since start, in the log lines
+        # The MTA's EHLO extensions as last seen (lower-case name -> parameters),
+        # learned at start-up and on every new connection; None until then.
+        self.capabilities: dict[str, str] | None = None
         self._plain_until = 0.0  # opportunistic TLS failed: plain text until then
         self._tls: ssl.SSLContext | None = None
         if settings.tls != "none":
@@ -211,7 +214,27 @@ class Upstream:
                 self._plain_until = time.monotonic() + TLS_RETRY_AFTER
                 return await self._connect()
             raise _error(e) from e
+        self.capabilities = dict(smtp.esmtp_extensions)
         return Connection(smtp)
+
+    def offers(self, extension: str) -> bool:
+        """Whether the client may be offered an extension: allowed by
+        `upstream.extensions` and offered by the MTA as last seen."""
+        return (extension.upper() in self.settings.extensions and self.capabilities is not None
+                and extension.lower() in self.capabilities)
+
+    def size_limit(self) -> int:
+        """The MTA's SIZE (RFC 1870), 0 when it states none."""
+        value = (self.capabilities or {}).get("size", "")
+        return int(value) if value.strip().isdigit() else 0
+
+    async def probe(self) -> None:
+        """Learn the MTA's extensions at start-up (best effort: a session learns them too)."""
+        try:
+            conn, _ = await self.acquire()
+        except UpstreamError:
+            return
+        self.release(conn, reusable=True)
 
     def _take_idle(self) -> Connection | None:
         self.purge()
@@ -321,7 +344,7 @@ class Transaction:
             if not reply.ok:
                 raise UpstreamError("UPSTREAM", f"XFORWARD refused: {reply.code}")
         params = [o for o in options if _forwardable(o, conn)]
-        return await conn.command(b"MAIL", b"FROM:<" + _addr(sender) + b">", *(p.encode("ascii") for p in params))
+        return await conn.command(b"MAIL", b"FROM:<" + _addr(sender) + b">", *(p.encode("utf-8") for p in params))
 
     async def rcpt(self, address: str, options: list[str] | None = None) -> UpstreamReply:
         """Mirror one RCPT; on any error the connection is closed (its state is unknown)."""
@@ -329,7 +352,7 @@ class Transaction:
         assert conn is not None
         try:
             reply = await conn.command(b"RCPT", b"TO:<" + _addr(address) + b">",
-                                       *(o.encode("ascii") for o in options or ()))
+                                       *(o.encode("utf-8") for o in options or () if _forwardable(o, conn)))
         except UpstreamError as e:
             self.abort()
             _failure("rcpt", str(e) or e.reason, self.upstream)
@@ -404,10 +427,16 @@ class Transaction:
 
 
 def _addr(address: str) -> bytes:
-    return b"" if address in ("", "<>") else address.encode("ascii", "surrogateescape")
+    # UTF-8 addresses reach here only in an SMTPUTF8 transaction (RFC 6531).
+    return b"" if address in ("", "<>") else address.encode("utf-8", "surrogateescape")
+
+
+# MAIL and RCPT parameters and the extension that carries each (RFC 1870,
+# RFC 6152, RFC 6531, RFC 3461): passed on verbatim when the MTA offers it.
+PARAMETER_EXTENSION = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8",
+                       "RET": "dsn", "ENVID": "dsn", "NOTIFY": "dsn", "ORCPT": "dsn"}
 
 
 def _forwardable(option: str, conn: Connection) -> bool:
-    """SIZE and BODY go upstream when the MTA supports them (RFC 1870, RFC 6152)."""
-    name = option.partition("=")[0].upper()
-    return (name == "SIZE" and conn.supports("size")) or (name == "BODY" and conn.supports("8bitmime"))
+    ext = PARAMETER_EXTENSION.get(option.partition("=")[0].upper())
+    return ext is not None and conn.supports(ext)

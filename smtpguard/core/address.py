@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
+
+import idna
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +47,9 @@ class DomainSet:
         exact: set[str] = set()
         parents: list[str] = []
         for entry in entries:
-            name = normalise_domain(entry)
+            name = domain_key(entry.lstrip(".")) or normalise_domain(entry.lstrip("."))
             if entry.startswith("."):
-                parents.append("." + name.lstrip("."))
+                parents.append("." + name)
             else:
                 exact.add(name)
         return cls(frozenset(exact), tuple(parents))
@@ -54,7 +57,9 @@ class DomainSet:
     def __contains__(self, domain: object) -> bool:
         if not isinstance(domain, str):
             return False
-        name = normalise_domain(domain)
+        name = domain_key(domain)
+        if name is None:
+            return False
         return name in self.exact or any(name.endswith(p) for p in self.parents)
 
     def __bool__(self) -> bool:
@@ -62,8 +67,26 @@ class DomainSet:
 
 
 def normalise_domain(domain: str) -> str:
-    """Case-insensitive, without a trailing dot (RFC 5321 §2.4, §2.3.5)."""
-    return domain.strip().rstrip(".").lower()
+    """Case-insensitive, without a trailing dot (RFC 5321 §2.4, §2.3.5); UTF-8 in NFC (RFC 6530 §10.1)."""
+    name = domain.strip().rstrip(".")
+    return name.lower() if name.isascii() else unicodedata.normalize("NFC", name).lower()
+
+
+def domain_key(domain: str) -> str | None:
+    """The A-label form two spellings of one domain share (`münchen.example` and
+    `xn--mnchen-3ya.example`), or None for a name that is not a valid IDN.
+
+    Strict IDNA 2008 (RFC 5891) without UTS #46 mapping: a zero-width or
+    otherwise disallowed character is refused, never mapped away, so no
+    look-alike of a served domain can pass as it.
+    """
+    name = normalise_domain(domain)
+    if name.isascii():
+        return name
+    try:
+        return idna.encode(name, uts46=False).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
 
 
 # RFC 5321 §4.1.2 atext, plus UTF-8 (RFC 6531 §3.3), which only reaches
@@ -156,9 +179,9 @@ def check_recipient(address: str, served: DomainSet) -> Recipient | Refused:
     if domain.startswith("["):
         # An address literal names a host, not one of our domains.
         return Refused("RELAY", domain)
-    if not _DOMAIN.fullmatch(domain):
+    if not _DOMAIN.fullmatch(domain) or domain_key(domain) is None:
         return Refused("BAD-ADDRESS")
-    if normalise_domain(domain) not in served:
+    if domain not in served:
         return Refused("RELAY", domain)
     if _ROUTING.search(local):
         hosts = hidden_destinations(local)

@@ -36,11 +36,13 @@ REASONS: dict[str, tuple[int, str, str]] = {
     "SHUTDOWN": (421, "4.3.2", "service shutting down, try again later"),
     "INTERNAL": (451, "4.3.0", "internal error, try again later"),
     "NO-AUTH": (502, "5.5.1", "no authentication on this port: submit mail through your provider's submission service"),
-    "LINE-TOO-LONG": (500, "5.5.2", "line too long (RFC 5321 §4.5.3.1)"),
-    "DATA-LINE-TOO-LONG": (500, "5.6.0", "message has a line longer than 998 characters (RFC 5322 §2.1.1)"),
+    "LINE-TOO-LONG": (500, "5.5.2", "line too long (RFC 5321 section 4.5.3.1)"),
+    "DATA-LINE-TOO-LONG": (500, "5.6.0", "message has a line longer than 998 characters (RFC 5322 section 2.1.1)"),
     "SYNTAX": (501, "5.5.4", "syntax error"),
     "REFUSED": (503, "5.5.1", "this session has been refused"),
     "SEQUENCE": (503, "5.5.1", "bad sequence of commands"),
+    # RFC 6531 §3.5 / RFC 3463 5.6.7: a UTF-8 address where SMTPUTF8 is not in force.
+    "NO-SMTPUTF8": (553, "5.6.7", "UTF-8 addresses need SMTPUTF8"),
     # RFC 5321 §4.1.4 allows a repeated EHLO; hundreds of them are an attack
     # on the DNS lookups each one starts.
     "HELO-LIMIT": (421, "4.7.0", "too many HELO/EHLO commands in this session"),
@@ -128,4 +130,6 @@ def render(reply: Reply, url_template: str = "", context: Mapping[str, str] | No
     line = f"{reply.code} {reply.enhanced} [{reply.reason}] {clean(reply.text, 300)}"
     if url:
         line = f"{line} {url}"
-    return line[:MAX_REPLY_LINE]
+    # RFC 5321 §4.2: reply text is ASCII; a UTF-8 name from a client or a
+    # configured text never makes the reply unsendable.
+    return line[:MAX_REPLY_LINE].encode("ascii", "replace").decode("ascii")
