@@ -28,7 +28,11 @@ import argparse
 import csv
 import importlib.util
 import os
+import shutil
+import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -113,6 +117,78 @@ def syn_report(title: str, rows: list[dict[str, str]], classify: Callable[[bytes
                       f"{f.os_match} {f.os_name!r}")
 
 
+class _P0fFact:
+    """The fields syn_report reads, from one p0f log line."""
+
+    def __init__(self, os_text: str, params: str) -> None:
+        self.os_name = os_text
+        self.os_match = {"none": "exact", "fuzzy": "fuzzy", "generic": "generic"}.get(params.split()[0], params) \
+            if os_text != "???" else "none"
+        name = os_text.lower()
+        if os_text == "???":
+            self.os = "unknown"
+        elif name.startswith("windows"):
+            self.os = "windows"
+        elif name.startswith("linux"):
+            self.os = "android" if "android" in name else "linux"
+        elif name.startswith(("mac os", "macos")):
+            self.os = "macos"
+        elif name.startswith("ios"):
+            self.os = "ios"
+        elif name.startswith("freebsd"):
+            self.os = "freebsd"
+        elif name.startswith("openbsd"):
+            self.os = "openbsd"
+        else:
+            self.os = "other"
+
+
+def p0f_itself(rows: list[dict[str, str]]) -> Callable[[bytes], Any] | None:
+    """p0f 3's own matcher (`p0f -r` on a pcap of the rows, Debian's p0f.fp):
+    the reference our matcher must at least equal with the same signatures."""
+    binary = shutil.which("p0f") or ("/usr/sbin/p0f" if os.path.exists("/usr/sbin/p0f") else None)
+    if binary is None or not P0F_FP.exists():
+        return None
+    by_bytes: dict[bytes, _P0fFact] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pcap, logf = os.path.join(tmp, "syn.pcap"), os.path.join(tmp, "p0f.log")
+        originals = []
+        with open(pcap, "wb") as out:
+            out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))   # LINKTYPE_RAW
+            for i, r in enumerate(rows):
+                raw = syn_bytes(r["syn"])
+                d = bytearray(raw)
+                if d[0] >> 4 == 4:      # one flow per row: its own source address and port
+                    d[12:16] = bytes([10, 0, i // 250, i % 250 + 1])
+                    ihl = (d[0] & 15) * 4
+                    d[10:12] = b"\0\0"
+                    total = sum(struct.unpack(f"!{ihl // 2}H", bytes(d[:ihl])))
+                    while total >> 16:
+                        total = (total & 0xFFFF) + (total >> 16)
+                    d[10:12] = struct.pack("!H", ~total & 0xFFFF)
+                    tcp_at = ihl
+                else:
+                    d[8:24] = bytes.fromhex("20010db8000000000000000000%06x" % (i + 1))
+                    tcp_at = 40
+                d[tcp_at:tcp_at + 2] = struct.pack("!H", 20000 + i)
+                out.write(struct.pack("<IIII", i, 0, len(d), len(d)) + bytes(d))
+                originals.append(raw)
+        try:
+            subprocess.run([binary, "-r", pcap, "-f", str(P0F_FP), "-o", logf], capture_output=True, timeout=60,
+                           check=False)
+            lines = open(logf, encoding="utf-8", errors="replace").read().splitlines()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    for line in lines:
+        fields = dict(f.split("=", 1) for f in line.split("] ", 1)[-1].split("|") if "=" in f)
+        if fields.get("mod") != "syn" or fields.get("subj") != "cli":
+            continue
+        port = int(fields["cli"].rsplit("/", 1)[1]) - 20000
+        if 0 <= port < len(originals):
+            by_bytes[originals[port]] = _P0fFact(fields.get("os", "???"), fields.get("params", "none"))
+    return lambda b: by_bytes.get(b, _P0fFact("???", "none"))
+
+
 def rdns_report(rows: list[dict[str, str]], classify: Callable[..., Any], misses: bool) -> None:
     from smtpguard.sources.rdns import registrable_domain
     tp = fp = fn = tn = 0
@@ -166,7 +242,10 @@ def main() -> int:
     syn_report("shipped smtpguard.fp", rows, lambda b: syn.classify(b, sigs), args.misses)
     if P0F_FP.exists():
         p0f = syn.load_signatures(P0F_FP.read_text(encoding="utf-8", errors="replace"))
-        syn_report("Debian p0f.fp", rows, lambda b: syn.classify(b, p0f), False)
+        syn_report("Debian p0f.fp in our matcher", rows, lambda b: syn.classify(b, p0f), False)
+        itself = p0f_itself(rows)
+        if itself is not None:
+            syn_report("p0f 3.09b itself (p0f -r)", rows, itself, False)
 
     if (DATA / "rdns_eval.tsv").exists():
         if args.rdns_module:
