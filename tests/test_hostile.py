@@ -249,3 +249,30 @@ def test_an_escaped_ptr_name_is_not_used(recorder_factory: Any, guard_factory: A
         assert say(sock, f, b"Subject: x\r\n\r\nbody\r\n.\r\n")[0] == 250
     assert up.messages[0].xclient["NAME"] == "[UNAVAILABLE]"
     assert up.messages[0].content.startswith(b"Received: from mail.sender.test (unknown [127.0.0.1])")
+
+
+def test_a_large_message_over_tls_arrives_whole_with_the_small_tls_buffer(recorder: Recorder, guard_factory: Any,
+                                                                         tmp_path: Path) -> None:
+    import smtplib
+
+    trustme = pytest.importorskip("trustme")
+    trustme.CA().issue_cert("mx.example.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "c.pem"))
+    g = guard_factory(upstream=recorder.address, tls_cert=str(tmp_path / "c.pem"), tls_key=str(tmp_path / "c.pem"))
+    body = b"".join(b"line %06d " % i + b"x" * 60 + b"\r\n" for i in range(20000))  # 1.4 MB, many TLS records
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP(g.host, g.port, timeout=30) as s:
+        s.starttls(context=ctx)
+        s.sendmail("a@sender.test", ["b@example.test"], b"Subject: big\r\n\r\n" + body)
+    assert recorder.messages[0].content.endswith(body)
+
+
+def test_helo_and_ehlo_are_counted_per_session(guard: Guard) -> None:
+    sock, f = session(guard)
+    with sock:
+        for i in range(5):
+            raw_ehlo(sock, f, f"name{i}.test")
+        code, text = say(sock, f, b"EHLO sixth.test\r\n")
+        assert code == 421 and "[HELO-LIMIT]" in text, text
+        assert f.readline() == b""  # closed
+    assert any(e.get("reason") == "HELO-LIMIT" for e in guard.events("defer"))
