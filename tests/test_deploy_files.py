@@ -95,7 +95,7 @@ def test_compose_zones_are_fetched_before_start_and_refreshed_with_a_reload() ->
     assert init[:3] == ["smtpguard", "zones", "update"] and init[init.index("--dest") + 1] == zones_dir
     assert services["smtpguard"]["depends_on"]["zones-init"]["condition"] == "service_completed_successfully"
     refresh = services["zones-refresh"]
-    assert refresh["pid"] == "service:smtpguard"               # to signal smtpguard's init
+    assert refresh["pid"] == f"container:{services['smtpguard']['container_name']}"   # to signal smtpguard's init
     loop = refresh["command"][0]
     assert f"zones update --dest {zones_dir} && kill -HUP 1" in loop
     # DEST is replaced by renames: it must be below the volume's mount point, not the mount itself.
