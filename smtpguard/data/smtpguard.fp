@@ -100,6 +100,8 @@ sig   = *:64:0:*:mss*44,3:mss,sok,ts,nop,ws:df,id+,flow:0
 sig   = *:64:0:*:mss*44,4:mss,sok,ts,nop,ws:df,id+,flow:0
 sig   = *:64:0:*:mss*44,5:mss,sok,ts,nop,ws:df,id+,flow:0
 sig   = *:64:0:*:mss*44,6:mss,sok,ts,nop,ws:df,id+,flow:0
+; Android 1.5 (Linux 2.6.27) wrote the MSS after SACK-permitted and TS (P0F2X).
+sig   = *:64:0:*:mss*4,1:sok,ts,mss,nop,ws:df,id+,flow:0
 ; The same patch without rounding to whole segments announced 65535.
 sig   = *:64:0:*:65535,1:mss,sok,ts,nop,ws:df,id+,flow:0
 sig   = *:64:0:*:65535,2:mss,sok,ts,nop,ws:df,id+,flow:0
@@ -151,6 +153,10 @@ sig   = *:64:0:*:mss*4,*:mss,sok,ts,nop,ws:df,id+,flow:0
 label = s:unix:Linux:loopback
 sig   = 4:64:0:65495:65495,*:mss,sok,ts,nop,ws:df,id+:0
 sig   = 6:64:0:65476:65476,*:mss,sok,ts,nop,ws:flow:0
+
+; Maemo 5 (Nokia N900, Linux 2.6.28): timestamps without SACK (P0F2X).
+label = s:unix:Linux:Maemo 5
+sig   = *:64:0:*:mss*4,4:mss,nop,nop,ts,nop,ws:df,id+:0
 
 label = g:unix:Linux:2.6 or newer
 sig   = *:64:0:*:*,*:mss,sok,ts,nop,ws:df,id+,flow:0
@@ -207,6 +213,10 @@ sig   = *:64:0:*:65535,6:mss,nop,ws,sok,ts:df,id+,flow:0
 label = s:unix:FreeBSD:7-8
 sig   = *:64:0:*:65535,3:mss,nop,ws,sok,ts:df,id+,flow:0
 
+; FreeBSD 5.3-5.4 wrote OpenBSD's option order with its own 65535 window (P0F2X).
+label = s:unix:FreeBSD:5.x
+sig   = *:64:0:*:65535,1:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
+
 label = g:unix:FreeBSD:
 sig   = *:64:0:*:65535,*:mss,nop,ws,sok,ts:df,id+,flow:0
 sig   = *:64:0:*:65535,*:mss,nop,ws,sok,ts:df,flow:0
@@ -223,6 +233,11 @@ sig   = *:64:0:*:16384,6:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
 
 label = s:unix:OpenBSD:4.x-5.x
 sig   = *:64:0:*:16384,3:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
+
+; OpenBSD 3.3-3.7 also announced 32768 or 57344 (P0F2X).
+label = s:unix:OpenBSD:3.x
+sig   = *:64:0:*:32768,0:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
+sig   = *:64:0:*:57344,0:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
 
 label = g:unix:OpenBSD:
 sig   = *:64:0:*:16384,*:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
@@ -295,12 +310,28 @@ sig   = *:64:0:*:mss*12,0:mss::0
 label = s:other:lwIP:embedded
 sig   = *:255:0:536:2144,0:mss::0
 
+; Juniper JUNOS (P0F2X): Apple's option order, but a 16384 window, or a
+; non-zero ACK number on the SYN.
+label = s:other:Juniper:JUNOS
+sig   = *:64:0:*:16384,0:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+:0
+sig   = *:64:0:*:65535,1:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ack+:0
+
+; PlayStation 3 (P0F2X).
+label = s:other:PlayStation:3
+sig   = *:64:0:*:65535,0:mss,nop,ws,sok,nop,nop,nop,nop,ts:df,id+:0
+
+; NetWare 6 (P0F2X): TTL 128 with DF, scale before SACK-permitted.
+label = s:other:Novell:NetWare 6
+sig   = *:128:0:*:6144,0:mss,ws,nop,sok,nop,nop:df,id+:0
+
 ; Last resorts, by what no mainstream desktop or server stack of the last
 ; twenty years sends: a SYN whose only option is the MSS (no window scaling,
 ; no SACK: network gear, printers and embedded stacks); the MSS written last
 ; (Solaris-derived stacks); timestamps before SACK-permitted with NOP pairs
 ; (AIX, Solaris 9, IRIX, switches); the short MSS,NOP,WS or MSS,WS,NOP of
-; VMS, Tru64, HP-UX and Plan 9. Each at every initial TTL.
+; VMS, Tru64, HP-UX, Plan 9 and BeOS; timestamps without SACK-permitted
+; (OS/400, QNX, UnixWare, CacheOS; FreeBSD 4 and Mac OS X 10.2-10.4 wrote
+; it too, twenty years ago). Each at every initial TTL it was seen with.
 label = g:other:Embedded or network device:MSS option only
 sig   = *:255:0:*:*,*:mss::0
 sig   = *:255:0:*:*,*:mss:df,id+:0
@@ -327,3 +358,9 @@ sig   = *:64:0:*:*,*:mss,nop,ws:df,id+:0
 sig   = *:128:0:*:*,*:mss,nop,ws::0
 sig   = *:64:0:*:*,*:mss,ws,nop:df,id+:0
 sig   = *:255:0:*:*,*:mss,ws,nop::0
+sig   = *:255:0:*:*,*:mss,nop,ws::0
+sig   = *:255:0:*:*,*:nop,ws,mss:df,id+:0
+
+label = g:other:Unix:timestamps without SACK (OS/400, QNX, UnixWare)
+sig   = *:64:0:*:*,*:mss,nop,ws,nop,nop,ts:df,id+:0
+sig   = *:64:0:*:*,*:mss,nop,ws,nop,nop,ts::0
