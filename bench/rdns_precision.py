@@ -1,11 +1,13 @@
-"""Generic-rDNS classifier on the labelled set: precision, recall, F1, misses.
+"""Generic-rDNS classifier on the tuning set: precision, recall, F1, misses.
 
-Reads tests/data/rdns_labelled.tsv, classifies every name as the rDNS source
-does (with the ICANN Public Suffix List domain), and prints the confusion
-counts, precision/recall/F1 overall and per confirmation state, every
-misclassified name with its evidence, and the classifier's cost per name.
-Measured, not asserted (tests/test_rdns_generic.py holds the floors). No
-network.
+Reads tests/data/rdns_labelled.tsv — the names the classifier was tuned on,
+so these figures are in-sample and say little about new names; the
+held-out figures come from bench/detection_eval.py (tests/data/rdns_eval.tsv)
+— classifies every name as the rDNS source does (with the ICANN Public
+Suffix List domain), and prints the confusion counts, precision/recall/F1
+overall and per confirmation state, every misclassified name with its
+evidence, and the classifier's cost per name. Measured, not asserted
+(tests/test_rdns_generic.py holds the floors). No network.
 
     python bench/rdns_precision.py [--quick]
 """
@@ -59,7 +61,8 @@ def main() -> int:
         results.append((name, ip, confirmed, expected, note, v))
 
     generic = sum(r[3] for r in rows)
-    print(f"labelled set: {len(rows)} names ({generic} generic, {len(rows) - generic} server)")
+    print(f"tuning set (in-sample; held-out figures: bench/detection_eval.py): {len(rows)} names "
+          f"({generic} generic, {len(rows) - generic} server)")
     for title, subset in (("all", results),
                           ("confirmed", [r for r in results if r[2]]),
                           ("unconfirmed", [r for r in results if not r[2]])):
