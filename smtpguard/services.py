@@ -24,7 +24,7 @@ from smtpguard.core.facts import UNKNOWN, FactValue
 from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
-from smtpguard.observe.metrics import observe_facts, observe_graylist
+from smtpguard.observe.metrics import observe_facts, observe_graylist, observe_pregreet
 from smtpguard.sources import dkim, dnsbl, geo, greylist, helo, osfp, rdns
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ class Services:
         self.store = store
         self._flags = dict(flags or {})  # the command line, applied again on every reload
         self.clients = ClientCounts()    # the screen's session counts (this process)
+        # Called after a reload is swapped in (server.py re-reads the certificate).
+        self.reload_hooks: list[Any] = []
+        self.own_workers = False         # one of `server.workers`: shares its listeners (workers.py)
         self._last_purge = 0.0
         self._configure(config)
 
@@ -188,6 +191,8 @@ class Services:
     # --- policy ----------------------------------------------------------------
 
     def decide(self, stage: str, facts: dict[str, FactValue], pending: Any = None) -> pol.Verdict:
+        if stage == "connect" and "pregreet" in facts:
+            observe_pregreet(facts["pregreet"])   # issue 12: the screen's pregreet results in /metrics
         return pol.decide(self.policy, stage, facts, pending)
 
     async def graylist(self, session: "ClientSession", rcpt: str, strict: bool) -> dict[str, FactValue]:
@@ -302,14 +307,23 @@ class Services:
                     event("store.purged", rows=purged)
 
     async def reload(self) -> None:
-        """SIGHUP: a new config and country data, or the running ones and a log line why not."""
+        """SIGHUP: every setting that can change without re-binding, or the
+        running ones and a log line why not (issue 11 item 4).
+
+        The new config, country data and signatures are built in a thread and
+        swapped in at once: sessions keep being served while the whole world's
+        zones load (bench/bench_reload.py measures the longest loop stall).
+        Then the resolver ([dns]), the upstream pool, the store, the log
+        settings and the STARTTLS certificate (re-read even at an unchanged
+        path: a certificate renewed in place) follow; what needs a restart
+        is named in `reload.needs_restart`."""
         if not self.config.path:
             event("reload.skipped", reason="no --config file to reload")
             return
+        import asyncio
+
         try:
-            config = load(self.config.path, self._flags)
-            geodb = open_geo(config)
-            signatures = osfp.signature_set(config.fingerprint)
+            config, geodb, signatures = await asyncio.to_thread(self._prepare, self.config.path)
             new_store = None
             url = store_url(config)
             if url and (self.store is None or url != store_url(self.config) or config.state != self.config.state):
@@ -320,25 +334,71 @@ class Services:
         except Exception as e:  # a reload must never take the running proxy down
             event("reload.failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
             return
-        if config.server.listen != self.config.server.listen:
-            event("reload.listen_unchanged", logging.WARNING,
-                  note="listen addresses change only with a restart")
-        if config.upstream != self.config.upstream or config.server.hostname != self.config.server.hostname:
-            old, self.upstream = self.upstream, Upstream(config.upstream, config.server.hostname)
-            await old.close()
+        old = self.config
+        changed: list[str] = []
+        if config.upstream != old.upstream or config.server.hostname != old.server.hostname:
+            old_upstream, self.upstream = self.upstream, Upstream(config.upstream, config.server.hostname)
+            await old_upstream.close()
+            changed.append("upstream")
+        if config.dns != old.dns:
+            self.resolver = Resolver.from_settings(config.dns)   # new servers, timeouts and an empty cache
+            changed.append("dns")
         if new_store is not None:
             old_store, self.store = self.store, new_store
             if old_store is not None:
                 await old_store.close()
+            changed.append("state")
+        if config.log != old.log:
+            from smtpguard.observe import log
+
+            log.setup(config.log.format, config.log.level)
+            changed.append("log")
         self.geodb, self.signatures = geodb, signatures
         self._configure(config)
-        event("reload.done", rules=len(config.policy.rules),
+        for hook in list(self.reload_hooks):   # server.py: the STARTTLS certificate, read again
+            try:
+                hook()
+            except Exception as e:  # the files passed config's check; a race with a renewal keeps the old one
+                event("reload.tls_failed", logging.ERROR, error=f"{type(e).__name__}: {e}",
+                      note="the previous certificate stays in use")
+            else:
+                if config.server.tls_cert:
+                    changed.append("tls")
+        stale = needs_restart(old, config)
+        if stale:
+            event("reload.needs_restart", logging.WARNING, keys=",".join(stale),
+                  note="these settings change only with a restart; the running values stay")
+        event("reload.done", rules=len(config.policy.rules), reloaded=",".join(changed) or "policy",
+              not_reloaded=",".join(stale),
               countries=getattr(getattr(geodb, "stats", None), "countries", 0))
+
+    def _prepare(self, path: str) -> tuple[Config, Any, Any]:
+        """The expensive part of a reload, run in a thread: nothing shared is touched.
+
+        A zone rebuild is CPU-bound Python that holds the interpreter lock
+        for long stretches (sorting a million ranges): a child process
+        compiles the zone cache, and this thread only opens the compiled
+        cache (a hit). Should the child fail, the thread builds the zones
+        itself, reporting the same errors."""
+        config = load(path, self._flags)
+        if config.geo.zones:
+            compile_zones_in_child(path, self._flags)
+        return config, open_geo(config), osfp.signature_set(config.fingerprint)
 
     async def close(self) -> None:
         await self.upstream.close()
         if self.store is not None:
             await self.store.close()
+
+
+# Settings bound at start: a reload cannot apply them (README, "What a SIGHUP reloads").
+RESTART_ONLY = (("server", "listen"), ("server", "workers"), ("http", "listen"))
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The restart-only settings that differ between the running and the new config."""
+    return [f"{table}.{key}" for table, key in RESTART_ONLY
+            if getattr(getattr(old, table), key) != getattr(getattr(new, table), key)]
 
 
 def uses_graylist(config: Config) -> bool:
@@ -354,6 +414,39 @@ def store_url(config: Config) -> str | None:
     if config.pregreet.wait > 0 or config.limits.per_ip_rate > 0:
         return config.state.url if config.state_given else "memory://"
     return None
+
+
+# A child compiling the whole world's zones takes a few seconds; past this,
+# the reload builds them in its thread instead.
+ZONE_COMPILE_TIMEOUT = 120.0
+
+
+def compile_zones_in_child(path: str, flags: dict[str, Any]) -> bool:
+    """Write the compiled zone cache from another process (a reload's zones,
+    off the event loop's interpreter lock). True when the child succeeded."""
+    import json
+    import subprocess
+    import sys
+
+    from smtpguard.config import FLAG_KEYS
+
+    given = {k: flags[k] for k in FLAG_KEYS if flags.get(k) not in (None, [])}
+    try:
+        r = subprocess.run([sys.executable, "-c", "from smtpguard.services import _compile_zones_main as m; m()"],
+                           input=json.dumps({"path": path, "flags": given}), capture_output=True, text=True,
+                           timeout=ZONE_COMPILE_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
+def _compile_zones_main() -> None:
+    """The child of compile_zones_in_child: load the config, open the zones (which writes the cache)."""
+    import json
+    import sys
+
+    job = json.loads(sys.stdin.read())
+    open_geo(load(job["path"], job["flags"]))
 
 
 def open_geo(config: Config) -> Any:
