@@ -273,7 +273,7 @@ UNKNOWN_TEXT = Text(
 
 # Without `[http] contact`: the address RFC 5321 §4.5.1 requires every mail domain to have.
 NO_CONTACT = ("write to the postmaster of the recipient's domain (postmaster@ that domain) from "
-              "another mail server, or reach the recipient another way")
+              "another mail server, or reach the recipient another way.")
 
 
 @dataclass(frozen=True, slots=True)
