@@ -486,3 +486,39 @@ def _step(stage: str, action: str = "continue", **kw: Any) -> dict[str, Any]:
 def test_session_outcome_table(steps: list[dict[str, Any]], extra: dict[str, Any], expected: tuple[str, str, str]) -> None:
     record = {"event": "close", "seen": {"ip": "192.0.2.1"}, "steps": steps, **extra}
     assert rep.session_outcome(record) == expected
+
+
+def test_any_json_in_the_log_is_counted_or_skipped_never_a_crash() -> None:
+    """A log is input: whatever JSON a close line holds, report and replay go on."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from smtpguard.core.policy import parse_policy
+    from smtpguard.observe.replay import Replay
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8) \
+        | st.sampled_from(["connect", "helo", "mail", "rcpt", "data", "reject", "graylist", "tempfail", "drop"])
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.sampled_from(["stage", "action", "set", "unset", "held", "needs",
+                                                             "rule", "reason", "graylist", "rcpt", "country"]),
+                                            inner, max_size=4), max_leaves=12)
+    records = st.fixed_dictionaries({"event": st.just("close")}, optional={
+        "seen": values, "steps": st.lists(values, max_size=4), "messages": values, "refusals": values,
+        "ts": values, "ip": values, "facts": values, "reason": values})
+    policy = parse_policy({"rule": [{"name": "grey", "action": "graylist"},
+                                    {"name": "cn", "stage": "connect", "when": {"country": "CN"}, "action": "reject"}]})
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(records, max_size=5))
+    def run(batch: list[dict[str, Any]]) -> None:
+        report, replay = rep.Report(), Replay(policy)
+        for record in batch:
+            report.add(record)
+            replay.add(record)
+        result = report.result()
+        assert result["sessions"] == len(batch)
+        json.dumps(result)
+        json.dumps(replay.result())
+        rep.text(result)
+
+    run()

@@ -182,19 +182,29 @@ def steps_of(record: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any], M
         return
     facts: dict[str, Any] = _tuples(seen)
     for step in steps:
-        if not isinstance(step, dict) or step.get("stage") not in STAGE_INDEX:
+        stage = step.get("stage") if isinstance(step, dict) else None
+        if not isinstance(stage, str) or stage not in STAGE_INDEX:
             return
-        for key in step.get("unset") or ():
-            facts.pop(key, None)
+        gone = step.get("unset")
+        for key in gone if isinstance(gone, list) else ():
+            if isinstance(key, str):
+                facts.pop(key, None)
         changed = step.get("set")
         if isinstance(changed, dict):
             facts.update(_tuples(changed))
-        yield step["stage"], dict(facts), step
+        yield stage, dict(facts), step
 
 
 def _tuples(facts: Mapping[str, Any]) -> dict[str, Any]:
-    """JSON lists back to the tuples of FactValue."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in facts.items()}
+    """Logged facts as FactValues again: lists back to tuples of strings; a
+    value no source produces (the log is input) is dropped, so it is unknown."""
+    out: dict[str, Any] = {}
+    for key, value in facts.items():
+        if isinstance(value, list):
+            out[key] = tuple(str(v) for v in value if isinstance(v, (str, int, float)))
+        elif value is None or isinstance(value, (str, int, float, bool)):
+            out[key] = value
+    return out
 
 
 @dataclass

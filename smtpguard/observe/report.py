@@ -141,7 +141,8 @@ def session_outcome(record: Mapping[str, Any]) -> tuple[str, str, str]:
         for step in steps:
             if not isinstance(step, dict):
                 break
-            if "graylist" in (step.get("unset") or ()):
+            gone = step.get("unset")
+            if isinstance(gone, list) and "graylist" in gone:
                 graylist = None
             changed = step.get("set")
             if isinstance(changed, dict) and "graylist" in changed:
