@@ -298,3 +298,51 @@ def test_the_screens_results_pregreet_and_limits(recorder: Recorder, guard_facto
         assert sum(v for (name, _), v in m.items() if name == "smtpguard_sessions_total") == 3
     finally:
         stop_http(guard, http)
+
+
+def test_a_reload_changes_the_pages_words_and_path(tmp_path: Any, recorder: Recorder, dns_server: Any) -> None:
+    smtp, http = free_port(), free_port()
+    conf = tmp_path / "smtpguard.toml"
+
+    def write(path: str, contact: str, geo: str) -> None:
+        conf.write_text(f"""
+[server]
+listen = ["127.0.0.1:{smtp}"]
+hostname = "mx.example.test"
+domains = ["example.test"]
+resolution_url = "https://mx.example.test{path}?code={{code}}&ip={{ip}}"
+[upstream]
+address = "{recorder.address}"
+[dns]
+servers = ["{dns_server.address}"]
+[log]
+format = "json"
+[http]
+listen = "127.0.0.1:{http}"
+contact = "{contact}"
+[http.texts]
+GEO = "{geo}"
+""")
+
+    write("/smtp", "postmaster@first.example", "First words.")
+    proc = subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "--config", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    import threading
+
+    threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True).start()
+    base = f"http://127.0.0.1:{http}"
+    try:
+        wait_port("127.0.0.1", http, timeout=20)
+        body = get(base + "/smtp?code=GEO&ip=192.0.2.7")[2]
+        assert "What happened: First words." in body and "postmaster@first.example" in body
+        write("/help/mail", "postmaster@second.example", "Second words.")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: any('"reload.done"' in line for line in lines), timeout=20)
+        body = get(base + "/help/mail?code=GEO&ip=192.0.2.7")[2]
+        assert "What happened: Second words." in body and "postmaster@second.example" in body
+        assert get(base + "/smtp?code=GEO")[0] == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0, "".join(lines)[-2000:]

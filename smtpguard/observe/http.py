@@ -320,11 +320,19 @@ class HttpServer:
             return response
 
         app = web.Application(client_max_size=1024, middlewares=[logged])
-        app.router.add_get(page_path(self.services.config.server.resolution_url), self.page)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/livez", self.livez)
+        # The page's path follows server.resolution_url, which a reload may change.
+        app.router.add_get("/{path:.*}", self.page_or_404)
         return app
+
+    async def page_or_404(self, request: "web.Request") -> "web.Response":
+        from aiohttp import web
+
+        if request.path != page_path(self.services.config.server.resolution_url):
+            raise web.HTTPNotFound(headers=SECURITY_HEADERS)
+        return await self.page(request)
 
     async def start(self) -> tuple[str, int]:
         from aiohttp import web
