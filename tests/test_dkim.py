@@ -370,3 +370,49 @@ def test_check_message_errors_name_the_flag(tmp_path: Any, dns_server: DnsServer
     r = _check(tmp_path, dns_server, "--message", str(tmp_path / "missing.eml"))
     assert r.returncode == 2 and "--message" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# -- properties: hostile bytes ---------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+_TAGS = st.lists(st.tuples(st.sampled_from(["v", "a", "b", "bh", "d", "s", "h", "c", "l", "t", "x", "i", "q", "z"]),
+                           st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x2FF), max_size=40)),
+                 max_size=10)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tags=_TAGS, junk=st.binary(max_size=60))
+def test_any_signature_header_gives_results_never_an_exception(dns_server: DnsServer, tags: list[tuple[str, str]],
+                                                               junk: bytes) -> None:
+    value = "; ".join(f"{k}={v}" for k, v in tags).encode("utf-8", "replace").replace(b"\r", b"").replace(b"\n", b"")
+    message = b"DKIM-Signature: " + value + junk.replace(b"\r", b"").replace(b"\n", b"") + b"\r\n" + MESSAGE
+    f = fact(dns_server, message, timeout=0.2, budget=0.4)
+    assert f.dkim in ("pass", "fail", "none", "unknown")
+    assert all(r.result in ("pass", "fail", "neutral", "temperror", "permerror") for r in f.results)
+    header = dkim_source.authentication_results("mx.example.net", f)
+    assert header.count(b"\r\n") == len(f.results) + 1 or header.endswith(b"dkim=none\r\n") \
+        or header.endswith(b"dkim=temperror\r\n")
+    assert all(32 <= c < 127 or c in (9, 10, 13) for c in header)
+
+
+_FIELD = st.one_of(
+    st.builds(lambda n, v: n + b": " + v + b"\r\n", st.sampled_from([b"Subject", b"Received", b"X-A", b"From"]),
+              st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))),
+    st.builds(lambda pre, idv, rest: b"Authentication-Results: " + pre + idv + rest + b"\r\n",
+              st.sampled_from([b"", b"(c) ", b" "]),
+              st.sampled_from([b"mx.example.net", b"MX.example.NET.", b"other.example", b"mx.example.net.evil"]),
+              st.sampled_from([b"; dkim=pass", b" 1; spf=pass", b";\r\n\tdkim=pass", b""])),
+)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.lists(_FIELD, max_size=12))
+def test_stripping_removes_exactly_the_fields_claiming_us(fields: list[bytes]) -> None:
+    block = b"".join(fields) + b"\r\n"
+    out = dkim_source.strip_authentication_results(block, "mx.example.net")
+    kept = [f for f in fields if not (f.startswith(b"Authentication-Results:")
+                                      and f.split(b":", 1)[1].replace(b"(c)", b"").split(b";")[0].split()
+                                      and f.split(b":", 1)[1].replace(b"(c)", b"").split(b";")[0].split()[0]
+                                      .lower().rstrip(b".") == b"mx.example.net")]
+    assert out == b"".join(kept) + b"\r\n"
