@@ -320,7 +320,8 @@ def _svg_bars(rows: list[dict[str, Any]], title: str, top: int = 12) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None})
     svg = buf.getvalue()
-    return svg[svg.index("<svg"):]
+    # the XML prolog and the RDF metadata block are no use inline
+    return re.sub(r"<metadata>.*?</metadata>", "", svg[svg.index("<svg"):], flags=re.S)
 
 
 def html(result: Mapping[str, Any], replayed: Mapping[str, Any] | None = None, top: int = TOP) -> str:
