@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures_redis",
     "tests.fixtures_smtp",
     "tests.fixtures_faults",
+    "tests.fixtures_postfix",
 ]

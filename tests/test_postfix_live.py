@@ -1,0 +1,158 @@
+"""The promises behind a real Postfix (issues: the two promises, items 2–4;
+ESMTP transparency; XCLIENT that Postfix believes).
+
+A private Postfix 3.x instance (tests/fixtures_postfix.py) sits behind
+smtpguard; clients connect from 127.0.0.5 as a stranger would. Where the
+issue saw Postfix queue relayed mail, these tests use Postfix's most
+trusting set-up (mynetworks covering smtpguard's address, no XCLIENT).
+"""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import socket
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.fixtures_postfix import Postfix
+from tests.fixtures_smtp import Guard, wait_for
+from tests.test_promises import read_reply
+
+CLIENT = ("127.0.0.5", 0)
+MESSAGE = b"From: a@sender.test\r\nSubject: through Postfix\r\n\r\nbody\r\n"
+
+
+def connect(g: Guard) -> tuple[socket.socket, Any]:
+    sock = socket.create_connection((g.host, g.port), timeout=15, source_address=CLIENT)
+    f = sock.makefile("rb")
+    code, _ = read_reply(f)
+    assert code == 220
+    return sock, f
+
+
+def say(sock: socket.socket, f: Any, line: bytes) -> tuple[int, str]:
+    sock.sendall(line)
+    return read_reply(f)
+
+
+@pytest.mark.parametrize("rcpt", [
+    "user%evil.test%example.test@example.test",
+    '"user@evil.test@example.test"@example.test',
+    "example.test!evil.test!user@example.test",
+    '"user%evil.test"%example.test@example.test',
+    "@evil.test:user@example.test",
+], ids=lambda v: v)
+def test_multi_hop_forms_never_reach_a_trusting_postfix(postfix_factory: Any, guard_factory: Any, rcpt: str) -> None:
+    pf: Postfix = postfix_factory(mynetworks="127.0.0.0/8")  # Postfix trusts smtpguard: the worst case
+    g = guard_factory({"pregreet": {"wait": "0s"}}, upstream=pf.address)
+    sock, f = connect(g)
+    with sock, f:
+        say(sock, f, b"EHLO attacker.test\r\n")
+        assert say(sock, f, b"MAIL FROM:<a@sender.test>\r\n")[0] == 250
+        code, text = say(sock, f, f"RCPT TO:<{rcpt}>\r\n".encode())
+        assert code == 550 and "[RELAY] relay to evil.test is not allowed here" in text, text
+        assert say(sock, f, b"RCPT TO:<user@example.test>\r\n")[0] == 250
+        assert say(sock, f, b"DATA\r\n")[0] == 354
+        assert say(sock, f, MESSAGE + b".\r\n")[0] == 250
+    pf.wait_delivered("user")
+    assert "evil.test" not in pf.log
+
+
+def test_untrusted_proxy_headers_never_reach_postfix(postfix_factory: Any, guard_factory: Any) -> None:
+    pf: Postfix = postfix_factory(xclient=True, mynetworks="127.0.0.1/32")
+    g = guard_factory({"server": {"proxy_protocol": True, "proxy_trusted": ["127.0.0.2/32"]},
+                       "upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    with socket.create_connection((g.host, g.port), timeout=10, source_address=CLIENT) as sock:
+        sock.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 4000 25\r\nEHLO x\r\n")
+        try:
+            banner = sock.recv(100)
+        except ConnectionResetError:  # closed with our bytes unread: a reset
+            banner = b""
+        assert banner == b""  # closed without a banner
+    # an untrusted stranger never became 127.0.0.1 (trusted by mynetworks) at Postfix
+    assert "client=localhost[127.0.0.1]" not in pf.log
+
+
+def test_hostile_sessions_leak_no_postfix_connection(postfix_factory: Any, guard_factory: Any) -> None:
+    pf: Postfix = postfix_factory()
+    g = guard_factory({"upstream": {"pool_size": 0}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    for i in range(10):
+        sock, f = connect(g)
+        with sock, f:
+            say(sock, f, b"EHLO c.test\r\n")
+            say(sock, f, b"MAIL FROM:<a@sender.test>\r\n")
+            assert say(sock, f, b"RCPT TO:<user@example.test>\r\n")[0] == 250
+            assert say(sock, f, b"RCPT TO:<bad\x01x@example.test>\r\n")[0] == 501
+        # the client vanishes in the middle of its transaction
+    # every connection smtpguard opened to Postfix is closed again
+    wait_for(lambda: pf.log.count("connect from localhost") > 0
+             and pf.log.count("disconnect from localhost") == pf.log.count("]: connect from localhost"), timeout=15)
+    # and a legitimate client still gets through at once
+    with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:
+        s.sendmail("a@sender.test", ["bob@example.test"], MESSAGE)
+    pf.wait_delivered("bob")
+    assert pf.delivered("user") == []
+
+
+def test_a_stalled_postfix_mid_transaction_loses_no_recipient(postfix_factory: Any, guard_factory: Any) -> None:
+    pf: Postfix = postfix_factory()
+    g = guard_factory({"upstream": {"timeout": "1s", "pool_size": 0}, "pregreet": {"wait": "0s"}},
+                      upstream=pf.address)
+    with smtplib.SMTP(g.host, g.port, timeout=30, source_address=CLIENT) as s:
+        s.ehlo("c.test")
+        s.mail("a@sender.test")
+        assert s.rcpt("user@example.test")[0] == 250
+        pids = subprocess.run(["pgrep", "-f", f"smtpd -n 127.0.0.1:{pf.port}"], capture_output=True,
+                              text=True).stdout.split()
+        assert pids
+        for pid in pids:
+            subprocess.run(["kill", f"-{signal.SIGSTOP.value}", pid])
+        try:
+            assert s.rcpt("bob@example.test")[0] == 451  # the MTA did not answer in time
+        finally:
+            for pid in pids:
+                subprocess.run(["kill", f"-{signal.SIGCONT.value}", pid])
+        assert s.rcpt("postmaster@example.test")[0] == 250  # a new transaction, user@ carried into it
+        code, _ = s.data(MESSAGE)
+        assert code == 250
+    assert len(pf.wait_delivered("user")) == 1 and len(pf.wait_delivered("postmaster")) == 1
+    assert pf.delivered("bob") == []
+
+
+def test_an_eai_message_reaches_postfix(postfix_factory: Any, guard_factory: Any) -> None:
+    pf: Postfix = postfix_factory()
+    g = guard_factory({"pregreet": {"wait": "0s"}}, upstream=pf.address)
+    with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:
+        s.ehlo("c.test")
+        assert s.has_extn("smtputf8") and s.has_extn("dsn")
+        s.sendmail("用户@sender.test", ["user@example.test"], "Subject: EAI\r\n\r\nHallo\r\n".encode(),
+                   mail_options=["SMTPUTF8"], rcpt_options=["NOTIFY=FAILURE"])
+    pf.wait_delivered("user")
+    assert "from=<用户@sender.test>" in pf.log
+
+
+def test_postfix_sees_the_clients_address_and_helo_through_xclient(postfix_factory: Any, guard_factory: Any) -> None:
+    pf: Postfix = postfix_factory(xclient=True, mynetworks="127.0.0.9/32")
+    g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:
+        s.ehlo("client.sender.test")
+        s.sendmail("a@sender.test", ["user@example.test"], MESSAGE)
+        s.mail("a@sender.test")
+        assert s.rcpt("nobody@example.test")[0] == 550  # Postfix logs the refusal with the client's HELO
+    message = pf.wait_delivered("user")[0]
+    assert b"Received: from client.sender.test (unknown [127.0.0.5])" in message
+    assert "client=unknown[127.0.0.5]" in pf.log
+    assert "RCPT from unknown[127.0.0.5]" in pf.log and "helo=<client.sender.test>" in pf.log
+
+
+def test_an_unknown_users_550_comes_back_unchanged(postfix_factory: Any, guard_factory: Any) -> None:
+    pf: Postfix = postfix_factory(xclient=True)
+    g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:
+        s.ehlo("client.sender.test")
+        s.mail("a@sender.test")
+        code, text = s.rcpt("nobody@example.test")
+    assert code == 550 and text.startswith(b"5.1.1 <nobody@example.test>: Recipient address rejected")
