@@ -346,3 +346,23 @@ GEO = "{geo}"
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert proc.returncode == 0, "".join(lines)[-2000:]
+
+
+def test_strangers_cannot_make_the_page_ask_the_lists_without_bound(
+        recorder: Recorder, guard_factory: Any, dns_server: Any) -> None:
+    import concurrent.futures
+
+    ips = [f"192.0.2.{n}" for n in range(1, 13)]   # twelve addresses: no cache or shared query helps
+    for ip in ips:
+        dns_server.delay(".".join(reversed(ip.split("."))) + ".slow.test", 2.0)   # a slow list
+    guard = guard_factory({"dnsbl": [{"zone": "slow.test"}]}, upstream=recorder.address)
+    http = start_http(guard)
+    try:
+        base = f"http://127.0.0.1:{http.bound[1]}/smtp?code=DNSBL&ip="
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(ips)) as pool:
+            answers = list(pool.map(lambda ip: get(base + ip)[0], ips))
+        assert answers == [200] * len(ips)                 # every page is shown ...
+        asked = [ip for ip in ips if dns_server.queries(".".join(reversed(ip.split("."))) + ".slow.test", "A")]
+        assert 1 <= len(asked) <= observe_http.MAX_PAGE_LOOKUPS < len(ips)   # ... but few make the proxy ask the list
+    finally:
+        stop_http(guard, http)

@@ -64,6 +64,10 @@ MAX_TEXT = 2000
 # A DNSBL lookup for the page (DNSBL code only) waits at most this long:
 # the page is shown without the list names rather than late.
 PAGE_LOOKUP_BUDGET = 2.0
+# Page views that look up lists at once: anyone may load the page, so
+# strangers cannot make the proxy ask the lists more than this in parallel
+# (beyond it the page is shown without the list names).
+MAX_PAGE_LOOKUPS = 4
 # Every response: nothing may run or load (the page has no script and no
 # external resource; this makes a mistake harmless too).
 SECURITY_HEADERS = {
@@ -206,6 +210,7 @@ class HttpServer:
         self.bound: tuple[str, int] = ("", 0)
         self._runner: "web.AppRunner | None" = None
         self._probe: asyncio.Task[None] | None = None
+        self._lookups = 0   # DNSBL lookups for pages in flight
 
     @property
     def settings(self) -> HttpSettings:
@@ -232,15 +237,18 @@ class HttpServer:
         """The blocklists that name the address now, with the configured removal links."""
         ip = pages.valid_ip(query.get("ip", "")[:200])
         lists = [x for x in self.services.config.dnsbl.lists if x.weight > 0]
-        if not ip or not lists:
+        if not ip or not lists or self._lookups >= MAX_PAGE_LOOKUPS:
             return ()
         from smtpguard.sources import dnsbl
 
+        self._lookups += 1
         try:
             fact = await dnsbl.gather(ip, lists, self.services.resolver, PAGE_LOOKUP_BUDGET)
         except Exception:  # the page is shown without the names rather than not at all
             event("http.dnsbl_error", logging.WARNING, exc_info=True)
             return ()
+        finally:
+            self._lookups -= 1
         removal = dict(self.settings.removal)
         by_label = {x.label: x for x in lists}
         out: list[pages.Listing] = []
