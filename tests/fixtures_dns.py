@@ -10,6 +10,9 @@ dict that tests change while it runs, and counts the queries it receives per
     server.set("*.bl.example", "A", ["127.0.0.2"])     # wildcard owner
     server.nxdomain("gone.example")                     # NXDOMAIN + SOA
     server.servfail("broken.example")                   # SERVFAIL
+    server.servfail("dual.example", "A")                # SERVFAIL for A only (AAAA answers)
+    server.yxdomain("odd.example")                      # YXDOMAIN (RFC 6672)
+    server.huge("big.example", "A", 4090)               # a hostile RRset (TC on UDP, ~65 KB on TCP)
     server.refuse("private.example")                    # REFUSED
     server.silent("slow.example")                       # never answers
     server.truncate("big.example")                      # TC over UDP, full over TCP
@@ -56,10 +59,12 @@ SERVFAIL = "servfail"
 REFUSED = "refused"
 SILENT = "silent"
 TRUNCATE = "truncate"
+YXDOMAIN = "yxdomain"
 
 _RCODE_BEHAVIOURS: dict[str, dns.rcode.Rcode] = {
     SERVFAIL: dns.rcode.SERVFAIL,
     REFUSED: dns.rcode.REFUSED,
+    YXDOMAIN: dns.rcode.YXDOMAIN,
 }
 
 # RFC 1035 §4.2.1: a UDP answer without EDNS is at most 512 bytes.
@@ -102,6 +107,7 @@ class DnsServer:
         self._lock = threading.Lock()
         self._records: dict[tuple[str, str], tuple[tuple[str, ...], int]] = {}
         self._behaviours: dict[str, str] = {}
+        self._typed: dict[str, dict[str, str]] = {}  # type -> name -> behaviour (one family fails)
         self._owners: set[str] | None = None  # index for _exists, rebuilt on change
         self._delays: dict[str, float] = {}
         self._counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
@@ -149,6 +155,8 @@ class DnsServer:
             self._owners = None
             self._behaviours.pop(n, None)
             self._delays.pop(n, None)
+            for table in self._typed.values():
+                table.pop(n, None)
 
     def _behave(self, name: str, behaviour: str) -> None:
         with self._lock:
@@ -162,9 +170,34 @@ class DnsServer:
         """The name exists but has no data of any type (NOERROR, empty)."""
         self._behave(name, NODATA)
 
-    def servfail(self, name: str) -> None:
-        """Answer SERVFAIL, as a broken or unreachable zone does."""
-        self._behave(name, SERVFAIL)
+    def servfail(self, name: str, rtype: str | None = None) -> None:
+        """Answer SERVFAIL, as a broken or unreachable zone does; for one
+        record type only when `rtype` is given (A fails, AAAA answers)."""
+        if rtype is None:
+            self._behave(name, SERVFAIL)
+            return
+        with self._lock:
+            self._typed.setdefault(_type(rtype), {})[_norm(name)] = SERVFAIL
+
+    def yxdomain(self, name: str) -> None:
+        """Answer YXDOMAIN (RFC 6672 §2.2: a DNAME substitution overflowed),
+        the rcode a hostile zone can return for any name it owns."""
+        self._behave(name, YXDOMAIN)
+
+    def huge(self, name: str, rtype: str, count: int, ttl: int = 300) -> None:
+        """`count` distinct records of `rtype` (A, AAAA or PTR) at `name`: a
+        hostile RRset. Over UDP it sets TC; over TCP it is sent whole (4090
+        A records are about 65 KB, the most a TCP message can carry)."""
+        t = _type(rtype)
+        if t == "A":
+            values = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(count)]
+        elif t == "AAAA":
+            values = [f"2001:db8::{i >> 16 & 0xffff:x}:{i & 0xffff:x}" for i in range(count)]
+        elif t == "PTR":
+            values = [f"h{i}.ptr-flood.test." for i in range(count)]
+        else:
+            raise ValueError(f"huge() makes A, AAAA or PTR records, not {rtype}")
+        self.set(name, t, values, ttl)
 
     def refuse(self, name: str) -> None:
         """Answer REFUSED, as a server that will not serve us does."""
@@ -272,7 +305,7 @@ class DnsServer:
         rtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
             self._counts[(qname, rtype, transport)] += 1
-            behaviour = self._match(self._behaviours, qname)
+            behaviour = self._match(self._typed.get(rtype, {}), qname) or self._match(self._behaviours, qname)
             delay = self._match(self._delays, qname) or 0.0
             if behaviour == SILENT:
                 return None, 0.0

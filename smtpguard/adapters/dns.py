@@ -45,22 +45,48 @@ Defaults and why:
       await the same task (postscreen shares concurrent DNSBL queries). A
       caller that gives up (a stage deadline) does not cancel it for the
       others, and its answer still fills the cache.
+    * Answers are bounded before they are parsed or cached (issue 19 item 1:
+      a client owns its reverse zone and the zones of its EHLO names). A
+      message longer than `max_answer_bytes` (4096, the EDNS buffer size
+      RFC 6891 §6.2.5 suggests starting from; far above what a mail host's
+      answer needs) is refused unread on UDP and TCP alike: UNKNOWN
+      ("oversized"). An RRset keeps at most `MAX_RRSET` records (32 addresses,
+      10 PTR names: RFC 7208 §4.6.4's limit) and says which types it cut in
+      `Answer.partial`, so that a check that did not find the client's
+      address among the kept ones answers `unknown`, never `false`.
+    * The cache is bounded in entries and in bytes (`cache_bytes`, 16 MiB:
+      10,000 ordinary answers take about 2 MB, so only hostile answers ever
+      reach it); least recently used first out.
+    * Each session may send at most `session_lookups` (50) queries that the
+      cache or a query in flight does not answer; then its lookups answer
+      UNKNOWN ("budget"). A normal session needs 1 PTR, 2 per PTR name (at
+      most 10), 1 per DNS list and 2 per HELO name: about 15; a client that
+      makes us ask its own zones over and over gets `unknown` facts, which
+      can defer but never reject.
+    * Lookup errors are logged as the event `dns.error` with the session id,
+      at most once per error kind per minute with the number of lines held
+      back (`suppressed=`): a client choosing YXDOMAIN names must not be able
+      to write our log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import dns.asyncquery
 import dns.asyncresolver
 import dns.exception
+import dns.inet
 import dns.message
 import dns.name
 import dns.nameserver
@@ -71,6 +97,7 @@ import dns.reversename
 from smtpguard.core.facts import NONE, OK, UNKNOWN
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
+from smtpguard.observe.log import escape, event
 
 log = logging.getLogger("smtpguard.dns")
 
@@ -85,6 +112,22 @@ NEGATIVE_TTL_WITHOUT_SOA = 60.0  # RFC 2308 §5 says do not cache; one minute fo
 POSITIVE_TTL_MAX = 86400.0       # Unbound cache-max-ttl default (1 day)
 ATTEMPTS = 2                     # glibc resolv.conf `attempts:2`
 EDNS_PAYLOAD = 1232              # DNS Flag Day 2020: avoids IP fragmentation
+# RFC 6891 §6.2.5 suggests 4096 as the EDNS buffer size to start from; a mail
+# host's answers (32 addresses, 10 PTR names, one 4096-bit DKIM key) fit in
+# well under it, and dnspython parses 4 KiB in about 10 ms (65 KiB: 200 ms).
+DEFAULT_MAX_ANSWER_BYTES = 4096
+MAX_ANSWER_BYTES_LIMIT = 65535   # RFC 1035 §4.2.2: the TCP length field's maximum
+# Records kept per RRset; more are cut (and the answer marked partial).
+# RFC 7208 §4.6.4 looks at 10 PTR names at most and bounds an SPF check to
+# 10 lookups; 32 addresses are more than any mail host publishes for a name.
+MAX_RRSET: dict[str, int] = {"PTR": 10}
+MAX_RRSET_DEFAULT = 32
+# 16 MiB: 10,000 ordinary entries take about 2 MB; see the module docstring.
+DEFAULT_CACHE_BYTES = 16 << 20
+# Uncached queries per session; see the module docstring.
+DEFAULT_SESSION_LOOKUPS = 50
+# One dns.error line per error kind per minute (issue 19 item 2).
+ERROR_LOG_INTERVAL = 60.0
 
 # Why an answer is what it is: fixed words for logs and the decision record.
 REASON_NXDOMAIN = "nxdomain"
@@ -92,6 +135,8 @@ REASON_NODATA = "nodata"
 REASON_TIMEOUT = "timeout"
 REASON_DEADLINE = "deadline"     # the stage budget ran out first
 REASON_INVALID = "invalid name"
+REASON_OVERSIZED = "oversized"   # longer than max_answer_bytes: not parsed
+REASON_BUDGET = "budget"         # the session's lookups are spent
 
 # RCODE text from dnspython -> reason (UNKNOWN answers).
 _RCODE_REASONS: dict[str, str] = {
@@ -112,6 +157,10 @@ class Answer:
     values: tuple[str, ...] = ()      # text form; empty unless OK
     ttl: int = 0                      # seconds this answer stays valid (0: not cached)
     reason: str = ""                  # "" for OK; nxdomain nodata timeout servfail refused deadline ...
+    # Record types whose records may be missing from `values`: cut at
+    # MAX_RRSET, or (for `addresses`) the family whose lookup failed. A check
+    # that does not find what it looks for in a partial answer cannot say no.
+    partial: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -131,6 +180,8 @@ class ResolverStats:
     inflight_joins: int  # callers that shared a query already in flight
     failures: int       # queries that ended UNKNOWN
     cache_entries: int
+    cache_bytes: int = 0     # estimated size of the cached answers
+    over_budget: int = 0     # lookups refused because a session's budget was spent
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -167,10 +218,18 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def _values(rdtype: str, rrset: Any) -> tuple[str, ...]:
-    """Text form of an answer's records (see module docstring), sorted: an
-    RRset has no order (RFC 2181 §5), so a stable one makes logs and tests
-    repeatable."""
+def _values(rdtype: str, rrset: Any) -> tuple[tuple[str, ...], bool]:
+    """Text form of an answer's records (see module docstring), sorted, at
+    most MAX_RRSET of them; and whether some were cut. An RRset has no order
+    (RFC 2181 §5), so the sorted order decides which are kept: the same ones
+    every time, and logs and tests repeat. (The message is at most
+    max_answer_bytes, so a few hundred records at worst are sorted.)"""
+    values = _text_values(rdtype, rrset)
+    limit = MAX_RRSET.get(rdtype, MAX_RRSET_DEFAULT)
+    return values[:limit], len(values) > limit
+
+
+def _text_values(rdtype: str, rrset: Any) -> tuple[str, ...]:
     if rdtype in ("A", "AAAA"):
         addrs = sorted({ipaddress.ip_address(rd.address) for rd in rrset})
         return tuple(a.compressed for a in addrs)
@@ -195,6 +254,125 @@ def _negative_ttl(response: dns.message.Message | None) -> float | None:
     return None
 
 
+class OversizedAnswer(dns.exception.FormError):
+    """A DNS message longer than the resolver accepts (refused unparsed).
+
+    A FormError, so that dnspython drops the server for this query: the
+    lookup ends UNKNOWN at once instead of being asked again."""
+
+
+class _CappedSocket:
+    """A dnspython socket that refuses, before anything is parsed, a UDP
+    datagram or a TCP message longer than `limit` bytes. Everything else is
+    the wrapped socket's."""
+
+    def __init__(self, sock: Any, limit: int) -> None:
+        self._sock = sock
+        self._limit = limit
+        self._head = b""        # TCP: the two-byte length prefix (RFC 1035 §4.2.2)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    async def recvfrom(self, size: int, timeout: float | None) -> Any:
+        wire, address = await self._sock.recvfrom(size, timeout)
+        if len(wire) > self._limit:
+            raise OversizedAnswer(f"a {len(wire)}-byte UDP answer (at most {self._limit})")
+        return wire, address
+
+    async def recv(self, size: int, timeout: float | None) -> bytes:
+        data: bytes = await self._sock.recv(size, timeout)
+        if len(self._head) < 2:
+            self._head += data[: 2 - len(self._head)]
+            if len(self._head) == 2:
+                length = int.from_bytes(self._head, "big")
+                if length > self._limit:
+                    raise OversizedAnswer(f"a {length}-byte TCP answer (at most {self._limit})")
+        return data
+
+
+class BoundedNameserver(dns.nameserver.Do53Nameserver):
+    """Do53 (UDP, TCP after truncation) through `_CappedSocket`s."""
+
+    def __init__(self, address: str, port: int, max_bytes: int) -> None:
+        super().__init__(address, port)
+        self.max_bytes = max_bytes
+
+    async def async_query(self, request: dns.message.QueryMessage, timeout: float, source: str | None,
+                          source_port: int, max_size: bool, backend: Any,
+                          one_rr_per_rrset: bool = False, ignore_trailing: bool = False) -> dns.message.Message:
+        af = dns.inet.af_for_address(self.address)
+        local = (source, source_port) if source else None
+        if max_size:
+            sock = await backend.make_socket(af, socket.SOCK_STREAM, 0, local, (self.address, self.port),
+                                             timeout)
+            async with sock:
+                return await dns.asyncquery.tcp(
+                    request, self.address, timeout=timeout, port=self.port,
+                    one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing,
+                    sock=_CappedSocket(sock, self.max_bytes))
+        peer = (self.address, self.port) if backend.datagram_connection_required() else None
+        sock = await backend.make_socket(af, socket.SOCK_DGRAM, 0, local, peer)
+        async with sock:
+            return await dns.asyncquery.udp(
+                request, self.address, timeout=timeout, port=self.port, raise_on_truncation=True,
+                one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing,
+                ignore_errors=True, ignore_unexpected=True, sock=_CappedSocket(sock, self.max_bytes))
+
+
+class LookupBudget:
+    """How many more queries one session may cause (see the module docstring)."""
+
+    __slots__ = ("left", "spent")
+
+    def __init__(self, lookups: int = DEFAULT_SESSION_LOOKUPS) -> None:
+        self.left = lookups
+        self.spent = 0
+
+    def take(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self.spent += 1
+        return True
+
+
+class RateLimitedLog:
+    """At most one line per key per `interval` seconds; the next line that
+    goes out says how many were held back. Keys are a small fixed set
+    (error kinds, list labels); the table is bounded all the same."""
+
+    MAX_KEYS = 1024
+
+    def __init__(self, interval: float = ERROR_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (last emitted, suppressed since)
+
+    def event(self, name: str, key: str, /, level: int = logging.INFO, **fields: Any) -> bool:
+        """Log `name` with `fields` unless `key` was logged within the
+        interval; True when the line went out."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return False
+        if last is None and len(self._last) >= self.MAX_KEYS:
+            self._last.clear()
+        suppressed = last[1] if last is not None else 0
+        self._last[key] = (now, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        event(name, level, **{k: v for k, v in fields.items() if v is not None})
+        return True
+
+
+# The session a lookup runs for (set by SessionResolver): a query task
+# started for it copies the context, so its error line carries the id.
+_SESSION: contextvars.ContextVar[str] = contextvars.ContextVar("smtpguard_dns_session", default="")
+
+
 class Resolver:
     """One shared asynchronous resolver with a TTL cache and in-flight sharing.
 
@@ -210,11 +388,18 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
         negative_ttl_default: float = NEGATIVE_TTL_WITHOUT_SOA,
         positive_ttl_max: float = POSITIVE_TTL_MAX,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        session_lookups: int = DEFAULT_SESSION_LOOKUPS,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.timeout = timeout
         self.cache_size = max(0, cache_size)
+        self.cache_bytes = max(0, cache_bytes)
+        self.max_answer_bytes = max(512, min(max_answer_bytes, MAX_ANSWER_BYTES_LIMIT))
+        self.session_lookups = session_lookups
+        self.errors = RateLimitedLog(clock=clock)
         self.negative_ttl_max = negative_ttl_max
         self.negative_ttl_default = negative_ttl_default
         self.positive_ttl_max = positive_ttl_max
@@ -232,15 +417,24 @@ class Resolver:
                     ip, port = parse_server(text)
                 except ValueError as exc:
                     raise ConfigError("dns.servers", str(exc)) from None
-                servers.append(dns.nameserver.Do53Nameserver(ip, port))
+                servers.append(BoundedNameserver(ip, port, self.max_answer_bytes))
             self._resolver.nameservers = servers
+        else:
+            # /etc/resolv.conf's servers, bounded alike.
+            self._resolver.nameservers = [
+                BoundedNameserver(ns.address, ns.port, self.max_answer_bytes)
+                if isinstance(ns, dns.nameserver.Do53Nameserver) else ns
+                for ns in self._resolver.nameservers
+            ]
         self._resolver.cache = None          # ours, on the injected clock
         self._resolver.lifetime = timeout
         self._resolver.timeout = timeout / ATTEMPTS
         self._resolver.retry_servfail = False
         self._resolver.use_edns(0, 0, EDNS_PAYLOAD)
         self._resolver.search = []
-        self._cache: collections.OrderedDict[tuple[str, str], tuple[float, Answer]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[tuple[str, str], tuple[float, Answer, int]] = collections.OrderedDict()
+        self._cached_bytes = 0
+        self._over_budget = 0
         self._inflight: dict[tuple[str, str], asyncio.Task[Answer]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lookups = self._queries = self._hits = self._joins = self._failures = 0
@@ -248,12 +442,24 @@ class Resolver:
     @classmethod
     def from_settings(cls, settings: "DnsSettings", clock: Callable[[], float] = time.monotonic) -> "Resolver":
         return cls(settings.servers or None, timeout=settings.timeout, cache_size=settings.cache_size,
-                   negative_ttl_max=settings.negative_ttl_max, clock=clock)
+                   negative_ttl_max=settings.negative_ttl_max, clock=clock,
+                   max_answer_bytes=settings.max_answer_bytes, cache_bytes=settings.cache_bytes,
+                   session_lookups=settings.session_lookups)
+
+    def budget(self) -> LookupBudget:
+        """A fresh per-session budget of `session_lookups` queries."""
+        return LookupBudget(self.session_lookups)
+
+    def for_session(self, budget: LookupBudget, session: str = "") -> "SessionResolver":
+        """This resolver as one session sees it: its lookups spend `budget`
+        and its error lines carry `session`."""
+        return SessionResolver(self, budget, session)
 
     # -- public lookups ------------------------------------------------------
 
-    async def query(self, name: str, rdtype: str) -> Answer:
-        """One (name, type): from the cache, a query in flight, or the servers."""
+    async def query(self, name: str, rdtype: str, *, budget: LookupBudget | None = None) -> Answer:
+        """One (name, type): from the cache, a query in flight, or the servers
+        (the last only while `budget`, if given, lasts)."""
         self._lookups += 1
         try:
             qname = dns.name.from_text(name)  # absolute: no search list
@@ -264,13 +470,14 @@ class Resolver:
 
         cached = self._cache.get(key)
         if cached is not None:
-            expires, answer = cached
+            expires, answer, size = cached
             remaining = expires - self._clock()
             if remaining > 0:
                 self._cache.move_to_end(key)
                 self._hits += 1
                 return dataclasses.replace(answer, ttl=int(remaining))
             del self._cache[key]
+            self._cached_bytes -= size
 
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
@@ -278,6 +485,9 @@ class Resolver:
         task = self._inflight.get(key)
         if task is not None:
             self._joins += 1
+        elif budget is not None and not budget.take():
+            self._over_budget += 1
+            return Answer(UNKNOWN, reason=REASON_BUDGET)
         else:
             task = loop.create_task(self._resolve(key, qname, rtype))
             self._inflight[key] = task
@@ -290,7 +500,7 @@ class Resolver:
         # shield: a caller that gives up does not cancel the others' query.
         return await asyncio.shield(task)
 
-    async def ptr(self, ip: str) -> Answer:
+    async def ptr(self, ip: str, *, budget: LookupBudget | None = None) -> Answer:
         """PTR names of an address (IPv4-mapped IPv6 is asked as IPv4)."""
         try:
             addr = ipaddress.ip_address(ip)
@@ -299,12 +509,15 @@ class Resolver:
             return Answer(NONE, reason=REASON_INVALID)
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped  # RFC 4291 §2.5.5.2: the client is IPv4
-        return await self.query(dns.reversename.from_address(addr.compressed).to_text(), "PTR")
+        return await self.query(dns.reversename.from_address(addr.compressed).to_text(), "PTR",
+                                budget=budget)
 
-    async def addresses(self, name: str) -> Answer:
+    async def addresses(self, name: str, *, budget: LookupBudget | None = None) -> Answer:
         """A and AAAA at once, merged: OK if either has data, NONE if both have
-        none, else UNKNOWN (one failed and the other had nothing)."""
-        a, aaaa = await asyncio.gather(self.query(name, "A"), self.query(name, "AAAA"))
+        none, else UNKNOWN (one failed and the other had nothing). An OK
+        answer names a failed family in `partial`."""
+        a, aaaa = await asyncio.gather(self.query(name, "A", budget=budget),
+                                       self.query(name, "AAAA", budget=budget))
         return merge_addresses(a, aaaa)
 
     async def gather_within(self, budget: float, /, **lookups: Awaitable[Answer]) -> dict[str, Answer]:
@@ -313,10 +526,11 @@ class Resolver:
 
     def stats(self) -> ResolverStats:
         return ResolverStats(self._lookups, self._queries, self._hits, self._joins,
-                             self._failures, len(self._cache))
+                             self._failures, len(self._cache), self._cached_bytes, self._over_budget)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._cached_bytes = 0
 
     # -- the query itself ------------------------------------------------------
 
@@ -331,10 +545,16 @@ class Resolver:
         if answer.status == UNKNOWN:
             self._failures += 1
         elif answer.ttl > 0 and self.cache_size:
-            self._cache[key] = (self._clock() + answer.ttl, answer)
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            size = _entry_size(key, answer)
+            if size <= self.cache_bytes:
+                old = self._cache.pop(key, None)
+                if old is not None:
+                    self._cached_bytes -= old[2]
+                self._cache[key] = (self._clock() + answer.ttl, answer, size)
+                self._cached_bytes += size
+                while len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes:
+                    _, (_, _, dropped) = self._cache.popitem(last=False)
+                    self._cached_bytes -= dropped
         return answer
 
     async def _ask(self, qname: dns.name.Name, rtype: str) -> Answer:
@@ -347,14 +567,24 @@ class Resolver:
         except dns.exception.Timeout:
             return Answer(UNKNOWN, reason=REASON_TIMEOUT)
         except dns.resolver.NoNameservers as exc:
-            return Answer(UNKNOWN, reason=_failure_reason(exc))
+            reason = _failure_reason(exc)
+            if reason == REASON_OVERSIZED:
+                self._log_error(qname, rtype, reason)
+            return Answer(UNKNOWN, reason=reason)
         except (dns.exception.DNSException, OSError, ValueError) as exc:
-            log.info("dns.error name=%s type=%s error=%r", qname, rtype, exc)
+            self._log_error(qname, rtype, type(exc).__name__)
             return Answer(UNKNOWN, reason=f"error: {type(exc).__name__}")
         if result.rrset is None:
             return Answer(NONE, ttl=self._neg_ttl(result.response), reason=REASON_NODATA)
         ttl = min(float(result.chaining_result.minimum_ttl), self.positive_ttl_max)
-        return Answer(OK, _values(rtype, result.rrset), int(ttl))
+        values, cut = _values(rtype, result.rrset)
+        return Answer(OK, values, int(ttl), partial=(rtype,) if cut else ())
+
+    def _log_error(self, qname: dns.name.Name, rtype: str, kind: str) -> None:
+        """One `dns.error` line per error kind per minute, with the session
+        id (the name is the client's choice: escaped, bounded)."""
+        self.errors.event("dns.error", f"dns.error {kind}", session=_SESSION.get() or None,
+                          qname=escape(qname.to_text(omit_final_dot=True), 100), type=rtype, error=kind)
 
     def _neg_ttl(self, response: dns.message.Message | None) -> int:
         ttl = _negative_ttl(response)
@@ -364,13 +594,21 @@ class Resolver:
 
 
 def _failure_reason(exc: dns.resolver.NoNameservers) -> str:
-    """The last server's complaint: servfail, refused, ... or `error`."""
+    """The last server's complaint: servfail, refused, oversized ... or `error`."""
     for error in reversed(exc.kwargs.get("errors") or []):
         what = error[3]
         if isinstance(what, str):
             return _RCODE_REASONS.get(what, what.lower())
+        if isinstance(what, OversizedAnswer):
+            return REASON_OVERSIZED
         return f"error: {type(what).__name__}"
     return "error"
+
+
+def _entry_size(key: tuple[str, str], answer: Answer) -> int:
+    """A cache entry's memory, estimated: CPython's overhead of the tuple,
+    the Answer and each string (about 50 bytes each) plus the text."""
+    return 300 + len(key[0]) + sum(60 + len(v) for v in answer.values)
 
 
 def merge_addresses(a: Answer, aaaa: Answer) -> Answer:
@@ -378,11 +616,49 @@ def merge_addresses(a: Answer, aaaa: Answer) -> Answer:
     parts = (a, aaaa)
     if any(p.status == OK for p in parts):
         values = a.values + aaaa.values if a.ok and aaaa.ok else (a.values if a.ok else aaaa.values)
-        return Answer(OK, values, min(p.ttl for p in parts if p.ok))
+        # A family that failed might have held the address someone looks for.
+        partial = a.partial + aaaa.partial + tuple(t for t, p in (("A", a), ("AAAA", aaaa))
+                                                   if p.status == UNKNOWN)
+        return Answer(OK, values, min(p.ttl for p in parts if p.ok), partial=partial)
     if all(p.status == NONE for p in parts):
         return Answer(NONE, ttl=min(a.ttl, aaaa.ttl), reason=a.reason if a.reason == aaaa.reason else REASON_NODATA)
     failed = next(p for p in parts if p.status == UNKNOWN)
     return Answer(UNKNOWN, reason=failed.reason)
+
+
+class SessionResolver:
+    """The shared resolver as one session uses it: each query the cache does
+    not answer spends the session's LookupBudget, and error lines name the
+    session. Same lookups as Resolver (what the sources call)."""
+
+    __slots__ = ("resolver", "budget", "session")
+
+    def __init__(self, resolver: Resolver, budget: LookupBudget, session: str = "") -> None:
+        self.resolver = resolver
+        self.budget = budget
+        self.session = session
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        _SESSION.set(self.session)  # this task's context only
+        return await self.resolver.query(name, rdtype, budget=self.budget)
+
+    async def ptr(self, ip: str) -> Answer:
+        _SESSION.set(self.session)
+        return await self.resolver.ptr(ip, budget=self.budget)
+
+    async def addresses(self, name: str) -> Answer:
+        _SESSION.set(self.session)
+        return await self.resolver.addresses(name, budget=self.budget)
+
+    async def gather_within(self, budget: float, /, **lookups: Awaitable[Answer]) -> dict[str, Answer]:
+        return await gather_within(budget, **lookups)
+
+    def stats(self) -> ResolverStats:
+        return self.resolver.stats()
+
+    @property
+    def errors(self) -> RateLimitedLog:
+        return self.resolver.errors
 
 
 async def within(
@@ -427,7 +703,8 @@ async def gather_within(budget: float, /, **lookups: Awaitable[Answer]) -> dict[
 
 # -- settings ----------------------------------------------------------------
 
-_DNS_KEYS = ("servers", "timeout", "stage_budget", "cache_size", "negative_ttl_max")
+_DNS_KEYS = ("servers", "timeout", "stage_budget", "cache_size", "negative_ttl_max",
+             "max_answer_bytes", "cache_bytes", "session_lookups")
 STAGE_BUDGET_MAX = 300.0  # RFC 5321 §4.5.3.2: clients give up after 5 minutes
 
 
@@ -449,6 +726,11 @@ class DnsSettings:
     stage_budget: float = DEFAULT_STAGE_BUDGET
     cache_size: int = DEFAULT_CACHE_SIZE
     negative_ttl_max: float = DEFAULT_NEGATIVE_TTL_MAX
+    # Issue 19: answers, the cache and each session's lookups are bounded
+    # (the module docstring says why these numbers).
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    session_lookups: int = DEFAULT_SESSION_LOOKUPS
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], prefix: str = "dns") -> "DnsSettings":
@@ -486,4 +768,14 @@ class DnsSettings:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise ConfigError(f"{prefix}.cache_size", f"expected a whole number of entries >= 0 (0 turns the cache off), got {size!r}")
             values["cache_size"] = size
+        # (key, lowest, highest, what it counts)
+        for key, low, high, unit in (("max_answer_bytes", 512, MAX_ANSWER_BYTES_LIMIT, "bytes"),
+                                     ("cache_bytes", 0, 1 << 40, "bytes (0 turns the cache off)"),
+                                     ("session_lookups", 1, 100_000, "lookups")):
+            if key in table:
+                n = table[key]
+                if isinstance(n, bool) or not isinstance(n, int) or not low <= n <= high:
+                    raise ConfigError(f"{prefix}.{key}", f"expected a whole number of {unit} from {low} "
+                                      f"to {high}, got {n!r}")
+                values[key] = n
         return cls(**values)

@@ -35,6 +35,14 @@ Defaults and why:
     * A list that failed contributes 0 and makes the status UNKNOWN, the score
       stays the sum of the lists that answered (a DNSBL outage must not block
       mail, as in postscreen); if every list failed the score is "unknown".
+      That sum is a lower bound of the true score only while every list that
+      failed weighs more than 0: when a list with a negative weight (an
+      allowlist such as DNSWL) fails, the score is "unknown" (issue 19 item
+      4: an allowlist outage must not turn into a certain, higher score and
+      a 550).
+    * 127.0.0.1 and 127.0.0.255 ("query refused", "over quota") answered to
+      a list that does not configure them as codes are list errors, like a
+      timeout: not a real answer that merely lists nothing.
     * Entries with the same zone share one query; each entry scores once if
       any answer code matches it (postscreen counts a site once per reply).
 """
@@ -153,10 +161,11 @@ class DnsblFact:
     text: str = ""                # for the reply: "listed by zen.spamhaus.org (127.0.0.2)"
     answered: int = 0             # zones that gave a usable answer
     failed: int = 0               # zones that did not
+    allow_failed: bool = False    # a failed zone has an entry of negative weight
 
     def as_facts(self) -> dict[str, FactValue]:
         score: FactValue = self.score
-        if self.failed and not self.answered:
+        if (self.failed and not self.answered) or self.allow_failed:
             score = UNKNOWN
         return {"dnsbl": DNSBL_STATE[self.status], "dnsbl_score": score, "dnsbl_hits": self.hits}
 
@@ -244,11 +253,13 @@ def evaluate(lists: Sequence[DnsblList], answers: Mapping[str, ZoneAnswer]) -> D
     errors: list[str] = []
     listed_text: list[str] = []
     answered = failed = 0
+    allow_failed = False
     for zone, entries in by_zone.items():
         label = entries[0].label
         answer = answers.get(zone, ZoneAnswer(UNKNOWN, reason="not asked"))
         if answer.status == UNKNOWN:
             failed += 1
+            allow_failed = allow_failed or any(e.weight < 0 for e in entries)
             errors.append(f"{label}: {answer.reason or 'no answer'}")
             continue
         if answer.status == NONE:
@@ -267,11 +278,15 @@ def evaluate(lists: Sequence[DnsblList], answers: Mapping[str, ZoneAnswer]) -> D
                     for i in owners:
                         matched.setdefault(i, []).append(code)
                     continue
-                usable = True  # a real answer, just not one we score
-                why = f"answer {code} is not among the configured codes"
+                if code in DEFAULT_EXCLUDED:
+                    why = f"answer {code}: {DEFAULT_EXCLUDED[code]}"  # an error, not an answer
+                else:
+                    usable = True  # a real answer, just not one we score
+                    why = f"answer {code} is not among the configured codes"
             errors.append(f"{label}: {why}")
         if not usable:
             failed += 1
+            allow_failed = allow_failed or any(e.weight < 0 for e in entries)
             continue
         answered += 1
         for i, codes in sorted(matched.items()):
@@ -288,7 +303,7 @@ def evaluate(lists: Sequence[DnsblList], answers: Mapping[str, ZoneAnswer]) -> D
         status = NONE
     text = f"listed by {', '.join(dict.fromkeys(listed_text))}" if listed_text else ""
     ordered = sorted(hits, key=lambda hit: (hit.rpartition("=")[0], _code_order(hit.rpartition("=")[2])))
-    return DnsblFact(status, score, tuple(ordered), tuple(errors), text, answered, failed)
+    return DnsblFact(status, score, tuple(ordered), tuple(errors), text, answered, failed, allow_failed)
 
 
 def _code_order(code: str) -> int:

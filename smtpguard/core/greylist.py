@@ -268,50 +268,70 @@ def bucket_covers(entries: tuple[AllowEntry, ...], ip: str, *, now: float) -> bo
 # ---------------------------------------------------------------------------
 # Sender normalisation.
 
-# BATV (draft-levine-smtp-batv-01 §3.1): `prvs=TAG=user@domain`, the tag
-# changes daily; `msprvs1=TAG=user@` is a variant seen from bulk senders;
-# Barracuda writes `btv1==TAG==user@`.
+# BATV (draft-levine-smtp-batv-01 §3.1): `prvs=TAG=user@domain`, where TAG is
+# K DDD SSSSSS (a key digit, three day digits, six hex digits of hash): ten
+# characters that change daily. `msprvs1=TAG=user@` (Microsoft, 8-16
+# letters and digits) and Barracuda's `btv1==TAG==user@` (hex) are variants
+# seen from bulk senders. Only these exact forms are unwrapped (issue 19
+# item 6): `prvs=1234abcd=q9@` is no BATV address and stays as it is.
 _BATV = (
-    re.compile(r"^(?:prvs|msprvs\d*)=[^=@]+=(.+)$"),
-    re.compile(r"^btv1==[^=@]+==(.+)$"),
+    re.compile(r"^prvs=[0-9a-f]{10}=(.+)$"),
+    re.compile(r"^msprvs1=[0-9a-z]{8,16}=(.+)$"),
+    re.compile(r"^btv1==[0-9a-f]{8,16}==(.+)$"),
 )
 # SRS (libsrs2 / Shevek's SRS spec): SRS0=HHH=TT=orig.domain=user@forwarder;
-# the separator after SRS0/SRS1 may be `=`, `+` or `-`. SRS1 wraps an SRS0
-# address once more: SRS1=HHH=first.forwarder==HHH=TT=orig.domain=user@second.
-_SRS0 = re.compile(r"^srs0[=+-][^=]*=[^=]*=([^=]+)=(.+)$")
-_SRS1 = re.compile(r"^srs1[=+-][^=]*=[^=]*=[=+-][^=]*=[^=]*=([^=]+)=(.+)$")
-# Local-part tokens between separators. A token with a digit, or a long hex
-# run, is a per-message tag (VERP ids, message ids, timestamps).
+# the separator after SRS0/SRS1 may be `=`, `+` or `-`; HHH is the hash, TT
+# two base32 characters of the day. SRS1 wraps an SRS0 address once more:
+# SRS1=HHH=first.forwarder==HHH=TT=orig.domain=user@second. Only the hash
+# and the day change per message; the forwarder stays in the key, so that
+# an address rewritten by a forwarder someone chose does not inherit the
+# original sender's pass (issue 19 item 6).
+_SRS0 = re.compile(r"^srs0[=+-][^=]+=[0-9a-z]{2}=([^=]+)=(.+)$")
+_SRS1 = re.compile(r"^srs1[=+-][^=]+=([^=]+)=[=+-][^=]+=[0-9a-z]{2}=([^=]+)=(.+)$")
+# Local-part tokens between separators. A whole number, or a run of 8 or
+# more hex digits (message ids: SES, ezmlm, list servers), is a per-message
+# tag; nothing else is (postgrey's rule: `s/\b\d+\b/#/g`). A token that
+# merely holds a digit (`a1x`, `zz99top`) is a name: random bot senders
+# must not collapse into one key.
 _TOKEN_SPLIT = re.compile(r"([-=._])")
+_NUMBER = re.compile(r"^\d+$")
 _HEX_RUN = re.compile(r"^[0-9a-f]{8,}$")
 _VOLATILE = re.compile(r"#(?:[-=._]#)+")
+# A UUID (RFC 9562 §4 text form), as SES and others put in bounce addresses.
+_UUID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 _DIGITS = re.compile(r"\d+")
 
 NULL_SENDER = "<>"
 
 
 def _volatile(token: str) -> bool:
-    return any(c.isdigit() for c in token) or bool(_HEX_RUN.match(token))
+    return bool(_NUMBER.match(token) or _HEX_RUN.match(token))
+
+
+def _verp_extension(extension: str) -> bool:
+    """Whether a `+extension` is a VERP tag: an encoded recipient (`user=domain`,
+    as Mailman and SendGrid write) or per-message numbers."""
+    return "=" in extension or any(_volatile(t) for t in _TOKEN_SPLIT.split(extension)[::2])
 
 
 def _unwrap(local: str, domain: str) -> tuple[str, str]:
-    """Strip BATV and SRS wrappers, innermost last; bounded nesting."""
+    """Strip BATV wrappers and the changing parts of SRS ones; bounded nesting."""
     for _ in range(4):
         for pattern in _BATV:
             m = pattern.match(local)
             if m:
-                inner = m.group(1)
+                local = m.group(1)
                 break
         else:
-            inner = None
-        if inner is not None:
-            local = inner
-            continue
-        m = _SRS1.match(local) or _SRS0.match(local)
-        if m:
-            domain, local = m.group(1), m.group(2)
-            continue
-        break
+            m = _SRS1.match(local)
+            if m:
+                inner, _ = _unwrap(m.group(3), domain)
+                return f"srs1={m.group(1)}={m.group(2)}={inner}", domain
+            m = _SRS0.match(local)
+            if m:
+                inner, _ = _unwrap(m.group(2), domain)
+                return f"srs0={m.group(1)}={inner}", domain
+            break
     return local, domain
 
 
@@ -324,11 +344,13 @@ def normalise_sender(sender: str) -> str:
        interoperability; a retry re-sends the same bytes anyway, so folding
        can only merge two mailboxes that differ in case, which at worst lets
        one skip a delay the other earned.
-    3. BATV and SRS wrappers are removed down to the original address.
-    4. The sub-address after the first `+` is dropped (RFC 5233; SendGrid
-       and list servers put the VERP id there).
-    5. Local-part tokens holding digits or long hex runs become `#`, a run
-       of them one `#` (Mailchimp, SES, list VERP ids).
+    3. Recognised BATV wrappers are removed; SRS keeps the original domain
+       and user and the forwarder, and drops its hash and day.
+    4. A `+extension` that is a VERP tag (an encoded `user=domain` or
+       per-message numbers) is dropped; any other stays (`a+x` and `a` are
+       two senders).
+    5. UUIDs and local-part tokens that are whole numbers or runs of 8+ hex
+       digits become `#`, a run of them one `#` (list VERP numbers, message ids).
     6. Digit runs in domain labels other than the last two become `#`
        (bulk senders use per-host bounce domains like mail42.atl11.example.net).
     """
@@ -343,8 +365,10 @@ def normalise_sender(sender: str) -> str:
         return addr
     domain = domain.rstrip(".")
     local, domain = _unwrap(local, domain)
-    local = local.split("+", 1)[0]
-    parts = _TOKEN_SPLIT.split(local)
+    base, plus, extension = local.partition("+")
+    if plus and _verp_extension(extension):
+        local = base
+    parts = _TOKEN_SPLIT.split(_UUID.sub("#", local))
     # parts alternates token, separator, token, ...
     local = "".join(
         "#" if i % 2 == 0 and _volatile(p) else p for i, p in enumerate(parts)
@@ -380,6 +404,9 @@ class TripletEntry:
     first_seen: float   # the first attempt: the clock the delay runs from
     last_seen: float    # last refresh (DEFERRED: last attempt; PASSED: last use, +-refresh_every)
     attempts: int       # attempts while deferred, including the first
+    # PASSED only: when a strict client started its own retry of this
+    # triplet (0: none). The PASSED state stays for non-strict clients.
+    strict_since: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,15 +416,19 @@ class ClientEntry:
 
 
 def encode_triplet(entry: TripletEntry) -> str:
-    return f"{entry.state.value} {entry.first_seen:.3f} {entry.last_seen:.3f} {entry.attempts}"
+    text = f"{entry.state.value} {entry.first_seen:.3f} {entry.last_seen:.3f} {entry.attempts}"
+    return f"{text} {entry.strict_since:.3f}" if entry.strict_since else text
 
 
 def decode_triplet(value: str | None) -> TripletEntry | None:
     if value is None:
         return None
     try:
-        state, first, last, attempts = value.split(" ")
-        return TripletEntry(TripletState(state), float(first), float(last), int(attempts))
+        state, first, last, attempts, *strict = value.split(" ")
+        if len(strict) > 1:
+            return None
+        return TripletEntry(TripletState(state), float(first), float(last), int(attempts),
+                            float(strict[0]) if strict else 0.0)
     except ValueError:
         return None  # unreadable: start again (see Failure modes)
 
@@ -447,9 +478,31 @@ def _deferred_step(entry: TripletEntry, now: float, policy: GreyPolicy, strict: 
     return TripletStep(Decision.PASSED, 0.0, passed, now + memory, True)
 
 
+def _strict_again(entry: TripletEntry, now: float, policy: GreyPolicy) -> TripletStep:
+    """A strict client meets a pass older than strict_max_age: it must retry
+    once more, but the PASSED entry stays, for the non-strict clients of the
+    same identity (issue 19 item 11: a weekly correspondent sharing a /24
+    with a suspicious host was graylisted again). The strict retry runs on
+    `strict_since`; the entry keeps the expiry its pass gave it."""
+    kept_until = entry.last_seen + policy.max_age
+    started = entry.strict_since
+    if not started or now - started >= policy.retry_window:
+        again = replace(entry, strict_since=now)
+        return TripletStep(Decision.NEW, policy.delay, again, max(kept_until, now + policy.retry_window), False)
+    if now - started < policy.delay:
+        return TripletStep(Decision.DEFERRED, policy.delay - (now - started), None, 0.0, False)
+    passed = replace(entry, last_seen=now, strict_since=0.0)
+    return TripletStep(Decision.PASSED, 0.0, passed, max(kept_until, now + policy.strict_max_age), True)
+
+
 def _passed_step(entry: TripletEntry, now: float, policy: GreyPolicy, strict: bool) -> TripletStep:
-    if strict and now - entry.last_seen > policy.strict_max_age:
-        # Strict clients get no credit for old traffic: start again.
+    retrying = bool(entry.strict_since) and now - entry.strict_since < policy.retry_window
+    if strict and (retrying or now - entry.last_seen > policy.strict_max_age):
+        # Strict clients get no credit for old traffic: they retry again (and
+        # a non-strict client's use meanwhile does not end their retry).
+        return _strict_again(entry, now, policy)
+    if not strict and now - entry.last_seen >= policy.max_age:
+        # Kept a little past max_age for a strict retry only (_strict_again).
         return _new(now, policy)
     if now - entry.last_seen < policy.refresh_every:
         return TripletStep(Decision.PASSED, 0.0, None, 0.0, False)

@@ -14,7 +14,9 @@ Output:
 Failure modes:
     a list that times out, fails, or answers an error code (127.255.255.x,
     anything outside 127.0.0.0/8) contributes nothing and is named in
-    `errors` and in one `dnsbl.error` log line; nothing raises.
+    `errors` and in a `dnsbl.error` log line with the session id, at most
+    one per list per minute with the count of lines held back (issue 19
+    item 2: a list outage must not flood the log); nothing raises.
 Defaults and why:
     * No lists: DNS lists are opt-in, since each operator has terms of use
       (Spamhaus's free zones refuse queries from public resolvers and from
@@ -30,7 +32,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from smtpguard.adapters.dns import UNKNOWN_DEADLINE, Resolver, within
+from smtpguard.adapters.dns import UNKNOWN_DEADLINE, RateLimitedLog, Resolver, SessionResolver, within
+from smtpguard.observe.log import event
 from smtpguard.core.dnsbl import (
     DEFAULT_WEIGHT,
     DnsblFact,
@@ -50,7 +53,8 @@ log = logging.getLogger("smtpguard.dnsbl")
 __all__ = ["DnsblFact", "DnsblList", "DnsblSettings", "gather", "parse_lists"]
 
 
-async def gather(client_ip: str, lists: Sequence[DnsblList], resolver: Resolver, budget: float) -> DnsblFact:
+async def gather(client_ip: str, lists: Sequence[DnsblList], resolver: Resolver | SessionResolver,
+                 budget: float) -> DnsblFact:
     """Ask every list about `client_ip` within `budget` seconds and score it."""
     if not lists:
         return DnsblFact(NONE)
@@ -63,8 +67,15 @@ async def gather(client_ip: str, lists: Sequence[DnsblList], resolver: Resolver,
     got = await within(budget, {zone: resolver.query(name, "A") for zone, name in names.items()},
                        lambda _zone: UNKNOWN_DEADLINE)
     fact = evaluate(lists, {zone: ZoneAnswer(a.status, a.values, a.reason) for zone, a in got.items()})
+    limiter: RateLimitedLog | None = getattr(resolver, "errors", None)
+    session = getattr(resolver, "session", "") or None
     for error in fact.errors:
-        log.info("dnsbl.error ip=%s list=%s", client_ip, error)
+        label = error.partition(":")[0]
+        if limiter is not None:
+            limiter.event("dnsbl.error", f"dnsbl {label}", session=session, ip=client_ip, list=label,
+                          error=error)
+        else:
+            event("dnsbl.error", session=session, ip=client_ip, list=label, error=error)
     return fact
 
 

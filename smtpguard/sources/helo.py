@@ -21,6 +21,10 @@ Output:
 Failure modes:
     a failed lookup (timeout, SERVFAIL, the budget running out) makes
     `helo_resolves` and `helo_matches_ip` `unknown` and the status UNKNOWN;
+    when one family answered and the client's family failed (or was cut at
+    the resolver's RRset bound), `helo_resolves` is true and
+    `helo_matches_ip` is `unknown` unless the address is among those seen
+    (issue 19 item 3);
     `helo_matches_rdns` is `unknown` when the PTR lookup failed or rDNS was
     not gathered. Nothing raises.
 Defaults and why:
@@ -44,7 +48,7 @@ from smtpguard.core.helo import (
     matches_rdns,
 )
 from smtpguard.core.rdns import RdnsFact
-from smtpguard.sources.rdns import ResolverLike, answers_contain
+from smtpguard.sources.rdns import ResolverLike, address_match
 
 __all__ = ["HeloFact", "OurIdentity", "gather", "identity"]
 
@@ -85,6 +89,9 @@ async def gather(
     if answer.status == UNKNOWN:
         return HeloFact(UNKNOWN, sent, syntax, UNKNOWN, UNKNOWN, by_rdns, reason=answer.reason or "unknown")
     resolves = answer.status == OK and bool(answer.values)
-    return HeloFact(fact_status(syntax, answer.status), sent, syntax, resolves,
-                    resolves and answers_contain(answer.values, client_ip), by_rdns,
+    match = address_match(answer, client_ip) if resolves else False
+    if match is None:
+        return HeloFact(UNKNOWN, sent, syntax, True, UNKNOWN, by_rdns, addresses=answer.values,
+                        reason="incomplete answer")
+    return HeloFact(fact_status(syntax, answer.status), sent, syntax, resolves, match, by_rdns,
                     addresses=answer.values if resolves else ())

@@ -22,6 +22,11 @@ Output:
 Failure modes:
     every failed lookup (timeout, SERVFAIL, the budget running out) is a
     value: `unknown`, with the resolver's reason in `error`; nothing raises.
+    A forward answer that lacks the client's address but is partial in the
+    client's family (that family's lookup failed, or its RRset was cut at
+    the resolver's bound) could have confirmed: `unknown`, never
+    `unconfirmed` (issue 19 item 3: a SERVFAIL must not become a 5xx).
+    PTR names beyond `max_ptr_names` are ignored, as RFC 7208 §4.6.4 says.
 Defaults and why:
     * `max_ptr_names` 10: RFC 7208 §4.6.4 bounds the names an SPF `ptr`
       check may look up to 10 and says to ignore the rest; an address with
@@ -54,7 +59,7 @@ from smtpguard.core.rdns import (
 )
 from smtpguard.errors import ConfigError
 
-__all__ = ["RdnsFact", "RdnsSettings", "gather", "registrable_domain"]
+__all__ = ["RdnsFact", "RdnsSettings", "gather", "identity_domain", "registrable_domain"]
 
 # RFC 7208 §4.6.4: at most 10 PTR names are looked at.
 DEFAULT_MAX_PTR_NAMES = 10
@@ -68,6 +73,8 @@ class AnswerLike(Protocol):
     def values(self) -> tuple[str, ...]: ...
     @property
     def reason(self) -> str: ...
+    @property
+    def partial(self) -> tuple[str, ...]: ...
 
 
 class ResolverLike(Protocol):
@@ -130,6 +137,28 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList(only_icann=True)
 
 
+@functools.lru_cache(maxsize=1)
+def _psl_all() -> PublicSuffixList:
+    # The same bundled list with its private section (see identity_domain).
+    return PublicSuffixList(only_icann=False)
+
+
+def identity_domain(name: str) -> str:
+    """The registrable domain by the whole Public Suffix List, private section
+    included ("" for a suffix or a bare label): the graylist identity of a
+    forward-confirmed, non-generic name. In the private section hosters and
+    dynamic-DNS services list the names their customers control
+    (`compute-1.amazonaws.com`, `duckdns.org`): a customer's host is its own
+    identity there, never the provider's (issue 19 item 5)."""
+    name = name.strip().rstrip(".").lower()
+    if not name:
+        return ""
+    try:
+        return _psl_all().privatesuffix(name) or ""
+    except (ValueError, UnicodeError):
+        return ""
+
+
 def registrable_domain(name: str) -> str:
     """The registrable domain of a name ("" for a public suffix or a bare label)."""
     name = name.strip().rstrip(".").lower()
@@ -155,6 +184,19 @@ def answers_contain(values: tuple[str, ...], client_ip: str) -> bool:
     """Whether an A/AAAA answer holds the client's address (IPv4-mapped as IPv4)."""
     client = _address(client_ip)
     return client is not None and _contains(values, client)
+
+
+def address_match(answer: AnswerLike, client_ip: str) -> bool | None:
+    """Whether an OK A/AAAA answer holds the client's address: True, False,
+    or None (unknown) when it does not but its records of the client's
+    family may be incomplete (`Answer.partial`)."""
+    client = _address(client_ip)
+    if client is None:
+        return False
+    if _contains(answer.values, client):
+        return True
+    family = "A" if client.version == 4 else "AAAA"
+    return None if family in getattr(answer, "partial", ()) else False
 
 
 def _contains(values: tuple[str, ...], client: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -205,9 +247,14 @@ async def gather(ip: str, resolver: ResolverLike, settings: RdnsSettings = RdnsS
         unknown = "deadline"
     else:
         for name, answer in zip(names, forward):
-            if answer.status == OK and _contains(answer.values, client):
-                confirmed = name
-                break
+            if answer.status == OK:
+                match = address_match(answer, client.compressed)
+                if match:
+                    confirmed = name
+                    break
+                if match is None and unknown is None:
+                    family = "A" if client.version == 4 else "AAAA"
+                    unknown = f"{family} of {name[:64]} incomplete"
             if answer.status == UNKNOWN and unknown is None:
                 unknown = answer.reason or "unknown"
 
