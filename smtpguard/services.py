@@ -228,9 +228,15 @@ class Services:
 
     @staticmethod
     def _confirmed_domain(session: "ClientSession") -> str | None:
+        """The graylist's domain identity: the registrable domain of a
+        forward-confirmed rDNS name by the whole Public Suffix List; none
+        (so the /24 or /64) for a generic name, which a provider hands to
+        every customer (issue 19 item 5)."""
         facts = session.facts
-        domain = facts.get("rdns_domain") if facts.get("rdns") == "confirmed" else None
-        return str(domain) if domain else None
+        if facts.get("rdns") != "confirmed" or facts.get("rdns_generic") is not False:
+            return None
+        name = facts.get("rdns_name")
+        return rdns.identity_domain(str(name)) or None if name else None
 
     # --- the screen's shared state (pregreet pass cache, rate counters) ------------
 
