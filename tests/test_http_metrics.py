@@ -110,3 +110,41 @@ def test_a_refusal_without_a_close_does_not_grow_without_bound(counting: Metrics
     log.event("close", session="e0", messages=0)
     assert len(counting._open) == 2 and metrics.MAX_TRACKED >= 10_000
 
+
+
+def test_each_worker_takes_the_first_free_port_of_its_range() -> None:
+    import socket
+
+    from smtpguard.observe.http import bind_first_free
+    from tests.fixtures_smtp import free_port
+
+    first = bind_first_free("127.0.0.1", 0, 1)   # port 0: the kernel's choice, no range
+    port = first.getsockname()[1]
+    try:
+        second = bind_first_free("127.0.0.1", port, 3)   # worker 2 of 3: the next port
+        assert second.getsockname()[1] in (port + 1, port + 2)
+        second.close()
+    finally:
+        first.close()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", free_port()))
+    taken.listen(1)
+    try:
+        with pytest.raises(OSError) as e:
+            bind_first_free("127.0.0.1", taken.getsockname()[1], 1)
+        assert f"cannot listen for HTTP on 127.0.0.1:{taken.getsockname()[1]}" in str(e.value)
+    finally:
+        taken.close()
+
+
+def test_http_listens_on_ipv6_loopback_too() -> None:
+    import socket
+
+    from smtpguard.observe.http import bind_first_free
+
+    try:
+        sock = bind_first_free("::1", 0, 1)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1"
+    sock.close()
