@@ -95,6 +95,12 @@ def _rewrite(status: str, size: int) -> replies.Reply | None:
 _SOURCE_ROUTE = re.compile(r"(?i)TO:\s*<\s*@([^,:>\s]*)[^>]*>?")
 
 
+# `<local@domain>` with a dot-atom local part and an LDH domain, then the parameters.
+_PLAIN_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                         r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>\s*(.*)\Z", re.S)
+_DIR_CACHE: dict[type, list[str]] = {}
+
+
 def _bad_command_line(line: bytes) -> bool:
     """A command line with a NUL, a bare CR, or a bare LF as its end (RFC 5321 §2.3.8)."""
     return not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\x00" in line
@@ -218,7 +224,23 @@ class GuardSMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(self.guard.render(replies.make("NO-AUTH")))
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's __init__ reflects over the protocol and the handler on
+        # every connection (inspect.getmembers, dir: about a fifth of a
+        # relayed message's CPU); it only looks for smtp_*/auth_* names, so
+        # give it those, computed once per class.
+        cls = type(self)
+        names = _DIR_CACHE.get(cls)
+        if names is None:
+            names = _DIR_CACHE[cls] = [n for n in object.__dir__(self) if n.startswith(("smtp_", "auth_"))]
+        return names
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The common `<local@domain> params` without the email header parser
+        # (about 14% of a relayed message's CPU); anything else goes to it.
+        plain = _PLAIN_PATH.match(arg)
+        if plain is not None:
+            return plain.group(1), plain.group(2)
         # aiosmtpd's address parser raises on `<`, `a@` and more (issue: the
         # two promises, item 8); a malformed address is a syntax error.
         try:

@@ -53,6 +53,9 @@ UTF8_WITHOUT_SMTPUTF8 = replies.Reply(553, "5.6.7", "NO-SMTPUTF8",
                                       "a UTF-8 address needs the SMTPUTF8 parameter on MAIL FROM")
 
 
+_HOOKS: dict[type, list[str]] = {}
+
+
 class TransactionLost(Exception):
     """The upstream transaction failed and the accepted recipients could not be carried over."""
 
@@ -73,6 +76,15 @@ class Services(Protocol):
 
 class ClientSession:
     """The aiosmtpd handler of one connection (a new one per connection)."""
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd reflects over its handler on every connection, looking for
+        # handle_* and auth_* names only (see GuardSMTP.__dir__).
+        cls = type(self)
+        names = _HOOKS.get(cls)
+        if names is None:
+            names = _HOOKS[cls] = [n for n in object.__dir__(self) if n.startswith(("handle_", "auth_"))]
+        return names
 
     def __init__(self, services: Services, client: ClientInfo) -> None:
         self.services = services
@@ -267,7 +279,8 @@ class ClientSession:
         if upstream.offers("DSN"):
             lines.append("250-DSN")
         lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
-        return lines
+        # one write for the whole reply: aiosmtpd pushes each item on its own
+        return ["\r\n".join(lines)]
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
