@@ -62,9 +62,10 @@ EXPOSE 25
 # The default state store (sqlite:///var/lib/smtpguard/state.db) and the
 # country zones that `smtpguard zones update --dest /var/lib/smtpguard/zones` refreshes.
 VOLUME ["/var/lib/smtpguard"]
-# `smtpguard health` finds the listener from SMTPGUARD_LISTEN (or --config /
-# SMTPGUARD_CONFIG) and expects its 220 greeting; with the HTTP server on,
-# set the check to `smtpguard health --http http://127.0.0.1:PORT/healthz`.
+# `smtpguard health`: GET /healthz of the HTTP server when one is configured
+# (SMTPGUARD_HTTP or [http] listen), else read the SMTP listener's 220
+# greeting (SMTPGUARD_LISTEN or server.listen, default 0.0.0.0:25). It sees
+# the variables and SMTPGUARD_CONFIG, not the serve flags after the image name.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["smtpguard", "health"]
 # SIGTERM stops listening, lets sessions in DATA finish (server.grace_period,

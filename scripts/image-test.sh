@@ -203,9 +203,9 @@ set -e
 [ "$code" -eq 2 ] && grep -q 'SMTPGUARD_UPSTREAM' "$WORK/badenv.out" || fail "bad SMTPGUARD_UPSTREAM: exit $code, $(cat "$WORK/badenv.out")"
 
 # --- 5. run it ------------------------------------------------------------------------
-read -r SINK_PORT GUARD_PORT < <("$PY" -c '
+read -r SINK_PORT GUARD_PORT HTTP_PORT < <("$PY" -c '
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(3)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 "$SMTPGUARD" sink --listen "127.0.0.1:$SINK_PORT" --maildir "$WORK/maildir" >"$WORK/sink.log" 2>&1 &
@@ -214,6 +214,7 @@ SINK_PID=$!
 ts=$(date +%s)
 $SUDO podman run -d --init --name "$NAME" --network=host --cap-drop=ALL \
   -e SMTPGUARD_LISTEN="127.0.0.1:$GUARD_PORT" \
+  -e SMTPGUARD_HTTP="127.0.0.1:$HTTP_PORT" \
   -e SMTPGUARD_DOMAIN=example.test \
   -e SMTPGUARD_LOG_FORMAT=json \
   "$IMAGE" \
@@ -233,6 +234,10 @@ if [ -z "$healthy" ]; then
 fi
 status=$($SUDO podman inspect --format '{{.State.Health.Status}}' "$NAME" 2>/dev/null || $SUDO podman inspect --format '{{.State.Healthcheck.Status}}' "$NAME")
 [ "$status" = healthy ] || fail "health status is $status"
+# With SMTPGUARD_HTTP the image's check asks /healthz; compose's (below) reads the greeting.
+$SUDO podman exec "$NAME" smtpguard health >"$WORK/health.txt" 2>&1 || true
+grep -qx "healthy: http://127.0.0.1:$HTTP_PORT/healthz: HTTP 200" "$WORK/health.txt" \
+  || fail "the health check did not ask /healthz: $(cat "$WORK/health.txt")"
 say "container healthy after $(elapsed "$ts") s"
 
 # One message delivered, through the container, to the sink.
@@ -295,16 +300,14 @@ cat "$WORK/stop.txt" >&2
 # no Internet (zones-init fetches from a loopback HTTP server, with the real
 # `zones update`), no registry (Debian's redis-server under the image name
 # the file uses, as for the base image), and other engineers' ports (free
-# loopback ports for smtpguard and Redis; Postfix's 127.0.0.1:10025 is the
-# file's own and must be free). Then: swaks through compose's smtpguard into
+# loopback ports for smtpguard, Postfix (POSTFIX_LISTEN, a variable of the
+# file) and Redis). Then: swaks through compose's smtpguard into
 # compose's Postfix by XCLIENT, the message in Postfix's Maildir; a SIGHUP
 # from zones-refresh reaches smtpguard; `down` within the grace period.
 COMPOSE_BIN=${COMPOSE_BIN:-$ROOT_DIR/.venv/bin/podman-compose}
 compose_note=""
 if [ ! -x "$COMPOSE_BIN" ]; then
   compose_note="SKIPPED: podman-compose is not installed (pip package, in the test extra)"
-elif ! "$PY" -c 'import socket,sys; s=socket.socket(); s.bind(("127.0.0.1",10025))' 2>/dev/null; then
-  compose_note="SKIPPED: 127.0.0.1:10025 (compose's Postfix) is taken on this host"
 fi
 if [ -n "$compose_note" ]; then
   say "compose: $compose_note"
@@ -323,9 +326,9 @@ else
     $SUDO podman build --network=host --pull=never -t "$REDIS_IMAGE" "$WORK/redis" >"$WORK/build-redis.log" 2>&1 \
       || { tail -20 "$WORK/build-redis.log" >&2; fail "no stand-in Redis image"; }
   fi
-  read -r ZONE_PORT GUARD2_PORT REDIS_PORT < <("$PY" -c '
+  read -r ZONE_PORT GUARD2_PORT REDIS_PORT POSTFIX_PORT < <("$PY" -c '
 import socket
-socks = [socket.socket() for _ in range(3)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
   mkdir -p "$WORK/zonesrc/ipv4" "$WORK/zonesrc/ipv6"
@@ -363,7 +366,7 @@ YAML
     pc down -v -t 40 >>"$WORK/compose.log" 2>&1 || true
   }
   trap 'compose_down; kill $ZONE_PID 2>/dev/null || true; cleanup' EXIT
-  MX_HOSTNAME=mx.example.com MAIL_DOMAINS=example.com pc up -d >"$WORK/compose.log" 2>&1 \
+  MX_HOSTNAME=mx.example.com MAIL_DOMAINS=example.com POSTFIX_LISTEN="127.0.0.1:$POSTFIX_PORT" pc up -d >"$WORK/compose.log" 2>&1 \
     || { tail -30 "$WORK/compose.log" >&2; fail "podman-compose up failed"; }
   cid() { $SUDO podman ps -a --filter "label=io.podman.compose.project=$PROJECT" \
             --filter "label=com.docker.compose.service=$1" --format '{{.ID}}' | head -1; }
@@ -375,6 +378,9 @@ YAML
     "$PY" -c 'import select; select.select([], [], [], 0.5)'
   done
   [ -n "$healthy" ] || { $SUDO podman logs "$SG" >&2; fail "compose's smtpguard never turned healthy"; }
+  $SUDO podman exec "$SG" smtpguard health >>"$WORK/health.txt" 2>&1 || true
+  grep -q "^healthy: 127.0.0.1:$GUARD2_PORT greets: 220" "$WORK/health.txt" \
+    || fail "compose's health check did not read the greeting: $(cat "$WORK/health.txt")"
   [ "$($SUDO podman inspect --format '{{.State.ExitCode}}' "$(cid zones-init)")" = 0 ] || fail "zones-init failed"
   swaks --server "127.0.0.1:$GUARD2_PORT" --local-interface 127.0.0.5 --helo client.example.net \
         --from sender@example.net --to postmaster@example.com --header 'Subject: compose-test' \
@@ -430,6 +436,8 @@ if [ -z "$compose_note" ]; then
   echo "--- smtpguard's reload after zones-refresh's SIGHUP ---"
   cat "$WORK/reload.txt"
 fi
+echo "--- smtpguard health in the containers ---"
+cat "$WORK/health.txt"
 echo "--- container log (last lines) ---"
 $SUDO podman logs "$NAME" 2>&1 | tail -8
 say "image size $(( size / 1000000 )) MB; build ${build_s} s; all $(elapsed "$t0") s"

@@ -160,6 +160,30 @@ def test_serve_from_variables_only_is_healthy_relays_and_turns_unhealthy_when_st
     assert h.returncode == 1 and h.stdout.startswith(f"unhealthy: 127.0.0.1:{port}: ")
 
 
+def test_with_the_http_server_on_health_asks_healthz_and_smtp_on_request(dns_server: Any) -> None:
+    upstream = Recorder()
+    port, http_port = free_port(), free_port()
+    env = clean_env(SMTPGUARD_LISTEN=f"127.0.0.1:{port}", SMTPGUARD_UPSTREAM=upstream.address,
+                    SMTPGUARD_DOMAIN="example.test", SMTPGUARD_HOSTNAME="mx.example.test",
+                    SMTPGUARD_DNS_SERVER=dns_server.address, SMTPGUARD_STATE="memory://",
+                    SMTPGUARD_HTTP=f"0.0.0.0:{http_port}")
+    proc = subprocess.Popen([*SMTPGUARD, "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_port("127.0.0.1", http_port, timeout=20)
+        # readiness: 200 once the listeners serve and the MTA answered its probe
+        h = wait_for(lambda: (r := run("health", env=env)).returncode == 0 and r, timeout=20)
+        assert h.stdout.strip() == f"healthy: http://127.0.0.1:{http_port}/healthz: HTTP 200"
+        smtp = run("health", "--smtp", env=env)
+        assert smtp.returncode == 0 and smtp.stdout.startswith(f"healthy: 127.0.0.1:{port} greets: 220")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=40)
+        upstream.stop()
+    assert proc.returncode == 0
+    h = run("health", env=env)
+    assert h.returncode == 1 and h.stdout.startswith(f"unhealthy: http://127.0.0.1:{http_port}/healthz: ")
+
+
 # --- `smtpguard health` against listeners that behave in one way each ---
 
 class OneGreeting:
@@ -265,11 +289,20 @@ def healthz() -> Iterator[tuple[http.server.ThreadingHTTPServer, type[Healthz]]]
     server.server_close()
 
 
-def test_health_over_http_wants_200_from_healthz(healthz: tuple[http.server.ThreadingHTTPServer, type[Healthz]]) -> None:
+def test_health_over_http_wants_200_from_healthz(healthz: tuple[http.server.ThreadingHTTPServer, type[Healthz]],
+                                                tmp_path: Path) -> None:
     server, handler = healthz
     url = f"http://127.0.0.1:{server.server_address[1]}/healthz"
     ok = run("health", "--http", url, env=clean_env(http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9"))
     assert ok.returncode == 0 and ok.stdout.strip() == f"healthy: {url}: HTTP 200"   # never through a proxy
+    # HOST:PORT as serve's --http takes it, from the flag, the variable or [http] listen in the file
+    path = tmp_path / "smtpguard.toml"
+    path.write_text(f"[http]\nlisten = '0.0.0.0:{server.server_address[1]}'\n")
+    for args, env in [(["--http", f"127.0.0.1:{server.server_address[1]}"], clean_env()),
+                      ([], clean_env(SMTPGUARD_HTTP=f"0.0.0.0:{server.server_address[1]}")),
+                      (["--config", str(path)], clean_env())]:
+        r = run("health", *args, env=env)
+        assert r.returncode == 0 and r.stdout.strip() == f"healthy: {url}: HTTP 200", (args, r.stdout, r.stderr)
     handler.status = 503
     bad = run("health", "--http", url, env=clean_env())
     assert bad.returncode == 1 and bad.stdout.strip() == f"unhealthy: {url}: HTTP 503"

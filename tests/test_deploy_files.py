@@ -105,16 +105,50 @@ def test_compose_zones_are_fetched_before_start_and_refreshed_with_a_reload() ->
 
 
 def test_compose_postfix_takes_xclient_from_smtpguard_only_on_the_upstream_address() -> None:
-    c = smtpguard_config()
-    master = (COMPOSE / "postfix" / "master.cf.append").read_text()
-    listeners = [line.split()[0] for line in master.splitlines() if line and not line[0].isspace() and not line.startswith("#")]
-    assert listeners == [f"{c.upstream.host}:{c.upstream.port}"]
-    assert f"-o smtpd_authorized_xclient_hosts={c.upstream.host}\n" in master
-    dockerfile = (COMPOSE / "postfix" / "Dockerfile").read_text()
-    assert "s/^smtp \\{1,\\}inet/#&/" in dockerfile           # Postfix's own :25 listener is off
+    services = compose()["services"]
+    for environ in ({}, {"POSTFIX_LISTEN": "127.0.0.1:2625"}):
+        c = smtpguard_config(environ)
+        listen = interpolate(services["postfix"]["environment"]["SMTPD_LISTEN"], environ)
+        assert listen == f"{c.upstream.host}:{c.upstream.port}"      # one variable drives both
+    assert services["postfix"]["network_mode"] == "host"
     entry = (COMPOSE / "postfix" / "entrypoint.sh").read_text()
-    assert '"mynetworks =" ' in entry                           # smtpguard's address trusts no one
-    assert compose()["services"]["postfix"]["network_mode"] == "host"
+    assert 'client=${listen%:*}' in entry                              # XCLIENT from smtpguard's address ...
+    assert '"$listen/inet/smtpd_authorized_xclient_hosts=$client"' in entry   # ... on its listener only
+    assert "postconf -M# smtp/inet" in entry                           # Postfix's own :25 listener is off
+    assert '"mynetworks =" ' in entry                                  # smtpguard's address trusts no one
+
+
+def test_compose_postfix_entrypoint_configures_a_real_postfix(tmp_path: Path) -> None:
+    """The entrypoint's postconf lines, run against a scratch copy of Debian's main.cf with this host's Postfix."""
+    postconf = need("postconf", "Debian package postfix")
+    proto = Path("/usr/share/postfix/main.cf.debian")
+    if not proto.exists():
+        pytest.skip("no /usr/share/postfix/main.cf.debian")
+    conf = tmp_path / "postfix"
+    conf.mkdir()
+    (conf / "main.cf").write_text(proto.read_text())
+    shutil.copy("/usr/share/postfix/master.cf.dist", conf / "master.cf")
+    entry = (COMPOSE / "postfix" / "entrypoint.sh").read_text()
+    # Everything but the file writes outside the config directory and the start.
+    script = entry.replace("/etc/postfix/vmailbox", str(conf / "vmailbox")).replace("postconf ", f"{postconf} -c {conf} ")
+    script = script.replace("mkdir -p /var/mail/vhosts && chown 5000:5000 /var/mail/vhosts\n", "")
+    script = script.replace("exec postfix start-fg\n", "")
+    env = {"PATH": os.environ.get("PATH", ""), "MX_HOSTNAME": "mx.example.com", "MAIL_DOMAINS": "example.com,example.org",
+           "SMTPD_LISTEN": "127.0.0.1:2625"}
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    show = lambda *a: subprocess.run([postconf, "-c", str(conf), *a], capture_output=True, text=True, timeout=30).stdout
+    assert show("-h", "mynetworks").strip() == ""
+    assert show("-h", "virtual_mailbox_domains").strip() == "example.com example.org"
+    master = show("-M")
+    assert re.search(r"^127\.0\.0\.1:2625\s+inet\s+n\s+-\s+n\s+-\s+-\s+smtpd", master, re.M)
+    assert not re.search(r"^smtp\s+inet", master, re.M)
+    assert "127.0.0.1:2625/inet/smtpd_authorized_xclient_hosts = 127.0.0.1\n" in show("-P")
+    assert (conf / "vmailbox").read_text().splitlines()[:2] == ["postmaster@example.com example.com/postmaster/",
+                                                                 "abuse@example.com example.com/abuse/"]
+    bad = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**env, "SMTPD_LISTEN": "0.0.0.0:2625"})
+    assert bad.returncode == 2 and "SMTPD_LISTEN must be a 127.x.x.x:PORT" in bad.stderr
 
 
 def test_podman_compose_accepts_the_file(tmp_path: Path) -> None:

@@ -1,11 +1,14 @@
 """`smtpguard health`: is the proxy on this host answering? For a container's HEALTHCHECK.
 
 What it decides: healthy (exit 0) or unhealthy (exit 1, one line why).
-Inputs: `--http URL` GETs the HTTP server's /healthz and wants a 200;
-otherwise it connects to the SMTP listener and wants the first line of a
-220 greeting. The listener is `--listen`, else SMTPGUARD_LISTEN, else
-`server.listen` in `--config` / SMTPGUARD_CONFIG, else the default
-0.0.0.0:25; a wildcard address is checked on loopback (127.0.0.1, ::1).
+Inputs: where the HTTP server runs (`--http HOST:PORT` or URL, else
+SMTPGUARD_HTTP, else `[http] listen` in `--config` / SMTPGUARD_CONFIG), it
+GETs /healthz there and wants a 200: the proxy's own readiness (every SMTP
+listener serving, the MTA answering). Without an HTTP server (or with
+`--smtp`) it connects to the SMTP listener and wants the first line of a
+220 greeting: the listener is `--listen`, else SMTPGUARD_LISTEN, else
+`server.listen` in the file, else the default 0.0.0.0:25. A wildcard
+address is checked on loopback (127.0.0.1, ::1).
 Output: one line on stdout, the exit code.
 Failure modes: refused, timed out, closed, or a greeting other than 220
 (a 421/554 busy banner) are unhealthy; a bad flag, variable or file is a
@@ -41,13 +44,15 @@ LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "health", help="check that the proxy on this host answers (for a container HEALTHCHECK)",
-        description="Exit 0 when smtpguard answers: the SMTP listener's first greeting line is 220 "
-        "(or, with --http, the HTTP server's /healthz answers 200); exit 1 with one line why not.")
-    p.add_argument("--config", metavar="FILE", help="read server.listen from this TOML file")
+        description="Exit 0 when smtpguard answers: its HTTP server's /healthz answers 200 when one is "
+        "configured, else the SMTP listener's first greeting line is 220; exit 1 with one line why not.")
+    p.add_argument("--config", metavar="FILE", help="read server.listen and http.listen from this TOML file")
     p.add_argument("--listen", action="append", metavar="HOST:PORT",
-                   help="the listener to check (default: server.listen, else 0.0.0.0:25, checked on loopback)")
-    p.add_argument("--http", dest="http_url", metavar="URL",
-                   help="GET this URL (the HTTP server's /healthz) instead of connecting to the SMTP listener")
+                   help="the SMTP listener to check (default: server.listen, else 0.0.0.0:25, checked on loopback)")
+    p.add_argument("--http", metavar="HOST:PORT|URL",
+                   help="the HTTP server (its /healthz) or a URL to GET (default: http.listen, if set)")
+    p.add_argument("--smtp", action="store_true",
+                   help="check the SMTP listener's greeting even when an HTTP server is configured")
     p.add_argument("--timeout", default=f"{DEFAULT_TIMEOUT:g}s", metavar="DURATION",
                    help="longest wait for an answer (default %(default)s)")
     p.set_defaults(func=run)
@@ -60,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--timeout", str(e)) from None
     if not 0 < timeout <= 60:
         raise ConfigError("--timeout", f"expected a duration between 0 and 60s, got {args.timeout!r}")
-    if args.http_url:
-        ok, why = check_http(_http_url(args.http_url), timeout)
+    url = None if args.smtp else healthz_url(args)
+    if url:
+        ok, why = check_http(url, timeout)
     else:
         host, port = listener(args)
         ok, why = check_smtp(host, port, timeout)
@@ -69,14 +75,33 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _file_value(args: argparse.Namespace, table: str, key: str) -> Any:
+    doc = cfg.read_toml(args.config) if args.config else {}
+    section = doc.get(table, {})
+    return section.get(key) if isinstance(section, dict) else None
+
+
+def healthz_url(args: argparse.Namespace) -> str | None:
+    """/healthz of the configured HTTP server (flag/variable, else the file), or None."""
+    if args.http:
+        if "://" in args.http:
+            return _http_url(args.http)
+        host, port = cfg.parse_hostport("--http", args.http)
+    else:
+        raw = _file_value(args, "http", "listen")
+        if raw in (None, ""):
+            return None
+        host, port = cfg.parse_hostport("http.listen", raw)
+    host = LOOPBACK.get(host, host)
+    return f"http://[{host}]:{port}/healthz" if ":" in host else f"http://{host}:{port}/healthz"
+
+
 def listener(args: argparse.Namespace) -> tuple[str, int]:
     """The first listen address, from the flag/variable, else the file, else the default."""
     if args.listen:
         addresses = cfg.SERVER_KEYS["listen"]("--listen", args.listen)
     else:
-        doc = cfg.read_toml(args.config) if args.config else {}
-        server = doc.get("server", {})
-        raw = server.get("listen") if isinstance(server, dict) else None
+        raw = _file_value(args, "server", "listen")
         addresses = (cfg.SERVER_KEYS["listen"]("server.listen", raw) if raw
                      else cfg.ServerSettings().listen)
     if not addresses:
@@ -116,7 +141,7 @@ def _read_line(sock: socket.socket) -> bytes:
 
 def _http_url(url: str) -> str:
     if not isinstance(url, str) or not url.startswith(("http://", "https://")) or any(c.isspace() for c in url):
-        raise ConfigError("--http", f"expected an http:// or https:// URL, got {url!r}")
+        raise ConfigError("--http", f"expected HOST:PORT or an http:// or https:// URL, got {url!r}")
     return url
 
 
