@@ -683,3 +683,33 @@ def test_p0f_database_loads_whole_and_maps_every_label() -> None:
     assert len(sigs) >= 80
     assert {s.label.family for s in sigs.signatures} <= set(FAMILIES)
     assert MAX_DISTANCE == 35
+
+
+# --------------------------------------------------------------------------
+# Every shipped signature, one SYN each
+# --------------------------------------------------------------------------
+
+def _observed(sig: syn_module.Signature) -> str:
+    """A concrete SYN that `sig` describes (5 hops away, Ethernet MSS)."""
+    version = sig.version or 4
+    ttl = sig.ittl if sig.random_ttl else sig.ittl - 5
+    mss = sig.mss if sig.mss is not None else (1460 if version == 4 else 1440)
+    if sig.mss is None and sig.win_kind == syn_module.WIN_MSS:
+        mss = min(mss, 65535 // sig.win_value)     # 64 KB rounded down: mss*45 is an IPv6 or tunnel MSS
+    wscale = 7 if sig.wscale is None else sig.wscale
+    window = {syn_module.WIN_FIXED: sig.win_value, syn_module.WIN_MSS: sig.win_value * mss,
+              syn_module.WIN_MTU: sig.win_value * (mss + 40), syn_module.WIN_MOD: sig.win_value * 3,
+              syn_module.WIN_ANY: 12345}[sig.win_kind]
+    layout = ",".join(f"eol+{sig.eol_pad}" if t == "eol" else t for t in sig.layout)
+    quirks = [q for q in QUIRK_NAMES if sig.quirk_bits & syn_module.QUIRKS[q]
+              and not (version == 4 and q == "flow") and not (version == 6 and q in ("df", "id+", "id-"))]
+    return f"{version}:{ttl}:0:{mss}:{window},{wscale}:{layout}:{','.join(quirks)}:{sig.pclass or '0'}"
+
+
+@pytest.mark.parametrize("sig", [pytest.param(s, id=f"line {s.line}: {s.label.text} {s.text}")
+                                 for s in SHIPPED.signatures])
+def test_every_shipped_signature_matches_its_own_syn_and_family(sig: syn_module.Signature) -> None:
+    fact = classify(syn_module.synthesize(_observed(sig)), SHIPPED)
+    assert fact.os == sig.label.family, (fact.os_name, fact.signature)
+    if not sig.label.generic:
+        assert fact.os_match == "exact", fact
