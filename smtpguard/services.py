@@ -425,6 +425,8 @@ def store_url(config: Config) -> str | None:
 # A child compiling the whole world's zones takes a few seconds; past this,
 # the reload builds them in its thread instead.
 ZONE_COMPILE_TIMEOUT = 120.0
+# The compiling child runs at a lower priority (nice(1)'s default increment).
+ZONE_COMPILE_NICE = 10
 
 
 def compile_zones_in_child(path: str, flags: dict[str, Any]) -> bool:
@@ -451,6 +453,10 @@ def _compile_zones_main() -> None:
     import json
     import sys
 
+    import os
+
+    # Background work: the serving process keeps its CPU share while this compiles.
+    os.nice(ZONE_COMPILE_NICE)
     job = json.loads(sys.stdin.read())
     open_geo(load(job["path"], job["flags"]))
 
@@ -476,13 +482,16 @@ def build_services(config: Config, flags: dict[str, Any] | None = None, *, with_
 
 
 async def check_store(services: Services) -> None:
-    """At start: an sqlite file that cannot be opened is a config error (exit 2);
-    an unreachable Redis is logged loudly and left to `graylist.on_error`,
-    since the other MX hosts' Redis may come back while we run."""
+    """At start: an sqlite file that cannot be opened or written (read-only
+    file or directory) is a config error (exit 2); an unreachable or
+    read-only Redis is logged loudly and left to `graylist.on_error`, since
+    the other MX hosts' Redis may come back while we run. The check writes
+    as well as reads (issue 19 item 8)."""
     if services.store is None:
         return
     try:
         await services.store.ping()
+        await services.store.check_writes(now=services.clock())
     except StoreError as e:
         if services.config.state.url.startswith("sqlite"):
             raise ConfigError("state.url", f"cannot open the state store: {e}") from None

@@ -35,14 +35,25 @@ Defaults and why:
   - `memory://`: tests and one-off runs; LOSES ALL STATE ON RESTART and is
     not shared between processes.
   - timeout 2 s: redis socket and connect timeouts, sqlite's wait for
-    another process's lock (a RCPT stage deadline is seconds).
+    another process's lock (a RCPT stage deadline is seconds). On Redis it
+    is also the bound of a whole operation, its retry included; after an
+    operation times out, operations fail at once (StoreError) for as long
+    again, so that a frozen server (SIGSTOP, a stalled failover) costs a
+    session one timeout, not one per RCPT and per round trip (issue 19
+    item 8: 5 RCPTs took 20 s).
+  - sqlite: the file's identity (device, inode) is checked before each
+    operation; a state.db deleted or replaced under us is reopened (and
+    logged as `store.reopened`) instead of writing on a deleted inode that
+    the CLI no longer sees.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import math
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +62,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import parse_qs, unquote
 
 from smtpguard.errors import ConfigError, StoreError
+from smtpguard.observe.log import event
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -137,6 +149,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise StoreError unless the backend answers (startup, health)."""
+
+    async def check_writes(self, *, now: float) -> None:
+        """Raise StoreError unless a write goes through: a probe key written
+        and deleted (issue 19 item 8: a read-only sqlite file or a read-only
+        Redis replica answers reads and fails every graylist write)."""
+        key = f"probe:{os.getpid()}"
+        await self.set(key, "1", expires_at=now + 60, now=now)
+        await self.delete(key)
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -258,14 +278,30 @@ class SqliteStore(Store):
         self.url = url or f"sqlite://{path}"
         self.path = path
         self._synchronous = synchronous
+        self.timeout = timeout
         self._busy_ms = int(timeout * 1000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smtpguard-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None   # (st_dev, st_ino) of the open file
         self._closed = False
 
     # -- the store thread ---------------------------------------------------
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
     def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._file_identity() != self._identity:
+            # Deleted or replaced under us (an admin's rm, a restore): writes
+            # would go to an inode no one else sees. Open the path again.
+            event("store.reopened", logging.WARNING, url=self.url,
+                  reason="state file deleted" if self._file_identity() is None else "state file replaced")
+            self._conn.close()
+            self._conn = None
         if self._conn is None:
             # isolation_level=None: no implicit transactions; we say BEGIN.
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -276,6 +312,7 @@ class SqliteStore(Store):
                 conn.close()
                 raise
             self._conn = conn
+            self._identity = self._file_identity()
         return self._conn
 
     def _setup(self, conn: sqlite3.Connection) -> None:
@@ -527,8 +564,12 @@ class RedisStore(Store):
     master). Keys are `<prefix><key>`."""
 
     def __init__(self, client: Any, *, prefix: str = DEFAULT_REDIS_PREFIX, url: str = "",
-                 closers: Iterable[Any] = ()) -> None:
+                 closers: Iterable[Any] = (), timeout: float = DEFAULT_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.url = url
+        self.timeout = timeout
+        self._clock = clock
+        self._down_until = 0.0   # after a timeout: fail at once until then
         self._r = client
         self._prefix = prefix
         self._closers = list(closers)
@@ -536,10 +577,15 @@ class RedisStore(Store):
         self._cas = client.register_script(_CAS_LUA)
 
     async def _do(self, op: Callable[[], Awaitable[T]]) -> T:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError, TimeoutError as RedisTimeout
+        if self._clock() < self._down_until:
+            raise StoreError(f"redis {self.url}: timed out less than {self.timeout:g} s ago; not asked")
         try:
-            return await op()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            return await asyncio.wait_for(op(), self.timeout)
+        except (asyncio.TimeoutError, RedisTimeout) as exc:
+            self._down_until = self._clock() + self.timeout
+            raise StoreError(f"redis {self.url}: no answer within {self.timeout:g} s") from exc
+        except (RedisError, OSError) as exc:
             raise StoreError(f"redis {self.url}: {type(exc).__name__}: {exc}") from exc
 
     def _k(self, key: str) -> str:
@@ -622,6 +668,7 @@ class RedisStore(Store):
         await self._do(lambda: self._r.ping())
 
     async def close(self) -> None:
+        self._down_until = 0.0  # closing is always tried (it frees our sockets)
         await self._do(lambda: self._r.aclose())
         for other in self._closers:
             await self._do(lambda: other.aclose())
@@ -704,7 +751,7 @@ def _open_redis(url: str, timeout: float) -> Store:
         client = aioredis.Redis.from_url(plain, **_redis_options(timeout))
     except (ValueError, TypeError) as exc:
         raise ConfigError("state.url", f"{url!r}: {exc}") from None
-    return RedisStore(client, prefix=prefix, url=url)
+    return RedisStore(client, prefix=prefix, url=url, timeout=timeout)
 
 
 def _open_sentinel(url: str, timeout: float) -> Store:
@@ -742,7 +789,7 @@ def _open_sentinel(url: str, timeout: float) -> Store:
     sentinel_options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     client = sentinel.master_for(parts[0], db=db, password=password, **options)
-    return RedisStore(client, prefix=prefix, url=url, closers=sentinel.sentinels)
+    return RedisStore(client, prefix=prefix, url=url, closers=sentinel.sentinels, timeout=timeout)
 
 
 _OPENERS: dict[str, Callable[[str, float], Store]] = {

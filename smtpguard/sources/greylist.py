@@ -10,7 +10,8 @@ Inputs: a Store, GraylistSettings, the client address, its forward-confirmed
 Output: GraylistFact; `as_facts()` gives {"graylist": ...}. The session maps
   it to a reply through the policy (core.greylist.REPLIES lists the usual
   ones: 451 4.7.1 GREY, 550 5.7.1 TRAP, 451 4.3.0 GREY-STORE).
-Failure modes: a StoreError becomes status UNKNOWN, graylist "unknown" and
+Failure modes: a StoreError, or a transaction that takes longer than two
+  of the store's timeouts ([state] timeout), becomes status UNKNOWN, graylist "unknown" and
   the error text; `graylist.on_error` says what the session should do with it
   ("tempfail": 451 GREY-STORE, or "accept"). Nothing else is raised.
 Defaults and why: see GreyPolicy in core/greylist.py for the numbers; no
@@ -37,6 +38,7 @@ count: suspicious traffic earns no trust.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -171,7 +173,28 @@ def _fact(decision: g.Decision, identity: str, *, wait: float = 0.0, via: str = 
 
 async def check(store: Store, settings: GraylistSettings, *, ip: str, rdns_confirmed_domain: str | None,
                 sender: str, rcpt: str, strict: bool, now: float) -> GraylistFact:
-    """The graylist fact for one RCPT (see the module docstring for the order)."""
+    """The graylist fact for one RCPT (see the module docstring for the order),
+    within two store timeouts ([state] timeout) for the whole transaction: a
+    slow store costs a RCPT at most that, then `unknown` (issue 19 item 8)."""
+    limit = _transaction_limit(store)
+    try:
+        return await asyncio.wait_for(_check(store, settings, ip=ip, rdns_confirmed_domain=rdns_confirmed_domain,
+                                             sender=sender, rcpt=rcpt, strict=strict, now=now), limit)
+    except asyncio.TimeoutError:
+        identity = g.client_identity(ip, rdns_confirmed_domain, settings.policy)
+        return GraylistFact(UNKNOWN, UNKNOWN, 0, identity, "", f"store: no answer within {limit:g} s")
+
+
+def _transaction_limit(store: Store) -> float:
+    """One graylist transaction's bound: two of the store's operation
+    timeouts ([state] timeout, 2 s by default). Two, so that an operation
+    that times out ends by itself first (the store then fails fast for a
+    while, see adapters/store.py) rather than being cancelled here."""
+    return 2 * float(getattr(store, "timeout", DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT)
+
+
+async def _check(store: Store, settings: GraylistSettings, *, ip: str, rdns_confirmed_domain: str | None,
+                 sender: str, rcpt: str, strict: bool, now: float) -> GraylistFact:
     policy = settings.policy
     identity = g.client_identity(ip, rdns_confirmed_domain, policy)
     network = g.network_of(ip, policy)
