@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
+import inspect
 import logging
 import re
 import time
@@ -490,7 +490,7 @@ class ClientSession:
         trace = self.received_header(told)
         relay_started = time.monotonic()
         try:
-            r = await txn.data(itertools.chain((trace,), message.blocks()))
+            r = await txn.data(message.blocks(prefix=trace))
         except UpstreamError as e:
             self.txn = None
             return self.refuse("data", replies.make(e.reason))
@@ -585,3 +585,9 @@ class ClientSession:
                   f"\tby {self.config.server.hostname} (smtpguard) with {proto} id {self.client.session_id}"
                   f"{for_clause};\r\n\t{formatdate(localtime=True)}\r\n")
         return header.encode("utf-8", "surrogateescape") if utf8 else header.encode("ascii", "replace")
+
+
+# aiosmtpd inspects handle_EHLO's signature on every connection (to tell its
+# old and new hook forms apart): computed once here, inspect.signature then
+# returns it at once.
+ClientSession.handle_EHLO.__signature__ = inspect.signature(ClientSession.handle_EHLO)  # type: ignore[attr-defined]

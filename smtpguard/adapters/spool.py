@@ -75,13 +75,14 @@ class MessageSpool:
         self._body.seek(0)
         return self.headers + self._body.read()
 
-    def blocks(self, headers: bytes | None = None) -> Iterator[bytes]:
+    def blocks(self, headers: bytes | None = None, prefix: bytes = b"") -> Iterator[bytes]:
         """The message for the wire: line-aligned blocks with dots stuffed (RFC 5321 §4.5.2).
 
-        `headers` replaces the header block (a source may have removed
-        forged headers); the terminating dot is not included.
+        `prefix` (trace headers of our own, whole lines) goes first in the
+        same block; `headers` replaces the header block (a source may have
+        removed forged headers); the terminating dot is not included.
         """
-        head = self.headers if headers is None else headers
+        head = prefix + (self.headers if headers is None else headers)
         if head:
             yield _LEADING_DOT.sub(b"..", head)
         self._body.seek(0)

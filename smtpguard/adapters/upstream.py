@@ -389,10 +389,14 @@ class Transaction:
             # A reply the MTA sends before the final dot (a size refusal)
             # must be kept for read_response, not dropped as unsolicited.
             protocol._response_pending = True
+            pending = b""
             for block in blocks:
-                protocol.write(block)
-                await protocol._drain_helper()
-            protocol.write(b".\r\n")
+                if pending:
+                    protocol.write(pending)
+                    await protocol._drain_helper()
+                pending = block
+            # the last block and the final dot in one write: one segment for a small message
+            protocol.write(pending + b".\r\n")
             r = await protocol.read_response(timeout=timeout)
             if r.code == 421:
                 raise SMTPException(f"421 {r.message}")
