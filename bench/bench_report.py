@@ -158,6 +158,8 @@ def main() -> int:
                 p = OUT / f"decisions-{n}{suffix}"
                 if p.exists():
                     os.unlink(p)
+        if policy.exists():
+            os.unlink(policy)
     return 0
 
 

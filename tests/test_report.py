@@ -522,3 +522,14 @@ def test_any_json_in_the_log_is_counted_or_skipped_never_a_crash() -> None:
         rep.text(result)
 
     run()
+
+
+def test_a_country_rule_is_replayed_without_zone_data(traffic: dict[str, Any]) -> None:
+    """The countries are in the log: the new policy needs no zone files to be replayed."""
+    path = _policy(traffic["tmp"], "cn.toml", '[[rule]]\nname = "no-cn"\nstage = "connect"\n'
+                                               'when = { country = "CN" }\naction = "reject"\nreason = "GEO"\n')
+    _result, replayed = cmd.build(traffic["logs"], policy=cmd.load_policy(path))
+    assert replayed is not None
+    rows = {(r["would"], r["rule"], r["was"]): [e["ip"] for e in r["examples"]] for r in replayed["differences"]}
+    # CN_WIN was refused by the Windows rule and would be by no-cn: the same outcome, not a difference
+    assert rows == {("refused", "no-cn", "through"): [CN_DYN]}

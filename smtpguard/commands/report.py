@@ -34,6 +34,7 @@ FORMATS = ("text", "json", "html")
 # neither is used here.
 PLACEHOLDER_UPSTREAM = "127.0.0.1:25"
 PLACEHOLDER_DOMAIN = "report.invalid"
+PLACEHOLDER_ZONES = "(the countries of the log)"
 
 
 def add_parser(sub: Any) -> None:
@@ -60,6 +61,12 @@ def load_policy(path: str) -> Policy:
         raise ConfigError("--policy", e.message) from None
     # hostname given so that no lookup of this machine's name is made
     flags: dict[str, Any] = {"hostname": "report.invalid"}
+    geo = doc.get("geo")
+    if geo is None or (isinstance(geo, dict) and not geo.get("zones") and not geo.get("mmdb")):
+        # The countries are in the log: a rule on country needs no zone data
+        # to be replayed (serve refuses such a rule without it; this value is
+        # never opened).
+        flags["zones"] = PLACEHOLDER_ZONES
     upstream = doc.get("upstream")
     server = doc.get("server")
     if not (isinstance(upstream, dict) and upstream.get("address")):
