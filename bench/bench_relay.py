@@ -21,6 +21,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import postfix_proxy  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -55,8 +59,9 @@ def _stat(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its children (the workers), live ones included."""
+def cpu_seconds(pid: int, children_done: bool = False) -> float:
+    """utime + stime of a process and its children (the workers), live ones included;
+    with `children_done`, also the CPU of its children that have exited (cutime + cstime)."""
     pids = [pid]
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -72,6 +77,8 @@ def cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / TICKS
+        if children_done and p == pid:
+            total += (int(fields[13]) + int(fields[14])) / TICKS
     return total
 
 
@@ -95,13 +102,28 @@ def main() -> None:
         args.messages, args.rounds = 500, 3
 
     sink_port = free_port()
-    ports = {1: free_port(), 2: free_port()}
+    # 1 and 2 workers with no rules; "policy": 1 worker with the shipped
+    # policy (examples/smtpguard.toml), its DNS answered by a loopback server
+    ports: dict[Any, int] = {1: free_port(), 2: free_port(), "policy": free_port()}
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures_dns import DnsServer
+
+    dns_server = DnsServer().start()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     sink = subprocess.Popen([tool("smtp-sink"), *user, "-c", f"127.0.0.1:{sink_port}", "256"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     guards: dict[int, subprocess.Popen[str]] = {}
+    pf_port = free_port()
+    pf_root = postfix_proxy.start(pf_port, sink_port) if postfix_proxy.available() else None
     with tempfile.TemporaryDirectory() as tmp:
         for workers, port in ports.items():
+            if workers == "policy":
+                guards[workers] = subprocess.Popen(
+                    [sys.executable, "-m", "smtpguard", "serve", "--config", str(ROOT / "examples" / "smtpguard.toml"),
+                     "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{sink_port}",
+                     "--dns-server", dns_server.address, "--state", "memory://", "--log-level", "warning"],
+                    cwd=ROOT, stderr=subprocess.DEVNULL, text=True)
+                continue
             conf = Path(tmp) / f"bench{workers}.toml"
             conf.write_text(f"""
 [server]
@@ -125,11 +147,23 @@ level = "warning"
             for port in ports.values():
                 wait_port(port)
                 source(port, 100, args.sessions, 60)  # warm-up: imports, pool, caches
+            if pf_root is not None:
+                wait_port(pf_port)
+                source(pf_port, 100, args.sessions, 60)
             direct: list[float] = []
-            proxied: dict[int, list[float]] = {1: [], 2: []}
-            cpu: dict[int, list[float]] = {1: [], 2: []}
+            proxied: dict[Any, list[float]] = {k: [] for k in ports}
+            cpu: dict[Any, list[float]] = {k: [] for k in ports}
+            postfix: list[float] = []
+            postfix_cpu: list[float] = []
             for _ in range(args.rounds):
                 direct.append(args.messages / source(sink_port, args.messages, args.sessions, 120))
+                if pf_root is not None:
+                    master = postfix_proxy.master_pid(pf_root)
+                    before = cpu_seconds(master)
+                    postfix.append(args.messages / source(pf_port, args.messages, args.sessions, 300))
+                    # smtpd processes exit and are reaped as they finish; their CPU
+                    # goes to the master's cumulative children time
+                    postfix_cpu.append((cpu_seconds(master, children_done=True) - before) / args.messages * 1000)
                 for workers, port in ports.items():
                     before = cpu_seconds(guards[workers].pid)
                     proxied[workers].append(args.messages / source(port, args.messages, args.sessions, 300))
@@ -141,17 +175,29 @@ level = "warning"
             for g in guards.values():
                 g.wait(30)
             sink.wait(10)
+            if pf_root is not None:
+                postfix_proxy.stop(pf_root)
+            dns_server.stop()
     d = statistics.median(direct)
     print(f"relay: {args.messages} x 1 KB messages, {args.sessions} parallel sessions, one message per session, "
           f"{args.rounds} alternating rounds (medians)")
     print(f"  smtp-source -> smtp-sink                       {d:7.0f} msg/s   "
           f"(rounds: {', '.join(f'{x:.0f}' for x in direct)})")
+    if postfix:
+        p, c = statistics.median(postfix), statistics.median(postfix_cpu)
+        print(f"  {'smtp-source -> Postfix smtpd_proxy_filter -> smtp-sink':<45} {p:7.0f} msg/s   "
+              f"(rounds: {', '.join(f'{x:.0f}' for x in postfix)})")
+        print(f"      ratio to direct {p / d:5.2f}; Postfix CPU per 1,000 messages {c:5.2f} s")
     for workers in ports:
         p, c = statistics.median(proxied[workers]), statistics.median(cpu[workers])
-        label = f"smtp-source -> smtpguard ({workers} worker{'s' if workers > 1 else ''}) -> smtp-sink"
+        what = ("1 worker, shipped policy" if workers == "policy"
+                else f"{workers} worker{'s' if workers != 1 else ''}, no rules")
+        label = f"smtp-source -> smtpguard ({what}) -> smtp-sink"
         print(f"  {label:<45} {p:7.0f} msg/s   (rounds: {', '.join(f'{x:.0f}' for x in proxied[workers])})")
+        vs_postfix = (f"; rate {p / statistics.median(postfix):4.2f}x and CPU {c / statistics.median(postfix_cpu):4.2f}x "
+                      "Postfix's proxy" if postfix else "")
         print(f"      ratio to direct {p / d:5.2f}; smtpguard CPU per 1,000 messages {c:5.2f} s "
-              f"(rounds: {', '.join(f'{x:.2f}' for x in cpu[workers])})")
+              f"(rounds: {', '.join(f'{x:.2f}' for x in cpu[workers])}){vs_postfix}")
 
 
 if __name__ == "__main__":
