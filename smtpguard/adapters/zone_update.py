@@ -20,8 +20,12 @@ Failure modes:
 Defaults and why:
     * ipdeny.com's aggregated lists: free, per country, IPv4 and IPv6, one
       CIDR a line, refreshed daily; the format the loader reads natively.
-    * timeout 30 s: the longest wait for a server to answer or send more, and
-      the longest one file may take; ipdeny's largest list is well under 1 MB.
+    * timeout 30 s: the longest the whole update may take, every file, the
+      connections, the TLS handshakes and the headers included (issue 19
+      item 11: a server trickling its headers byte by byte kept a 3 s
+      update waiting 90 s). A watchdog shuts the socket at the deadline,
+      whatever http.client is waiting for. ipdeny's largest list is well
+      under 1 MB and a dozen countries take a few seconds.
     * MAX_BYTES 32 MiB per file: far above any real country list, low enough
       that a misbehaving server cannot fill the disk.
     * DEST belongs to the downloader: the whole directory is replaced, so an
@@ -37,9 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import http.client
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -88,18 +95,101 @@ def url_for(template: str, cc: str) -> str:
     return template.rstrip("/") + f"/{cc.lower()}-aggregated.zone"
 
 
+class _Watchdog:
+    """Shuts every socket a fetch opened when its deadline passes, so that no
+    wait inside http.client (connect, TLS handshake, a header line arriving
+    a byte at a time) outlives the deadline."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, seconds), self._fire)
+        self._timer.daemon = True
+
+    def track(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                self._shut(sock)
+        return sock
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                self._shut(sock)
+
+    def __enter__(self) -> "_Watchdog":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib with connections whose sockets this watchdog tracks."""
+        watchdog = self
+
+        def tracked(*args: object, **kwargs: object) -> socket.socket:
+            return watchdog.track(socket.create_connection(*args, **kwargs))  # type: ignore[arg-type]
+
+        class Http(http.client.HTTPConnection):
+            def __init__(self, *args: object, **kwargs: object) -> None:
+                super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+                self._create_connection = tracked
+
+        class Https(http.client.HTTPSConnection):
+            def __init__(self, *args: object, **kwargs: object) -> None:
+                super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+                self._create_connection = tracked
+
+        class HttpHandler(urllib.request.HTTPHandler):
+            def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+                return self.do_open(Http, req)
+
+        class HttpsHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+                return self.do_open(Https, req, context=self._context)  # type: ignore[attr-defined]
+
+        return urllib.request.build_opener(HttpHandler, HttpsHandler)
+
+
 def fetch(url: str, timeout: float, max_bytes: int = MAX_BYTES,
-          clock: Callable[[], float] = time.monotonic) -> bytes:
-    """The body of `url`; ZoneUpdateError on an HTTP error, a timeout (each
-    wait and the whole transfer bounded by `timeout`), an HTML page or a
-    body over `max_bytes`."""
-    deadline = clock() + timeout
+          clock: Callable[[], float] = time.monotonic, deadline: float | None = None) -> bytes:
+    """The body of `url`; ZoneUpdateError on an HTTP error, a timeout (every
+    wait and the whole fetch bounded by `timeout`, and by `deadline` on
+    `clock` when given), an HTML page or a body over `max_bytes`."""
+    own = clock() + timeout
+    deadline = own if deadline is None else min(own, deadline)
+    remaining = deadline - clock()
+    if remaining <= 0:
+        raise ZoneUpdateError(f"{url}: timed out after {timeout:g} s")
+    with _Watchdog(remaining) as watchdog:
+        try:
+            body = _fetch(url, timeout, max_bytes, clock, deadline, watchdog)
+        except ZoneUpdateError:
+            if watchdog.expired:
+                raise ZoneUpdateError(f"{url}: timed out after {timeout:g} s") from None
+            raise
+        if watchdog.expired:   # a shut socket reads as the end of the body: not a whole file
+            raise ZoneUpdateError(f"{url}: timed out after {timeout:g} s")
+        return body
+
+
+def _fetch(url: str, timeout: float, max_bytes: int, clock: Callable[[], float], deadline: float,
+           watchdog: _Watchdog) -> bytes:
     request = urllib.request.Request(url, headers={
         "User-Agent": f"smtpguard/{__version__} (zones update)",
         "Accept": "text/plain",
     })
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with watchdog.opener().open(request, timeout=max(0.001, deadline - clock())) as resp:
             if resp.headers.get_content_type() == "text/html":
                 raise ZoneUpdateError(f"{url}: the server sent an HTML page, not a zone file")
             chunks: list[bytes] = []
@@ -128,8 +218,8 @@ def fetch(url: str, timeout: float, max_bytes: int = MAX_BYTES,
         raise ZoneUpdateError(f"{url}: {reason}") from None
     except TimeoutError:
         raise ZoneUpdateError(f"{url}: timed out after {timeout:g} s") from None
-    except OSError as exc:   # connection reset mid-body, http.client errors
-        raise ZoneUpdateError(f"{url}: {exc}") from None
+    except (OSError, http.client.HTTPException) as exc:   # reset mid-body, a shut socket
+        raise ZoneUpdateError(f"{url}: {exc or type(exc).__name__}") from None
     return b"".join(chunks)
 
 
@@ -235,7 +325,7 @@ def _update(dest: str, parent: str, base: str, codes: tuple[str, ...], ipv4_url:
                 os.mkdir(os.path.join(tmp, sub))
                 for code in codes:
                     url = url_for(template, code)
-                    body = fetch(url, timeout, clock=clock)
+                    body = fetch(url, timeout, clock=clock, deadline=started + timeout)
                     counts[family] += validate_zone(body, url, family)
                     _write_file(os.path.join(tmp, sub, f"{code.lower()}-aggregated{ZONE_SUFFIX}"), body)
                     files += 1

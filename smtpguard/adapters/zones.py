@@ -48,6 +48,7 @@ import mmap
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ from smtpguard.errors import ConfigError
 
 log = logging.getLogger("smtpguard.geo")
 
+
+class GeoLookupError(Exception):
+    """The .mmdb could not be read for one lookup (damaged after start)."""
+
 ZONE_SUFFIX = ".zone"
 CACHE_NAME = ".smtpguard-geo.cache"
 # Bump when the loader reads files differently (what is a comment, how the
@@ -76,6 +81,16 @@ CACHE_NAME = ".smtpguard-geo.cache"
 LOADER_VERSION = 1
 # Per-file cap on itemised warnings (see the module docstring).
 MAX_WARNINGS_PER_FILE = 10
+# Issue 19 item 11: networks no country can hold are malformed lines. IPv4
+# shorter than /4 (a sixteenth of the space: even the US's adjacent legacy
+# /8s, 16.0.0.0-23.255.255.255, aggregate to a /5 at most) and IPv6 shorter
+# than /12 (the block IANA allocates to a whole RIR, e.g. 2600::/12 to
+# ARIN). So 0.0.0.0/0 and ::/0 never put the whole Internet in a country.
+MIN_PREFIX = {4: 4, 6: 12}
+# A zone file is a few hundred KB (all of ipdeny's IPv4 and IPv6 zones
+# together are under 10 MB): anything over 64 MiB is not one, and is not
+# read into memory.
+MAX_ZONE_FILE_BYTES = 64 << 20
 
 _COUNTRY_FROM_NAME = re.compile(r"[^.-]*")
 
@@ -169,12 +184,27 @@ def find_zone_files(roots: Sequence[str], key: str = "geo.zones") -> list[ZoneFi
                 st = os.stat(real)
             except OSError as exc:
                 raise ConfigError(key, f"{path}: {exc.strerror}") from None
+            # A symlink to /dev/zero or a FIFO would be read forever or
+            # block (issue 19 item 11): zone files are regular files.
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(key, f"{path}: not a regular file ({_file_kind(st.st_mode)})")
+            if st.st_size > MAX_ZONE_FILE_BYTES:
+                raise ConfigError(key, f"{path}: {st.st_size} bytes; a zone file is at most "
+                                       f"{MAX_ZONE_FILE_BYTES >> 20} MiB")
             name = os.path.basename(path)
             cc = _COUNTRY_FROM_NAME.match(name)
             code = cc.group(0) if cc else ""
             found[real] = ZoneFile(os.path.abspath(path), code.upper() if is_country_code(code) else "",
                                    st.st_size, st.st_mtime_ns)
     return sorted(found.values(), key=lambda z: z.path)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def _walk(root: str) -> Iterable[str]:
@@ -203,6 +233,10 @@ def parse_zone_text(text: str, where: str, family: int | None = None,
             net = parse_network(line, _pton_plain)
             if family is not None and net[0] != family:
                 raise ValueError(f"an IPv{net[0]} network in an IPv{family} list: {line[:80]!r}")
+            bits = 32 if net[0] == 4 else 128
+            if net[2] - net[1] >= 1 << (bits - MIN_PREFIX[net[0]]):
+                raise ValueError(f"{line[:80]!r} is larger than any country holds (at most an "
+                                 f"IPv{net[0]} /{MIN_PREFIX[net[0]]})")
         except ValueError as exc:
             bad += 1
             if bad <= limit:
@@ -220,10 +254,17 @@ def _read(files: Sequence[ZoneFile]) -> tuple[list[bytes], bytes]:
     contents: list[bytes] = []
     for zf in files:
         try:
-            with open(zf.path, "rb") as fh:
-                data = fh.read()
+            # O_NONBLOCK: a file swapped for a FIFO since it was found must
+            # not hang the loader; the read is bounded as the size check is.
+            fd = os.open(zf.path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise ConfigError("geo.zones", f"{zf.path}: not a regular file")
+                data = fh.read(MAX_ZONE_FILE_BYTES + 1)
         except OSError as exc:
             raise ConfigError("geo.zones", f"{zf.path}: {exc.strerror}") from None
+        if len(data) > MAX_ZONE_FILE_BYTES:
+            raise ConfigError("geo.zones", f"{zf.path}: over {MAX_ZONE_FILE_BYTES >> 20} MiB")
         contents.append(data)
         key.update(f"{zf.path}\0{zf.size}\0{zf.mtime_ns}\0".encode())
         key.update(hashlib.sha256(data).digest())
@@ -327,11 +368,22 @@ def _open_mmdb(path: str) -> Any:
         raise ConfigError("geo.mmdb", "reading .mmdb files needs the maxminddb package"
                           " (pip install 'smtpguard[mmdb]'), or use geo.zones") from None
     try:
-        return maxminddb.open_database(path, maxminddb.MODE_AUTO)
+        if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError("geo.mmdb", f"{path}: not a regular file ({_file_kind(os.stat(path).st_mode)})")
+        reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)
     except FileNotFoundError:
         raise ConfigError("geo.mmdb", f"{path}: no such file") from None
     except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
         raise ConfigError("geo.mmdb", f"{path}: not a readable MaxMind database ({exc})") from None
+    # The metadata at the end can be intact over a damaged search tree (issue
+    # 19 item 8): look up one address of each family the database holds.
+    try:
+        for probe in ("192.0.2.1", "2001:db8::1") if reader.metadata().ip_version == 6 else ("192.0.2.1",):
+            reader.get(probe)
+    except (maxminddb.InvalidDatabaseError, ValueError, OSError, UnicodeError) as exc:
+        reader.close()
+        raise ConfigError("geo.mmdb", f"{path}: damaged MaxMind database ({exc})") from None
+    return reader
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +455,9 @@ class GeoDB:
         return cls(table=table, stats=stats, reader=reader, _keep=keep)
 
     def country(self, ip: str) -> str:
-        """ISO code, "local" (local and listed nowhere) or "unknown"."""
+        """ISO code, "local" (local and listed nowhere) or "unknown".
+        GeoLookupError when the .mmdb cannot be read (damaged since it was
+        opened): the caller says `unknown` and logs it."""
         try:
             version, value = _fast_address(ip)
         except ValueError:
@@ -414,6 +468,8 @@ class GeoDB:
                 record = self.reader.get(_v4_text(value) if version == 4 else ip)
             except ValueError:   # an IPv6 address against an IPv4-only database
                 record = None
+            except Exception as exc:  # damaged after the start-up probe (sources/geo.py logs it)
+                raise GeoLookupError(f"{self.stats.mmdb}: {type(exc).__name__}: {exc}"[:300]) from exc
             found = mmdb_country(record) if record is not None else None
         if found is not None:
             return found

@@ -25,7 +25,7 @@ from smtpguard.adapters.zone_update import (
     existing_countries,
     update_zones,
 )
-from smtpguard.adapters.zones import GeoDB
+from smtpguard.adapters.zones import GeoDB, GeoLookupError
 from smtpguard.core.geo import is_country_code
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
@@ -65,7 +65,7 @@ def add_parser(subparsers: Any) -> None:
     up.add_argument("--no-ipv6", action="store_true",
                     help="fetch IPv4 lists only (for a country with no IPv6 list)")
     up.add_argument("--timeout", default=f"{DEFAULT_TIMEOUT:g}s", metavar="DURATION",
-                    help="longest wait for a server and for one file, like 30s or 2m (default: %(default)s)")
+                    help="longest the whole update may take, like 30s or 2m (default: %(default)s)")
     up.set_defaults(func=run)
 
     info = sub.add_parser(
@@ -153,7 +153,11 @@ def _run_info(args: argparse.Namespace) -> int:
         for line in db.stats.lines():
             print(line)
         for ip in args.lookup:
-            print(f"{ip}: {db.country(ip)}")
+            try:
+                print(f"{ip}: {db.country(ip)}")
+            except GeoLookupError as exc:
+                print(f"--mmdb: {exc}", file=sys.stderr)
+                return 2
     finally:
         db.close()
     return 0

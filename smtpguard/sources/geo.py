@@ -12,8 +12,10 @@ Output:
     no country data is loaded or the address cannot be read (country
     "unknown" too, so a rule on `country` sees one value either way).
 Failure modes:
-    none at lookup time: a table lookup cannot time out. Loading errors are
-    ConfigErrors raised by GeoDB.open at start.
+    a lookup cannot time out; a lookup that fails (a .mmdb damaged after
+    start) is country "unknown", status UNKNOWN and a `geo.error` line, never
+    an exception in the session (issue 19 item 8). Loading errors, a damaged
+    search tree included, are ConfigErrors raised by GeoDB.open at start.
 Defaults and why:
     `unknown = "deny"`: geoblocking is default-deny (issue 3: a business that
     trades with three countries wants mail from those three), and an address
@@ -24,9 +26,11 @@ Defaults and why:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from smtpguard.adapters.dns import RateLimitedLog
 from smtpguard.adapters.zones import GeoDB
 from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
 from smtpguard.core.geo import LOCAL, is_country_code, parse_address
@@ -36,6 +40,9 @@ from smtpguard.errors import ConfigError
 # `unknown` setting: what the policy does with a client no data places.
 UNKNOWN_ACTIONS: tuple[str, ...] = ("deny", "allow")
 
+# geo.error lines: at most one a minute, with the count held back (a damaged
+# database would otherwise write one per client).
+_ERRORS = RateLimitedLog()
 # Pseudo-codes a rule may name besides country codes.
 PSEUDO_COUNTRIES: tuple[str, ...] = (LOCAL,)
 
@@ -55,7 +62,11 @@ def gather(client_ip: str, geodb: GeoDB | None) -> GeoFact:
     """The client's country. Sync: it is a table lookup of a few microseconds."""
     if geodb is None:
         return GeoFact(UNKNOWN_COUNTRY, UNKNOWN)
-    country = geodb.country(client_ip)
+    try:
+        country = geodb.country(client_ip)
+    except Exception as exc:  # a source's failure is `unknown` and a log line, never a dead session
+        _ERRORS.event("geo.error", "geo", logging.ERROR, ip=client_ip, error=str(exc)[:300])
+        return GeoFact(UNKNOWN_COUNTRY, UNKNOWN)
     if country != UNKNOWN_COUNTRY:
         return GeoFact(country, OK)
     # "unknown" from a loaded table: the address is valid and nothing lists
