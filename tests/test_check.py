@@ -75,3 +75,92 @@ def test_check_refuses_a_relay_recipient(tmp_path: Path, dns_server: DnsServer) 
 def test_check_with_a_bad_ip_is_exit_2(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "smtpguard", "check", "not-an-ip"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+# --- issue 11 item 5: a truthful check ------------------------------------------------
+
+NO_RULES = """
+[server]
+hostname = "mx.example.test"
+domains = ["example.test"]
+[upstream]
+address = "127.0.0.1:1"
+"""
+
+
+def _check_cli(tmp_path: Path, dns: DnsServer, conf_text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    conf = tmp_path / "c.toml"
+    conf.write_text(conf_text)
+    return subprocess.run([sys.executable, "-m", "smtpguard", "check", *args, "--config", str(conf),
+                           "--dns-server", dns.address], capture_output=True, text=True, timeout=60)
+
+
+def test_without_rcpt_check_prints_the_refusal_held_back_until_rcpt(tmp_path: Path, dns_server: DnsServer) -> None:
+    dns_server.set("7.2.0.192.bl.test", "A", ["127.0.0.2"])
+    dns_server.nxdomain("7.2.0.192.in-addr.arpa")
+    out = check(tmp_path, dns_server, "192.0.2.7")          # no --rcpt
+    assert out["rcpt_assumed"] == "user@example.test"
+    assert out["reply"].startswith("550 5.7.1 [DNSBL] ")     # not "250"
+    assert "postmaster@ and abuse@" in out["note"]
+    conf = (tmp_path / "c.toml").read_text()
+    r = _check_cli(tmp_path, dns_server, conf, "192.0.2.7")
+    assert r.returncode == 0, r.stderr
+    assert "reply at RCPT to an ordinary recipient (user@example.test): 550 5.7.1 [DNSBL]" in r.stdout
+
+
+def test_check_shows_every_fact_marking_those_the_policy_read(tmp_path: Path, dns_server: DnsServer) -> None:
+    dns_server.set_ptr("192.0.2.7", ["mail.sender.test"])
+    dns_server.set("mail.sender.test", "A", ["192.0.2.7"])
+    r = _check_cli(tmp_path, dns_server, NO_RULES, "192.0.2.7", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["facts"]["rdns"] == "confirmed" and out["facts"]["rdns_name"] == "mail.sender.test"
+    assert "rdns" not in out["policy_facts"]   # no rule reads it (the postmaster rule reads rcpt)
+    text = _check_cli(tmp_path, dns_server, NO_RULES, "192.0.2.7").stdout
+    assert "  rdns_name" in text and "* rdns_name" not in text
+    rules = NO_RULES + '[[rule]]\nname = "no-rdns"\nstage = "connect"\nwhen = { rdns = "none" }\naction = "reject"\n'
+    text = _check_cli(tmp_path, dns_server, rules, "192.0.2.7").stdout
+    assert "* rdns " in text and "  dnsbl" not in text.replace("* dnsbl", "")
+    only = json.loads(_check_cli(tmp_path, dns_server, NO_RULES, "192.0.2.7", "--json", "--only-policy").stdout)
+    assert "rdns" not in only["facts"]          # today's behaviour on demand
+
+
+# Every reason code a policy can give, with the action that gives it.
+POLICY_CODES = {"POLICY": "reject", "GEO": "reject", "GEO-OS": "reject", "OS-RDNS": "reject", "RDNS": "reject",
+                "DNSBL": "reject", "HELO-FORGED": "reject", "DNS-TEMP": "tempfail", "TEMP": "tempfail"}
+
+
+def test_checks_reply_is_the_live_reply_byte_for_byte_for_every_reason_code(
+        tmp_path: Path, dns_server: DnsServer, guard_factory: Any, recorder: Any) -> None:
+    """One rule per code at RCPT for 127.0.0.5; a live session from 127.0.0.5 and `check 127.0.0.5`
+    must write the same line; and the relay forms and the graylist's first deferral."""
+    import asyncio
+    import smtplib
+
+    from smtpguard.commands.check import evaluate
+
+    dns_server.set("5.0.0.127.bl.test", "A", ["127.0.0.2"])
+    dns_server.set_ptr("127.0.0.5", ["client.example.test"])
+    dns_server.set("client.example.test", "A", ["127.0.0.5"])
+    url = "https://help.example.test/smtp?code={code}&ip={ip}&helo={helo}&sender={sender}&rcpt={rcpt}"
+    cases: list[tuple[str, dict[str, Any], str]] = []
+    for code, action in POLICY_CODES.items():
+        cases.append((code, {"rule": [{"name": f"r-{code.lower()}", "stage": "rcpt", "action": action,
+                                      "reason": code, "when": {"ip_in": ["127.0.0.0/8"]}}],
+                             "dnsbl": [{"zone": "bl.test", "weight": 3}]}, "user@example.test"))
+    cases.append(("RELAY", {}, "x@other.test"))
+    cases.append(("RELAY", {}, "b%other.test@example.test"))   # the percent hack
+    cases.append(("GREY", {"rule": [{"name": "grey", "stage": "rcpt", "action": "graylist"}],
+                           "state": {"url": "memory://"}}, "user@example.test"))
+    for code, doc, rcpt in cases:
+        doc = {**doc, "server": {"resolution_url": url}}
+        g = guard_factory(doc, upstream=recorder.address)
+        with smtplib.SMTP(g.host, g.port, timeout=10, source_address=("127.0.0.5", 0)) as s:
+            s.ehlo("helo.client.test")
+            s.mail("a@sender.test")
+            live_code, live_text = s.rcpt(rcpt)
+        live = f"{live_code} {live_text.decode()}".replace("\n", "\r\n")
+        result = asyncio.run(evaluate(g.config, "127.0.0.5", "helo.client.test", "a@sender.test", rcpt))
+        assert f"[{code}]" in live, (code, live)
+        assert result["reply"].replace("\r\n" + str(live_code) + "-", "\r\n" + str(live_code) + " ") == live \
+            or result["reply"] == live, (code, result["reply"], live)

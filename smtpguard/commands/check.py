@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import math
 import sys
 from typing import Any
 
@@ -45,6 +46,9 @@ def add_parser(sub: Any) -> None:
                    help="a stored message: show its DKIM facts (dkim, dkim_domains, from_domain, dkim_aligned), "
                         "each signature's result and the Authentication-Results header the MTA would get")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.add_argument("--only-policy", action="store_true",
+                   help="gather only the facts the loaded rules read (by default every fact smtpguard can "
+                        "gather is shown, those the policy read marked *)")
     add_common_config_flags(p)
     p.set_defaults(func=run)
 
@@ -61,16 +65,36 @@ def _config(args: argparse.Namespace) -> cfg.Config:
     return cfg.build(doc, flags, args.config or "")
 
 
+def ordinary_recipient(config: cfg.Config) -> str:
+    """A recipient of the first served domain that no built-in rule singles out."""
+    domain = config.server.domains[0] if config.server.domains else PLACEHOLDER_DOMAIN
+    return "user@" + ("mail" + domain if domain.startswith(".") else domain)
+
+
 async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = "", rcpt: str = "",
-                   syn: bytes | None = None) -> dict[str, Any]:
-    """The facts and per-stage decisions for one client, as a live session makes them."""
+                   syn: bytes | None = None, only_policy: bool = False) -> dict[str, Any]:
+    """The facts and per-stage decisions for one client, as a live session makes them.
+
+    Without `rcpt`, the reply is the one an ordinary recipient of a served
+    domain would get at RCPT (a refusal held back until RCPT shows there).
+    Unless `only_policy`, every source runs, not only those the rules read."""
     from smtpguard.services import build_services
     from smtpguard.session import ClientSession
 
     services = build_services(config, with_store=False)
+    policy_runs = dict(services.run)
+    if not only_policy:
+        for name in services.run:
+            services.run[name] = name != "geo" or services.geodb is not None
     session = ClientSession(services, ClientInfo("check", ip, 0, syn=syn))
     session.helo, session.esmtp = helo, True
-    result: dict[str, Any] = {"ip": ip, "stages": [], "reply": "250 (delivered to the MTA, whose answer decides)"}
+    result: dict[str, Any] = {"ip": ip, "stages": [], "reply": "250 (delivered to the MTA, whose answer decides)",
+                              "policy_facts": sorted(services.policy.facts())}
+    if not rcpt:
+        rcpt = ordinary_recipient(config)
+        result["rcpt_assumed"] = rcpt
+        if config.policy.default_postmaster:
+            result["note"] = "postmaster@ and abuse@ of the served domains stay reachable (policy.default_postmaster)"
     envelope = {
         "helo": {"helo": helo},
         "mail": {"sender": sender, "sender_domain": sender.rpartition("@")[2].lower() if "@" in sender else ""},
@@ -84,8 +108,6 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
             if stage == "mail":
                 session.sender = sender
             if stage == "rcpt":
-                if not rcpt:
-                    break
                 checked = check_recipient(rcpt, config.server.served)
                 if isinstance(checked, Refused):
                     # the same reply as a live session's, byte for byte
@@ -96,6 +118,8 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
                     break
                 session.facts.update(rcpt=checked.address, rcpt_domain=checked.domain)
             session.facts.update(await services.facts(stage, session))
+            if not policy_runs.get("dnsbl"):
+                session.dnsbl_text = ""   # a live session has no list text when no rule reads the lists
             verdict = session.decide(stage)
             entry: dict[str, Any] = {
                 "stage": stage, "action": verdict.action, "rule": verdict.rule, "reason": verdict.reason or None,
@@ -108,7 +132,9 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
                 entry["note"] = ("graylisted" + (" (strict)" if verdict.strict else "")
                                  + ": the first attempt of a new triplet is deferred; check does not read the store")
                 result["stages"].append(entry)
-                result["reply"] = session.render(replies.make("GREY"), rcpt)
+                # the live session's own reply for a new triplet, byte for byte
+                session.facts.update(graylist="new", graylist_wait=math.ceil(config.graylist.policy.delay))
+                result["reply"] = session.graylisted(verdict, checked) or result["reply"]
                 break
             result["stages"].append(entry)
             if session.refuses_now(verdict):
@@ -154,9 +180,10 @@ def _message_text(m: dict[str, Any]) -> str:
 
 
 def _text(result: dict[str, Any]) -> str:
-    lines = [f"client {result['ip']}", "facts:"]
+    lines = [f"client {result['ip']}", "facts (* read by the policy):"]
+    used = set(result.get("policy_facts", ()))
     for key in sorted(result["facts"]):
-        lines.append(f"  {key:<22} {result['facts'][key]}")
+        lines.append(f"{'*' if key in used else ' '} {key:<22} {result['facts'][key]}")
     for st in result["stages"]:
         head = f"{st['stage']}: {st['action']}"
         if st.get("rule"):
@@ -173,7 +200,12 @@ def _text(result: dict[str, Any]) -> str:
             lines.append(f"    observe: {o[0]} would {o[1]} [{o[2]}]")
         if st.get("note"):
             lines.append(f"    {st['note']}")
-    lines.append(f"reply: {result['reply']}")
+    if result.get("rcpt_assumed"):
+        lines.append(f"reply at RCPT to an ordinary recipient ({result['rcpt_assumed']}): {result['reply']}")
+    else:
+        lines.append(f"reply: {result['reply']}")
+    if result.get("note"):
+        lines.append(result["note"])
     return "\n".join(lines)
 
 
@@ -205,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     data = _read_message(args.message, config.server.max_message_size) if args.message else None
     log.setup(config.log.format, args.log_level or "warning")
-    result = asyncio.run(evaluate(config, args.ip, args.helo, args.sender, args.rcpt, syn))
+    result = asyncio.run(evaluate(config, args.ip, args.helo, args.sender, args.rcpt, syn,
+                                  only_policy=args.only_policy))
     if data is not None:
         result["message"] = asyncio.run(message_facts(config, data))
     text = _text(result) + ("\n" + _message_text(result["message"]) if data is not None else "")
