@@ -272,3 +272,31 @@ def test_a_hostile_name_is_escaped_in_the_text_log(dns_server: DnsServer) -> Non
         obslog.setup("text", "warning")
     line = next(x for x in stream.getvalue().splitlines() if " dns.error " in x)
     assert "session=S9" in line and "\n" not in line and logging.getLevelName(logging.INFO).lower() in line
+
+
+# -- the budget in a live session -----------------------------------------------------
+
+@pytest.mark.parametrize("lookups, refused", [
+    pytest.param(3, False, id="budget spent by the PTR: the EHLO name is unknown and mail goes through"),
+    pytest.param(50, True, id="within the budget: the EHLO name is asked and the rule refuses"),
+])
+def test_a_live_session_over_its_budget_gets_unknown_helo_facts_and_goes_on(
+        dns_server: DnsServer, recorder: Any, guard_factory: Any, lookups: int, refused: bool) -> None:
+    """smtpguard in front of a recorder: the PTR and its forward lookups (A,
+    AAAA) spend a budget of 3, so the EHLO name is never asked:
+    helo_matches_ip is `unknown`, a rule refusing `false` does not fire."""
+    import smtplib
+
+    dns_server.set_ptr("127.0.0.1", ["client.good.t."])
+    dns_server.set("client.good.t", "A", ["127.0.0.1"])
+    dns_server.set("helo.hostile.t", "A", ["198.51.100.1"])  # `false` when asked
+    doc = {"dns": {"session_lookups": lookups},
+           "rule": [{"name": "helo-mismatch", "stage": "helo", "when": {"helo_matches_ip": False},
+                     "action": "reject", "reason": "HELO"}]}
+    g = guard_factory(doc, upstream=recorder.address)
+    with smtplib.SMTP(g.host, g.port, timeout=10, local_hostname="helo.hostile.t") as s:
+        assert s.ehlo()[0] == 250
+        assert s.mail("a@good.t")[0] == 250
+        code, _ = s.rcpt("b@example.test")
+    assert (code == 550) is refused
+    assert (dns_server.queries("helo.hostile.t", "A") == 0) is not refused

@@ -209,3 +209,11 @@ def test_a_downloaded_zone_with_the_whole_internet_fails_the_update(tmp_path: Pa
     finally:
         httpd.shutdown()
     one_line(r, 1, "0.0.0.0/0")
+
+
+def test_check_with_a_damaged_mmdb_is_one_line_naming_the_key(mmdb_file: Path, tmp_path: Path) -> None:
+    damage(mmdb_file)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[geo]\nmmdb = '{mmdb_file}'\nallow = ['JP']\n[upstream]\naddress = '127.0.0.1:2526'\n"
+                    "[server]\ndomains = ['example.test']\n")
+    one_line(smtpguard("check", "192.0.2.1", "--config", str(conf)), 2, "geo.mmdb", "damaged")
