@@ -125,8 +125,12 @@ class Services:
             return await self._connect_facts(session)
         if stage == "helo" and self.run["helo"]:
             return await self._helo_facts(session)
-        if stage == "data" and self.run["dkim"] and session.content is not None:
-            fact = await dkim.gather(session.content, self.resolver, self.config.dns.stage_budget)
+        if stage == "data" and session.content is not None:
+            # Always verified: the MTA behind gets the results in an
+            # Authentication-Results header (RFC 8601), rules or not.
+            fact = await dkim.gather(session.content, self.resolver, self.config.dns.stage_budget,
+                                     self.config.dkim)
+            session.dkim_fact = fact
             if fact.error:
                 event("dkim.error", session=session.client.session_id, ip=session.client.ip, error=fact.error)
             return fact.as_facts()
@@ -333,6 +337,7 @@ class Services:
             new_store = None
             url = store_url(config)
             if url and (self.store is None or url != store_url(self.config) or config.state != self.config.state):
+                ensure_state_directory(url)
                 new_store = open_store(url, timeout=config.state.timeout)
         except ConfigError as e:
             event("reload.failed", logging.ERROR, error=str(e))
@@ -468,6 +473,45 @@ def open_geo(config: Config) -> Any:
     return GeoDB.open(config.geo)
 
 
+def state_directory(url: str) -> str | None:
+    """The directory of a sqlite state file; None for the other stores."""
+    import os
+    from urllib.parse import unquote
+
+    if not url.startswith("sqlite://"):
+        return None
+    path = unquote(url[len("sqlite://"):].partition("?")[0])
+    return os.path.dirname(os.path.abspath(path)) if path else None
+
+
+def ensure_state_directory(url: str) -> None:
+    """Issue 11 item 7: a sqlite file's missing directory is created with
+    mode 0750 (the graylist is the admin's business, not every user's), or a
+    config error says how to create it."""
+    import os
+
+    directory = state_directory(url)
+    if directory is None or os.path.isdir(directory):
+        return
+    try:
+        os.makedirs(directory, mode=0o750)
+    except OSError as e:
+        raise ConfigError("state.url", f"the directory {directory} does not exist and cannot be created "
+                          f"({e.strerror}): create it with `install -d -m 0750 -o USER {directory}`, "
+                          "USER being the one smtpguard runs as") from None
+    event("state.directory_created", path=directory, mode="0750")
+
+
+def startup_warnings(config: Config) -> list[tuple[str, str]]:
+    """Settings that work but are probably wrong: (event, note) pairs."""
+    out = []
+    if "." not in config.server.hostname:
+        out.append(("config.hostname_not_fqdn",
+                    f"the banner and EHLO name {config.server.hostname!r} is not a fully qualified domain name "
+                    "(RFC 5321 4.1.1.1; receivers check it): set --hostname or [server] hostname"))
+    return out
+
+
 def build_services(config: Config, flags: dict[str, Any] | None = None, *, with_store: bool = True) -> Services:
     """Everything a session needs, validated before any socket is opened.
 
@@ -477,6 +521,7 @@ def build_services(config: Config, flags: dict[str, Any] | None = None, *, with_
     store = None
     url = store_url(config) if with_store else None
     if url:
+        ensure_state_directory(url)
         store = open_store(url, timeout=config.state.timeout)
     return Services(config, geodb, signatures, store, flags=flags)
 

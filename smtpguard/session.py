@@ -32,6 +32,8 @@ from smtpguard.core.facts import ClientInfo, FactValue
 from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
+from smtpguard.sources import dkim
+from smtpguard.sources.dkim import DkimFact
 
 # HELO/EHLO per session: a client greets once, again after STARTTLS, and
 # perhaps once more after RSET; 25,000 EHLOs on one connection were seen
@@ -117,6 +119,7 @@ class ClientSession:
         self.lost = False                       # the upstream transaction could not be rebuilt
         self.rebuilds = 0
         self.message: MessageSpool | None = None  # the message, during the data stage
+        self.dkim_fact: DkimFact | None = None  # its DKIM results, for the Authentication-Results header
         # counters for the summary line
         self.messages = 0
         self.refusals = 0
@@ -460,6 +463,7 @@ class ClientSession:
             return await self._data(message)
         finally:
             self.message = None
+            self.dkim_fact = None
             await self._reset_transaction()
 
     async def _data(self, message: MessageSpool) -> str:
@@ -487,10 +491,16 @@ class ClientSession:
             event("relay.invariant", logging.ERROR, session=self.client.session_id, ip=self.client.ip,
                   told=len(told), upstream=len(txn.rcpts))
             return self._lose_transaction("data")
+        # RFC 8601 §5: Authentication-Results claiming our authserv-id are
+        # forgeries and go; ours, with each signature's result, is added.
+        authserv = dkim.authserv(self.config.dkim, self.config.server.hostname)
+        headers = dkim.strip_authentication_results(message.headers, authserv)
         trace = self.received_header(told)
+        if self.dkim_fact is not None:
+            trace += dkim.authentication_results(authserv, self.dkim_fact)
         relay_started = time.monotonic()
         try:
-            r = await txn.data(message.blocks(prefix=trace))
+            r = await txn.data(message.blocks(headers=headers, prefix=trace))
         except UpstreamError as e:
             self.txn = None
             return self.refuse("data", replies.make(e.reason))
