@@ -16,7 +16,8 @@ from smtpguard import __version__
 from smtpguard.errors import ConfigError
 
 # subcommand modules, in the order `--help` lists them
-COMMANDS = ("serve", "check", "sink", "fingerprint", "zones", "graylist", "health", "report", "firewall", "page")
+COMMANDS = ("serve", "check", "sink", "fingerprint", "zones", "graylist", "health", "report", "firewall", "page",
+            "config_check")
 
 
 class Parser(argparse.ArgumentParser):

@@ -531,6 +531,14 @@ def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str
             raise
         raise ConfigError(flag, e.message) from None
 
+    if not areas["geo"].enabled:
+        # Issue 11 item 7: without country data every client's country is
+        # `unknown`, so a rule on it would refuse or pass everyone alike.
+        for rule in areas["policy"].rules:
+            if "country" in rule.facts:
+                key = "geo.allow" if areas["geo"].allow else "geo.deny" if areas["geo"].deny else f'rule "{rule.name}".when.country'
+                raise ConfigError(origin.get(key, key), "a rule on country needs country data: "
+                                  "set [geo] zones (ipdeny-style *.zone files, flag --zones) or mmdb")
     if "address" not in upstream:
         raise ConfigError("--upstream", "the real MTA's HOST:PORT is required (flag --upstream or [upstream] address)")
     host, port = upstream.pop("address")

@@ -25,11 +25,17 @@ MAX_VALUE = 256
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\"\\]")
 
 
+def _escaped(m: "re.Match[str]") -> str:
+    c = m.group()
+    return "\\" + c if c in "\"\\" else "\\x%02x" % ord(c)
+
+
 def escape(value: str, limit: int = MAX_VALUE) -> str:
-    """Control characters, quotes and backslashes escaped; bounded length."""
+    """Control characters as \\xNN, quotes as \\" and backslashes as \\\\ (as
+    in a quoted string: readable, and no two values escape alike); bounded length."""
     if len(value) > limit:
         value = value[:limit] + "…"
-    return _UNSAFE.sub(lambda m: "\\x%02x" % ord(m.group()), value)
+    return _UNSAFE.sub(_escaped, value)
 
 
 # Libraries whose log lines go through our formatters too: their messages
@@ -56,7 +62,7 @@ class TextFormatter(logging.Formatter):
             if value is None or value == "":
                 continue
             text = escape(value) if isinstance(value, str) else escape(str(value))
-            if not text or " " in text or "=" in text:
+            if not text or " " in text or "=" in text or '"' in text:
                 text = f'"{text}"'
             parts.append(f"{key}={text}")
         line = " ".join(parts)

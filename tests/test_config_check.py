@@ -1,0 +1,163 @@
+"""`smtpguard config check` (issue 11 item 8) and start-up honesty (issue 11 item 7)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpguard import config as cfg
+from smtpguard.errors import ConfigError
+from tests.fixtures_smtp import free_port, wait_for
+
+BASE = """
+[server]
+listen = ["127.0.0.1:2525"]
+hostname = "mx.example.test"
+domains = ["example.test"]
+[upstream]
+address = "127.0.0.1:10025"
+xclient = true
+"""
+
+
+def config_check(conf: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "smtpguard", "config", "check", "--config", str(conf), *flags],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_good_config_prints_a_summary_and_exits_0(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "us.zone").write_text("192.0.2.0/24\n")
+    (zones / "de.zone").write_text("198.51.100.0/24\n")
+    conf = tmp_path / "c.toml"
+    conf.write_text(BASE + f"""
+[geo]
+zones = "{zones}"
+allow = ["US"]
+[state]
+url = "sqlite:///{tmp_path}/state.db"
+[[dnsbl]]
+zone = "bl.test"
+weight = 3
+[[rule]]
+name = "no-rdns"
+stage = "connect"
+when = {{ rdns = "none" }}
+action = "reject"
+""")
+    r = config_check(conf)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert f"config     {conf}: ok" in out
+    assert "upstream   127.0.0.1:10025 xclient=on xforward=off tls=none" in out
+    assert "geo        2 countries" in out and "allow US" in out
+    assert "dnsbl      bl.test(+3)" in out
+    assert "connect  reject    no-rdns [POLICY] reads rdns" in out
+    assert "state      sqlite:///" in out and "answers" in out
+    assert len(out.splitlines()) <= 24          # one screen
+    assert not (tmp_path / "state.db").exists() or (tmp_path / "state.db").stat().st_size >= 0
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("extra, key", [
+    ('[[rule]]\nname = "x"\nstage = "connect"\nwhen = { nosuchfact = 1 }\naction = "reject"\n', "rule"),
+    ('[geo]\nzones = "/nonexistent/zones"\n', "geo.zones"),
+    ('[state]\nurl = "redis://127.0.0.1:{port}/0"\n', "state.url"),
+])
+def test_a_bad_config_is_one_line_naming_the_key_and_exit_2(tmp_path: Path, extra: str, key: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(BASE + extra.replace("{port}", str(free_port())))
+    r = config_check(conf)
+    assert r.returncode == 2, r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1 and key in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_config_check_warns_about_a_hostname_that_is_not_fully_qualified(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(BASE.replace("mx.example.test", "vm"))
+    r = config_check(conf)
+    assert r.returncode == 0 and "warning    config.hostname_not_fqdn" in r.stdout
+
+
+# --- issue 11 item 7 ----------------------------------------------------------------------
+
+def test_serve_warns_at_start_up_about_a_hostname_that_is_not_fully_qualified() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "--listen", f"127.0.0.1:{free_port()}",
+                             "--upstream", "127.0.0.1:1", "--domain", "example.test", "--hostname", "vm"],
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        lines.extend(proc.stderr)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        wait_for(lambda: any(" listening " in line for line in lines), timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert any(" warning config.hostname_not_fqdn " in line and "'vm'" in line for line in lines), lines
+
+
+def test_a_missing_sqlite_directory_is_created_0750(tmp_path: Path) -> None:
+    from smtpguard.services import build_services
+
+    directory = tmp_path / "var" / "lib" / "smtpguard"
+    config = cfg.build({}, {"upstream": "127.0.0.1:1", "domain": ["example.test"], "hostname": "mx.example.test",
+                            "state": f"sqlite:///{directory}/state.db"})
+    services = build_services(config)
+    try:
+        assert directory.is_dir()
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o750
+    finally:
+        import asyncio
+
+        asyncio.run(services.close())
+
+
+def test_a_sqlite_directory_that_cannot_be_created_is_exit_2_saying_how(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = subprocess.run([sys.executable, "-m", "smtpguard", "serve", "--listen", "127.0.0.1:0", "--upstream",
+                        "127.0.0.1:1", "--domain", "example.test", "--hostname", "mx.example.test",
+                        "--state", f"sqlite:///{blocker}/sub/state.db"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "state.url" in r.stderr and "install -d -m 0750" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_rule_on_country_without_country_data_is_a_config_error() -> None:
+    doc: dict[str, Any] = {"rule": [{"name": "no-cn", "stage": "connect", "action": "reject",
+                                     "when": {"country": "CN"}}]}
+    with pytest.raises(ConfigError) as e:
+        cfg.build(doc, {"upstream": "127.0.0.1:1", "domain": ["example.test"], "hostname": "mx.example.test"})
+    assert e.value.key == 'rule "no-cn".when.country' and "country data" in e.value.message
+
+
+def test_text_logs_quote_values_instead_of_hex_escaping_quotes() -> None:
+    from smtpguard.observe import log
+
+    out = io.StringIO()
+    log.setup("text", "info", stream=out)
+    try:
+        log.event("helo", helo='say "hi"', path="C:\\x", plain='a"b', ctl="x\ny")
+    finally:
+        log.setup("text", "info")
+    line = out.getvalue()
+    assert 'helo="say \\"hi\\""' in line
+    assert "path=C:\\\\x" in line          # a backslash doubled: never read as an escape
+    assert 'plain="a\\"b"' in line
+    assert "ctl=x\\x0ay" in line
+    assert "\\x22" not in line and len(line.strip().splitlines()) == 1
