@@ -80,6 +80,12 @@ async def run(conf: str, zones: str, rounds: int) -> tuple[list[float], list[flo
     return threaded, threaded_wall, on_loop, on_loop_wall
 
 
+async def idle_floor(seconds: float) -> float:
+    """The longest tick lateness with nothing to do: this machine's scheduling noise."""
+    stall, _ = await stall_during(asyncio.ensure_future(asyncio.sleep(seconds)))
+    return stall
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tenth of the zones, 2 rounds")
@@ -105,12 +111,15 @@ cache = "{root}/zones.cache"
 allow = ["US"]
 """)
         threaded, t_wall, on_loop, l_wall = asyncio.run(run(conf, zones, rounds))
+        floor = asyncio.run(idle_floor(statistics.median(t_wall)))
     med_t, med_l = statistics.median(threaded), statistics.median(on_loop)
     print(f"zones: {560_000 // scale} IPv4 + {600_000 // scale} IPv6 networks, rebuilt on each reload, {rounds} rounds")
     print(f"reload (child compiles, thread opens): longest loop stall median {med_t:.1f} ms, max {max(threaded):.1f} ms"
           f" (target <= {TARGET_MS:.0f} ms); reload wall time median {statistics.median(t_wall):.2f} s")
     print(f"build on the loop (before): longest loop stall median {med_l:.1f} ms, max {max(on_loop):.1f} ms;"
           f" wall time median {statistics.median(l_wall):.2f} s")
+    print(f"no reload at all, same duration: longest loop stall {floor:.1f} ms (this machine's noise floor;"
+          f" os.getloadavg {os.getloadavg()[0]:.1f})")
     print(f"ratio stall thread/on-loop: {med_t / med_l:.3f}" if med_l else "ratio: n/a")
     return 0
 

@@ -177,7 +177,7 @@ def test_postfix_sees_the_client_and_delivers(guarded: tuple[Postfix, Any]) -> N
     # Postfix's smtpd log: the client is 127.0.0.5 with its confirmed name, never smtpguard's 127.0.0.1
     wait_for(lambda: f"client={CLIENT_NAME}[{CLIENT_IP}]" in pf.logged(), timeout=20)
     assert "client=localhost[127.0.0.1]" not in pf.logged()
-    assert f"smtpd[" in pf.logged() and f"client={CLIENT_NAME}[{CLIENT_IP}]" in pf.logged()
+    assert "smtpd[" in pf.logged() and f"client={CLIENT_NAME}[{CLIENT_IP}]" in pf.logged()
     # Postfix's own Received: line (the topmost): the client's HELO, name and address (item 1)
     received = re.search(r"^Received: from .*?(?=^\S)", message, re.M | re.S)
     assert received is not None, message

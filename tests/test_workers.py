@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading

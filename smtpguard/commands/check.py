@@ -19,7 +19,7 @@ from typing import Any
 from smtpguard import config as cfg
 from smtpguard.commands.serve import add_common_config_flags
 from smtpguard.core import reply as replies
-from smtpguard.core.address import Refused, check_recipient
+from smtpguard.core.address import Recipient, Refused, check_recipient
 from smtpguard.core.facts import ClientInfo
 from smtpguard.core.policy import STAGES, explain
 from smtpguard.errors import ConfigError
@@ -134,6 +134,7 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
                 result["stages"].append(entry)
                 # the live session's own reply for a new triplet, byte for byte
                 session.facts.update(graylist="new", graylist_wait=math.ceil(config.graylist.policy.delay))
+                assert isinstance(checked, Recipient)   # a refused recipient ended the loop above
                 result["reply"] = session.graylisted(verdict, checked) or result["reply"]
                 break
             result["stages"].append(entry)

@@ -49,7 +49,12 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from smtpguard.observe import log
-    from smtpguard.services import build_services, startup_warnings, state_directory, store_url
+    from smtpguard.services import (
+        build_services,
+        startup_warnings,
+        state_directory,
+        store_url,
+    )
 
     config = cfg.load(args.config, vars(args))        # ConfigError: exit 2 (cli.py)
     log.setup(config.log.format, "error")              # the summary is the output, not the log

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 from typing import Any, Mapping
 
 from smtpguard import config as cfg
