@@ -202,3 +202,65 @@ def test_workers_die_with_a_killed_supervisor(tmp_path: Path, recorder: Recorder
         for pid in [e["pid"] for e in sup.named("worker.started")]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class SlowMTA:
+    """An MTA that takes `delay` to answer the end of DATA (after it has the message)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.arrived, self.delivered = delay, 0, 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import asyncio
+
+        self.arrived += 1
+        await asyncio.sleep(self.delay)   # the MTA's own slowness, not synchronisation
+        self.delivered += 1
+        return "250 2.0.0 queued"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_waits_for_the_mtas_end_of_data_reply(workers: str) -> None:
+    """Issue 19 item 9: clients waiting for the MTA's reply to their message get it (250), not 421,
+    when SIGTERM arrives meanwhile: no delivered message is retried as a duplicate."""
+    from aiosmtpd.controller import Controller
+
+    mta = SlowMTA(2.0)
+    controller = Controller(mta, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", f"127.0.0.1:{controller.port}", "--domain", "example.test",
+                             "--hostname", "mx.example.test", "--pregreet-wait", "0s", "--workers", workers],
+                            stderr=subprocess.DEVNULL)
+    replies: list[tuple[int, bytes] | str] = []
+
+    def send(n: int) -> None:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        try:
+            s.ehlo("c.test")
+            s.mail("a@sender.test")
+            s.rcpt("b@example.test")
+            replies.append(s.data(f"Subject: {n}\r\n\r\nbody\r\n".encode()))
+        except (smtplib.SMTPException, OSError) as e:
+            replies.append(f"{type(e).__name__}: {e}")
+        finally:
+            s.close()   # after the reply to the message, a 421 (stopping) is no harm: not read here
+
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        clients = [threading.Thread(target=send, args=(n,)) for n in range(10)]
+        for c in clients:
+            c.start()
+        wait_for(lambda: mta.arrived == 10, timeout=30)   # all ten wait for the MTA's answer now
+        proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            c.join(40)
+        proc.wait(40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        controller.stop()
+    assert mta.delivered == 10
+    assert [r for r in replies if not (isinstance(r, tuple) and r[0] == 250)] == [], replies
+    assert len(replies) == 10 and proc.returncode == 0
