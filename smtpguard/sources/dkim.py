@@ -16,8 +16,8 @@ permerror) for the `Authentication-Results:` header that the relay adds for
 the MTA behind (`authentication_results`), after removing any incoming one
 that claims our authserv-id (`strip_authentication_results`, RFC 8601 §5).
 
-Inputs: the message as received (the session's spooled `message` when it is
-small enough to read, else today's `content` bytes), the one resolver (keys
+Inputs: the message as received (the session's `content`: its spooled
+`message` read whole when it is small enough), the one resolver (keys
 are TXT records at `selector._domainkey.domain`, RFC 6376 §3.6.2.1), a DNS
 budget, and DkimSettings.
 
@@ -424,17 +424,6 @@ def _verify(message: bytes, signatures: list[bytes], keys: dict[str, Answer], de
 
 def replace_result(r: SignatureResult, result: str, reason: str) -> SignatureResult:
     return SignatureResult(result, r.domain, r.selector, r.algorithm, r.b, reason)
-
-
-def message_bytes(session: Any, limit: int) -> bytes | None:
-    """The whole message of a session: its spooled `message` if it has one
-    (and the message is at most `limit` bytes), else its `content`."""
-    message = getattr(session, "message", None)
-    if message is not None and hasattr(message, "read"):
-        data = message.read(limit)
-        return data if isinstance(data, bytes) else None
-    content = getattr(session, "content", None)
-    return content if isinstance(content, bytes) else None
 
 
 async def gather(message: bytes, resolver: Any, budget: float,
