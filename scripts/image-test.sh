@@ -10,7 +10,7 @@
 #      reaches the package index as the host does), imported under that name;
 #   4. podman build (docker format: HEALTHCHECK is not part of OCI's format);
 #   5. the image with flags and SMTPGUARD_* variables only (no file), under
-#      --cap-drop=ALL, host network, in front of `smtpguard sink` on loopback;
+#      --cap-drop=ALL and --read-only, host network, in front of `smtpguard sink`;
 #      then swaks through it (one message delivered, one relay refused with
 #      reason and URL), the health check turning healthy, and `podman stop`
 #      letting a session in DATA finish within the grace period;
@@ -212,7 +212,7 @@ print(*(s.getsockname()[1] for s in socks))')
 SINK_PID=$!
 
 ts=$(date +%s)
-$SUDO podman run -d --init --name "$NAME" --network=host --cap-drop=ALL \
+$SUDO podman run -d --init --name "$NAME" --network=host --cap-drop=ALL --read-only \
   -e SMTPGUARD_LISTEN="127.0.0.1:$GUARD_PORT" \
   -e SMTPGUARD_HTTP="127.0.0.1:$HTTP_PORT" \
   -e SMTPGUARD_DOMAIN=example.test \

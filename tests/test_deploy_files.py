@@ -83,6 +83,13 @@ def test_compose_smtpguard_uses_host_networking_with_the_reason_beside_it() -> N
     assert "userland proxy" in block and "PROXY" in block   # the why, and the alternative
 
 
+@pytest.mark.parametrize("name", ["smtpguard", "zones-init", "zones-refresh"])
+def test_compose_smtpguard_containers_run_without_capabilities_on_a_read_only_root(name: str) -> None:
+    service = compose()["services"][name]
+    assert service["cap_drop"] == ["ALL"] and "cap_add" not in service and "user" not in service   # uid 10025
+    assert service["security_opt"] == ["no-new-privileges:true"] and service["read_only"] is True
+
+
 def test_compose_stop_grace_period_is_above_smtpguards_grace_period() -> None:
     service = compose()["services"]["smtpguard"]
     assert parse_duration(service["stop_grace_period"]) > smtpguard_config().server.grace_period
