@@ -548,3 +548,12 @@ def test_a_country_rule_is_replayed_without_zone_data(traffic: dict[str, Any]) -
     rows = {(r["would"], r["rule"], r["was"]): [e["ip"] for e in r["examples"]] for r in replayed["differences"]}
     # CN_WIN was refused by the Windows rule and would be by no-cn: the same outcome, not a difference
     assert rows == {("refused", "no-cn", "through"): [CN_DYN]}
+
+
+def test_a_text_log_gives_an_empty_report_and_says_why(tmp_path: Path, capsys: Any) -> None:
+    log_path = tmp_path / "text.log"
+    log_path.write_text('2026-11-30T19:40:19Z info close session=s1 ip=192.0.2.1 facts="country=US"\n')
+    assert main(["report", str(log_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("0 sessions, 0 messages delivered")
+    assert "reads the JSON decision log" in captured.err

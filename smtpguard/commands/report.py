@@ -126,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--format", "html needs matplotlib: pip install 'smtpguard[report]'") from None
     policy = load_policy(args.policy) if args.policy else None
     result, replayed = build(args.logs, since, policy)
+    if not result["sessions"] and not result["before_since"]:
+        print("smtpguard: no sessions in these logs: the report reads the JSON decision log "
+              "(serve --log-format json, or [log] format = \"json\")", file=sys.stderr)
     body = render(args.format, result, replayed)
     if args.out:
         try:
