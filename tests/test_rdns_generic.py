@@ -383,11 +383,13 @@ def test_a_confirmed_name_given_as_helo_needs_one_more_witness() -> None:
     assert classify(pool, "96.255.12.3", confirmed=True, helo=pool).generic
 
 
-# The held-out set: every row is a test (known misses would be strict xfails;
-# there are none at the time of writing). Its figures come from
+# The held-out set: every row is a test, known misses strict xfails (found by
+# the second round, evaluated once after the classifier changed). Its figures come from
 # bench/detection_eval.py, which reads only the `eval` rows.
 EVAL_DATA = Path(__file__).parent / "data" / "rdns_eval.tsv"
-EVAL_MISSES: dict[str, str] = {}
+EVAL_MISSES: dict[str, str] = {
+    "li987-65.members.linode.com": "a three-digit dashed serial is below the serial rule's four digits",
+}
 
 
 def _eval_rows() -> list[dict[str, str]]:
@@ -403,7 +405,7 @@ def test_the_held_out_set_is_two_sided_with_provenance() -> None:
     evals = [r for r in EVAL_ROWS if r["set"] == "eval"]
     assert sum(r["label"] == "generic" for r in evals) >= 50 and sum(r["label"] == "server" for r in evals) >= 40
     assert sum(r["octets"] == "no" for r in evals) >= 10
-    assert all(r["source"].split(":")[0] in ("SCHEME", "HDR", "SMALL", "BRIEF") for r in EVAL_ROWS)
+    assert all(r["source"].split(":")[0] in ("SCHEME", "HDR", "SMALL", "BRIEF", "STYLE") for r in EVAL_ROWS)
     assert not {r["name"] for r in EVAL_ROWS} & {r.name for r in ROWS}, "held-out names must not be in the tuning set"
 
 
