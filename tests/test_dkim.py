@@ -250,6 +250,13 @@ def test_the_authentication_results_header(dns_server: DnsServer, key: Any) -> N
         b"Authentication-Results: mx.example.net;\r\n\tdkim=none\r\n"
 
 
+def test_a_message_too_broken_to_parse_is_permerror(dns_server: DnsServer) -> None:
+    f = fact(dns_server, b"no header here, no colon\r\n\r\nbody\r\n")
+    header = dkim_source.authentication_results("mx.example.net", f)
+    assert (f.dkim, f.results) == ("fail", ()) and f.error.startswith("unparsable message")
+    assert header == b"Authentication-Results: mx.example.net;\r\n\tdkim=permerror\r\n"
+
+
 def test_hostile_signature_values_never_reach_our_header(dns_server: DnsServer) -> None:
     header = (b'DKIM-Signature: v=1; a=rsa-sha256; d=evil.test"; x=1\r\n\tX-Injected: yes; s=s1\r\n\tbad;'
               b' h=from; bh=abc=; b=abcd\r\n')
@@ -391,8 +398,7 @@ def test_any_signature_header_gives_results_never_an_exception(dns_server: DnsSe
     assert f.dkim in ("pass", "fail", "none", "unknown")
     assert all(r.result in ("pass", "fail", "neutral", "temperror", "permerror") for r in f.results)
     header = dkim_source.authentication_results("mx.example.net", f)
-    assert header.count(b"\r\n") == len(f.results) + 1 or header.endswith(b"dkim=none\r\n") \
-        or header.endswith(b"dkim=temperror\r\n")
+    assert header.count(b"\r\n") == max(len(f.results), 1) + 1
     assert all(32 <= c < 127 or c in (9, 10, 13) for c in header)
 
 

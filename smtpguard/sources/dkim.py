@@ -316,8 +316,8 @@ def authentication_results(authserv_id: str, fact: DkimFact) -> bytes:
         if r.b:
             item += f" header.b={r.b}"
         parts.append(item)
-    if not parts:
-        parts.append("dkim=none" if fact.dkim == "none" else f"dkim={TEMPERROR}")
+    if not parts:   # no signature, or a message too broken to find them in
+        parts.append({"none": "dkim=none", "fail": f"dkim={PERMERROR}"}.get(fact.dkim, f"dkim={TEMPERROR}"))
     return ("Authentication-Results: " + authserv_id + ";\r\n\t" + ";\r\n\t".join(parts) + "\r\n").encode("ascii")
 
 
@@ -378,7 +378,7 @@ def _verify(message: bytes, signatures: list[bytes], keys: dict[str, Answer], de
     try:
         d = dkim.DKIM(message, minkey=MIN_KEY_BITS)
     except Exception:  # a message dkimpy cannot parse: every signature is unreadable
-        out.extend(replace_result(_describe(v), PERMERROR, "malformed") for v in signatures)
+        out.extend(_with_result(_describe(v), PERMERROR, "malformed") for v in signatures)
         return
     for idx, value in enumerate(signatures):
         if stop.is_set() or time.monotonic() > deadline:
@@ -386,43 +386,43 @@ def _verify(message: bytes, signatures: list[bytes], keys: dict[str, Answer], de
         claimed = _describe(value)
         tags = _tags(value)
         if tags is None:
-            out.append(replace_result(claimed, PERMERROR, "malformed"))
+            out.append(_with_result(claimed, PERMERROR, "malformed"))
             continue
         try:
             dkim.validate_signature_fields(tags)
         except dkim.DKIMException:
-            out.append(replace_result(claimed, PERMERROR, "malformed"))
+            out.append(_with_result(claimed, PERMERROR, "malformed"))
             continue
         name = _key_name(value)
         answer = keys.get(name or "")
         if answer is None or answer.status == UNKNOWN:
-            out.append(replace_result(claimed, TEMPERROR, "key_lookup"))
+            out.append(_with_result(claimed, TEMPERROR, "key_lookup"))
             continue
         if answer.status != OK or not answer.values:
-            out.append(replace_result(claimed, PERMERROR, "no_key"))     # RFC 6376 §6.1.2
+            out.append(_with_result(claimed, PERMERROR, "no_key"))     # RFC 6376 §6.1.2
             continue
         try:
             _pk, bits, ktag, _tlsrpt = dkim.evaluate_pk(name, answer.values[0].encode("utf-8", "replace"))
         except Exception:  # KeyFormatError, and the errors of a key that does not decode
-            out.append(replace_result(claimed, PERMERROR, "bad_key"))
+            out.append(_with_result(claimed, PERMERROR, "bad_key"))
             continue
         if ktag == b"rsa" and bits < MIN_KEY_BITS:
-            out.append(replace_result(claimed, PERMERROR, "short_key"))
+            out.append(_with_result(claimed, PERMERROR, "short_key"))
             continue
         try:
             ok = bool(d.verify(idx=idx, dnsfunc=dnsfunc))
         except dkim.ValidationError as e:
             # dkimpy reports a changed body as a ValidationError, not False.
             body = str(e).startswith("body hash mismatch")
-            out.append(replace_result(claimed, FAIL if body else PERMERROR, "body_hash" if body else "malformed"))
+            out.append(_with_result(claimed, FAIL if body else PERMERROR, "body_hash" if body else "malformed"))
             continue
         except Exception:  # MessageFormatError, KeyFormatError, ... never into the session
-            out.append(replace_result(claimed, PERMERROR, "malformed"))
+            out.append(_with_result(claimed, PERMERROR, "malformed"))
             continue
-        out.append(replace_result(claimed, PASS, "") if ok else replace_result(claimed, FAIL, "bad_signature"))
+        out.append(_with_result(claimed, PASS, "") if ok else _with_result(claimed, FAIL, "bad_signature"))
 
 
-def replace_result(r: SignatureResult, result: str, reason: str) -> SignatureResult:
+def _with_result(r: SignatureResult, result: str, reason: str) -> SignatureResult:
     return SignatureResult(result, r.domain, r.selector, r.algorithm, r.b, reason)
 
 
@@ -453,7 +453,7 @@ async def gather(message: bytes, resolver: Any, budget: float,
         error = f"verification stopped after {settings.verify_timeout:g}s"
     stop.set()
     done = list(out)
-    results = tuple(done) + tuple(replace_result(_describe(v), TEMPERROR, "timeout")
+    results = tuple(done) + tuple(_with_result(_describe(v), TEMPERROR, "timeout")
                                   for v in signatures[len(done):])
     if len(done) < len(signatures) and not error:
         error = f"verification stopped after {settings.verify_timeout:g}s"
