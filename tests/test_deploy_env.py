@@ -92,7 +92,7 @@ def test_variables_apply_only_to_the_commands_that_read_the_configuration() -> N
     assert not hasattr(args, "config")
     health = parser.parse_args(["health"])
     assert apply_env(health, parser, {"SMTPGUARD_LISTEN": "127.0.0.1:2626", "SMTPGUARD_UPSTREAM": "mta:25"}) == \
-        {"--listen": "SMTPGUARD_LISTEN"}
+        {"--listen": "SMTPGUARD_LISTEN", "server.listen": "SMTPGUARD_LISTEN"}
     assert health.listen == ["127.0.0.1:2626"] and not hasattr(health, "upstream")
 
 
@@ -123,6 +123,23 @@ def test_the_flag_is_named_when_the_bad_value_came_from_the_flag() -> None:
     env = clean_env(SMTPGUARD_UPSTREAM="127.0.0.1:2526", SMTPGUARD_DOMAIN="example.test")
     r = run("serve", "--upstream", "127.0.0.1:99999", env=env, timeout=20)
     assert r.returncode == 2 and r.stderr.startswith("smtpguard: config error: --upstream: ")
+
+
+def test_check_reads_the_variables_too() -> None:
+    env = clean_env(SMTPGUARD_DOMAIN="example.test", SMTPGUARD_ZONES="/nonexistent-zones", SMTPGUARD_ALLOW_COUNTRY="US")
+    r = run("check", "192.0.2.7", env=env)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "smtpguard: config error: SMTPGUARD_ZONES: /nonexistent-zones: no such directory or file"
+
+
+def test_every_variable_the_docs_and_examples_name_exists() -> None:
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    known = {f"SMTPGUARD_{d.upper()}" for d in (*cfg.FLAG_KEYS, "config")}
+    files = ["README.md", "Dockerfile", "examples/compose/compose.yaml", "scripts/image-test.sh"]
+    named = {(f, v) for f in files for v in re.findall(r"SMTPGUARD_[A-Z_]*[A-Z]", (root / f).read_text())}
+    assert named and {(f, v) for f, v in named if v not in known} == set()
 
 
 def test_apply_env_refuses_unknown_variables_before_anything() -> None:

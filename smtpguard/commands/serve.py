@@ -113,9 +113,10 @@ def apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser,
               environ: Mapping[str, str]) -> dict[str, str]:
     """Fill the flags not given from SMTPGUARD_* variables, in place.
 
-    Returns flag name -> variable name for the values that came from the
-    environment, so that an error about `--upstream` can name
-    SMTPGUARD_UPSTREAM instead. Applies only to the flags this command has.
+    Returns flag name (and file key) -> variable name for the values that
+    came from the environment, so that an error about `--upstream` (or
+    `upstream.address`) can name SMTPGUARD_UPSTREAM instead. Applies only
+    to the flags this command has.
     """
     known = {env_name(dest): dest for dest in (*cfg.FLAG_KEYS, "config")}
     for var in sorted(environ):
@@ -132,6 +133,8 @@ def apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser,
         value: Any = [x.strip() for x in text.split(",") if x.strip()] if dest in appended else text
         setattr(args, dest, value)
         origin["--" + dest.replace("_", "-")] = var
+        if dest in cfg.FLAG_KEYS:   # a later check may name the key (geo.zones): the value is the variable's
+            origin[".".join(cfg.FLAG_KEYS[dest])] = var
     return origin
 
 
