@@ -481,20 +481,23 @@ def state_directory(url: str) -> str | None:
     if not url.startswith("sqlite://"):
         return None
     path = unquote(url[len("sqlite://"):].partition("?")[0])
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")   # sqlite:////abs/path: one leading slash is the same path
     return os.path.dirname(os.path.abspath(path)) if path else None
 
 
 def ensure_state_directory(url: str) -> None:
     """Issue 11 item 7: a sqlite file's missing directory is created with
     mode 0750 (the graylist is the admin's business, not every user's), or a
-    config error says how to create it."""
+    config error says how to create it. Only the last level is created (as
+    `mkdir`, not `mkdir -p`): a missing parent is more likely a typo."""
     import os
 
     directory = state_directory(url)
     if directory is None or os.path.isdir(directory):
         return
     try:
-        os.makedirs(directory, mode=0o750)
+        os.mkdir(directory, mode=0o750)
     except OSError as e:
         raise ConfigError("state.url", f"the directory {directory} does not exist and cannot be created "
                           f"({e.strerror}): create it with `install -d -m 0750 -o USER {directory}`, "

@@ -84,6 +84,13 @@ async def _serve(config: Config, services: Any) -> None:
     ready: asyncio.Future[Any] = loop.create_future()
     task = loop.create_task(serve(config, services, ready))
     await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and not task.done():
+        from smtpguard.services import startup_warnings
+
+        # Issue 11 item 7 (e.g. a banner saying `vm`): once listening, so that
+        # a config error stays the one line it is.
+        for name, note in startup_warnings(services.config):
+            log.event(name, 30, note=note)
     global _pending_hup
     if ready.done() and not task.done() and _pending_hup:
         # a reload asked for while this worker started: its handler is in place now

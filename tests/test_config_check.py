@@ -113,7 +113,7 @@ def test_serve_warns_at_start_up_about_a_hostname_that_is_not_fully_qualified() 
 def test_a_missing_sqlite_directory_is_created_0750(tmp_path: Path) -> None:
     from smtpguard.services import build_services
 
-    directory = tmp_path / "var" / "lib" / "smtpguard"
+    directory = tmp_path / "smtpguard"     # its parent exists, as /var/lib does
     config = cfg.build({}, {"upstream": "127.0.0.1:1", "domain": ["example.test"], "hostname": "mx.example.test",
                             "state": f"sqlite:///{directory}/state.db"})
     services = build_services(config)
@@ -126,15 +126,17 @@ def test_a_missing_sqlite_directory_is_created_0750(tmp_path: Path) -> None:
         asyncio.run(services.close())
 
 
-def test_a_sqlite_directory_that_cannot_be_created_is_exit_2_saying_how(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
+@pytest.mark.parametrize("where", ["file/sub", "missing/sub"])
+def test_a_sqlite_directory_that_cannot_be_created_is_exit_2_saying_how(tmp_path: Path, where: str) -> None:
+    (tmp_path / "file").write_text("not a directory")
     r = subprocess.run([sys.executable, "-m", "smtpguard", "serve", "--listen", "127.0.0.1:0", "--upstream",
                         "127.0.0.1:1", "--domain", "example.test", "--hostname", "mx.example.test",
-                        "--state", f"sqlite:///{blocker}/sub/state.db"], capture_output=True, text=True, timeout=60)
+                        "--state", f"sqlite:///{tmp_path}/{where}/state.db"], capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 2, r.stderr
     assert "state.url" in r.stderr and "install -d -m 0750" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists()     # no tree made from a typo
 
 
 def test_a_rule_on_country_without_country_data_is_a_config_error() -> None:

@@ -80,10 +80,6 @@ def run(args: argparse.Namespace) -> int:
     from smtpguard.services import build_services
 
     log.setup(config.log.format, config.log.level)
-    from smtpguard.services import startup_warnings
-
-    for name, note in startup_warnings(config):   # issue 11 item 7: e.g. a banner saying `vm`
-        log.event(name, 30, note=note)
     services = build_services(config, vars(args))  # raises ConfigError too, before any socket
     if config.server.workers > 1:
         from smtpguard.server import Server
