@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import stat
 import subprocess
@@ -162,3 +163,37 @@ def test_text_logs_quote_values_instead_of_hex_escaping_quotes() -> None:
     assert 'plain="a\\"b"' in line
     assert "ctl=x\\x0ay" in line
     assert "\\x22" not in line and len(line.strip().splitlines()) == 1
+
+
+# --- issue 11 item 2: XCLIENT and XFORWARD from the command line ----------------------------
+
+@pytest.mark.parametrize("flags, env, xclient, xforward", [
+    (["--xclient"], {}, True, False),          # XCLIENT no longer turns XFORWARD on
+    (["--xforward"], {}, False, True),
+    (["--xclient", "--xforward"], {}, True, True),
+    ([], {"SMTPGUARD_XCLIENT": "true"}, True, False),
+    ([], {}, False, False),
+])
+def test_xclient_and_xforward_flags(recorder_factory: Any, flags: list[str], env: dict[str, str],
+                                    xclient: bool, xforward: bool) -> None:
+    import smtplib
+
+    from tests.fixtures_smtp import wait_port
+
+    up = recorder_factory(xclient=True, xforward=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", up.address, "--domain", "example.test", "--hostname", "mx.example.test",
+                             "--pregreet-wait", "0s", *flags], stderr=subprocess.DEVNULL,
+                            env={**os.environ, **env})
+    try:
+        wait_port("127.0.0.1", port, timeout=30)
+        with smtplib.SMTP("127.0.0.1", port, timeout=20, source_address=("127.0.0.5", 0)) as s:
+            s.ehlo("helo.client.test")
+            s.sendmail("a@sender.test", ["b@example.test"], b"Subject: x\r\n\r\nbody\r\n")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    [message] = up.messages
+    assert (message.xclient.get("ADDR") == "127.0.0.5") is xclient, message.xclient
+    assert (message.xforward.get("ADDR") == "127.0.0.5") is xforward, message.xforward
