@@ -54,6 +54,12 @@ cleanup() {
       $SUDO podman volume rm "$v" >/dev/null 2>&1
     done
   fi
+  # Untagged images that earlier runs left (build stages of replaced
+  # images): removed, so that storage does not grow run after run; this
+  # run's stay as the next run's build cache.
+  if [ -f "$WORK/dangling.before" ]; then
+    while read -r i; do $SUDO podman rmi "$i" >/dev/null 2>&1; done <"$WORK/dangling.before"
+  fi
   [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null && wait "$SINK_PID" 2>/dev/null
   rm -rf "$WORK"
 }
@@ -105,6 +111,7 @@ fi
 $SUDO podman info >/dev/null 2>"$WORK/info.err" || skip "podman cannot run here: $(tail -1 "$WORK/info.err")"
 
 $SUDO podman volume ls -q | sort >"$WORK/volumes.before"
+$SUDO podman images -q --filter dangling=true >"$WORK/dangling.before"
 
 # --- 3. the base image ------------------------------------------------------------
 if ! $SUDO podman image exists "$BASE"; then
