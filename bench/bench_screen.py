@@ -227,8 +227,9 @@ per_ip_sessions = 0
 [policy]
 reject_at = "connect"
 [[rule]]
-name = "refuse-all"
+name = "refuse-loopback"
 stage = "connect"
+when = { ip_in = ["127.0.0.0/8"] }
 action = "reject"
 """
 DROP = """
@@ -237,8 +238,9 @@ wait = "0s"
 [limits]
 per_ip_sessions = 0
 [[rule]]
-name = "drop-all"
+name = "drop-loopback"
 stage = "connect"
+when = { ip_in = ["127.0.0.0/8"] }
 action = "drop"
 """
 LIMIT = """

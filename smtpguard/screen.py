@@ -220,9 +220,11 @@ class Screen(asyncio.Protocol):
         transport = self.transport
         sock = transport.get_extra_info("socket")
         local = transport.get_extra_info("sockname")
-        # The client's SYN, saved by the kernel (TCP_SAVE_SYN): read once;
-        # through a PROXY it is the balancer's, not the client's.
-        syn = osfp.read_saved_syn(sock) if server.save_syn and not via_proxy else None
+        # The client's SYN, saved by the kernel (TCP_SAVE_SYN): read once, and
+        # only when a rule reads the os facts; through a PROXY it is the
+        # balancer's, not the client's.
+        wanted = server.save_syn and not via_proxy and server.services.run.get("osfp", False)
+        syn = osfp.read_saved_syn(sock) if wanted else None
         client = ClientInfo(session_id=server.new_session_id(), ip=self.ip, port=self.port,
                             local_ip=client_ip(local[0]) or "" if isinstance(local, tuple) else "",
                             local_port=local[1] if isinstance(local, tuple) else 0,

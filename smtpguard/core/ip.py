@@ -17,6 +17,7 @@ Defaults and why: IPv6 clients are counted per /64, the smallest prefix
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Union
 
@@ -28,17 +29,25 @@ Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 def parse_ip(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address, IPv4-mapped IPv6 unwrapped to IPv4; None when it is not one."""
+    if isinstance(value, str):
+        return _parse_text(value)
+    if isinstance(value, ipaddress.IPv6Address) and value.ipv4_mapped is not None:
+        return value.ipv4_mapped
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        addr = value
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        try:
-            addr = ipaddress.ip_address(text.partition("%")[0])  # a scope id is local only
-        except ValueError:
-            return None
-    else:
+        return value
+    return None
+
+
+# Parsed once per client, not once per use (the screen asks up to five
+# times per connection; ipaddress was the top of a refused session's profile).
+@functools.lru_cache(maxsize=4096)
+def _parse_text(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        addr = ipaddress.ip_address(text.partition("%")[0])  # a scope id is local only
+    except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
@@ -65,6 +74,8 @@ def client_key(value: object) -> str | None:
 
 def in_networks(value: object, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     """Whether the client address is inside one of the networks (mapped addresses as IPv4)."""
+    if not networks:
+        return False
     addr = parse_ip(value)
     if addr is None:
         return False
