@@ -75,9 +75,6 @@ DEFAULT_PER_IP_RATE = 0
 # Postfix's default_process_limit is 100 smtpd processes; an asyncio
 # session costs far less, so one process holds 1,000 (the number).
 DEFAULT_MAX_SESSIONS = 1000
-# Postfix's smtpd_recipient_overshoot_limit: 1,000 recipients beyond
-# max_recipients before a 452 counts as an error.
-DEFAULT_RECIPIENT_OVERSHOOT = 1000
 # RFC 5321 §4.5.3.2.5-6: 3 minutes per data block and 10 minutes for the
 # terminating dot; Postfix's smtpd_timeout applies per read. The DATA timer
 # restarts whenever bytes arrive, so only a stalled transfer is cut.
@@ -160,7 +157,6 @@ class LimitsSettings:
     # Networks exempt from the limits and the pregreet wait (a partner's
     # relays, your own hosts, monitoring). None by default, as postscreen.
     exempt: tuple[Network, ...] = ()
-    recipient_overshoot: int = DEFAULT_RECIPIENT_OVERSHOOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +407,6 @@ LIMITS_KEYS: dict[str, Parser] = {
     "per_ip_rate": lambda k, v: _int(k, v, 0),
     "max_sessions": lambda k, v: _int(k, v, 0),
     "exempt": _networks,
-    "recipient_overshoot": lambda k, v: _int(k, v, 0),
 }
 LOG_KEYS: dict[str, Parser] = {
     "format": lambda k, v: _choice(k, v, LOG_FORMATS),
