@@ -310,14 +310,15 @@ class BoundedNameserver(dns.nameserver.Do53Nameserver):
                 return await dns.asyncquery.tcp(
                     request, self.address, timeout=timeout, port=self.port,
                     one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing,
-                    sock=_CappedSocket(sock, self.max_bytes))
+                    sock=_CappedSocket(sock, self.max_bytes))  # type: ignore[arg-type]
         peer = (self.address, self.port) if backend.datagram_connection_required() else None
         sock = await backend.make_socket(af, socket.SOCK_DGRAM, 0, local, peer)
         async with sock:
             return await dns.asyncquery.udp(
                 request, self.address, timeout=timeout, port=self.port, raise_on_truncation=True,
                 one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing,
-                ignore_errors=True, ignore_unexpected=True, sock=_CappedSocket(sock, self.max_bytes))
+                ignore_errors=True, ignore_unexpected=True,
+                sock=_CappedSocket(sock, self.max_bytes))  # type: ignore[arg-type]
 
 
 class LookupBudget:

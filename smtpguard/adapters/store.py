@@ -577,7 +577,8 @@ class RedisStore(Store):
         self._cas = client.register_script(_CAS_LUA)
 
     async def _do(self, op: Callable[[], Awaitable[T]]) -> T:
-        from redis.exceptions import RedisError, TimeoutError as RedisTimeout
+        from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeout
         if self._clock() < self._down_until:
             raise StoreError(f"redis {self.url}: timed out less than {self.timeout:g} s ago; not asked")
         try:

@@ -141,12 +141,12 @@ class _Watchdog:
 
         class Http(http.client.HTTPConnection):
             def __init__(self, *args: object, **kwargs: object) -> None:
-                super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+                super().__init__(*args, **kwargs)  # type: ignore[arg-type,call-overload]
                 self._create_connection = tracked
 
         class Https(http.client.HTTPSConnection):
             def __init__(self, *args: object, **kwargs: object) -> None:
-                super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+                super().__init__(*args, **kwargs)  # type: ignore[arg-type,call-overload]
                 self._create_connection = tracked
 
         class HttpHandler(urllib.request.HTTPHandler):

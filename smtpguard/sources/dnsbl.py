@@ -32,8 +32,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from smtpguard.adapters.dns import UNKNOWN_DEADLINE, RateLimitedLog, Resolver, SessionResolver, within
-from smtpguard.observe.log import event
+from smtpguard.adapters.dns import (
+    UNKNOWN_DEADLINE,
+    RateLimitedLog,
+    Resolver,
+    SessionResolver,
+    within,
+)
 from smtpguard.core.dnsbl import (
     DEFAULT_WEIGHT,
     DnsblFact,
@@ -47,6 +52,7 @@ from smtpguard.core.dnsbl import (
 )
 from smtpguard.core.facts import NONE, UNKNOWN
 from smtpguard.errors import ConfigError
+from smtpguard.observe.log import event
 
 log = logging.getLogger("smtpguard.dnsbl")
 
