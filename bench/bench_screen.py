@@ -359,8 +359,11 @@ def flood_test(args: argparse.Namespace, tmp: str) -> None:
         return
     sink_port, port = free_port(), free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    # smtp-sink's running counters go to a file: a pipe nobody reads would
+    # fill and stall it
+    counts = open(Path(tmp) / "sink-counters", "w+b")
     sink = subprocess.Popen([sink_bin, *user, "-c", f"127.0.0.1:{sink_port}", "256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                            stdout=counts, stderr=subprocess.DEVNULL)
     guard = start_guard(guard_config(tmp, "flood", port, sink_port, """
 [pregreet]
 wait = "1s"
@@ -373,11 +376,15 @@ reason = "PREGREET"
 """))
     messages, sessions = args.flood_messages, 10
 
+    errors: list[str] = []
+
     def send() -> float:
         start = time.perf_counter()
-        subprocess.run([source_bin, "-l", "1024", "-m", str(messages), "-s", str(sessions), "-f", "good@sender.test",
-                        "-t", "postmaster@example.test", f"127.0.0.1:{port}"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+        r = subprocess.run([source_bin, "-l", "1024", "-m", str(messages), "-s", str(sessions),
+                            "-f", "good@sender.test", "-t", "postmaster@example.test", f"127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            errors.append(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
         return messages / (time.perf_counter() - start)
 
     try:
@@ -400,7 +407,10 @@ reason = "PREGREET"
         guard.terminate()
         guard.wait(30)
         sink.terminate()
-        out_bytes, _ = sink.communicate(timeout=10)
+        sink.wait(10)
+        counts.seek(0)
+        out_bytes = counts.read()
+        counts.close()
     counters = out_bytes.decode("ascii", "replace").replace("\r", "\n").split()
     delivered = max((int(w[5:]) for w in counters if w.startswith("mesg=")), default=0)
     sent = messages * (1 + 2 * args.rounds)
@@ -410,6 +420,8 @@ reason = "PREGREET"
     print(f"  good rate alone {a:7.0f} msg/s   under flood {fl:7.0f} msg/s   drop {100 * (1 - fl / a):5.1f} %")
     print(f"  good messages sent {sent}, delivered {delivered} ({'every one once' if delivered == sent else 'MISMATCH'});"
           f" smtpguard {'stayed up' if alive else 'DIED'}")
+    if errors:
+        print(f"  smtp-source reported errors: {errors[:3]}")
     print(f"  flood at about {args.flood_rate} connections/s; clients sent in the last round: "
           f"{floods[-1] if floods else '-'}")
 
