@@ -197,3 +197,29 @@ def test_xclient_and_xforward_flags(recorder_factory: Any, flags: list[str], env
     [message] = up.messages
     assert (message.xclient.get("ADDR") == "127.0.0.5") is xclient, message.xclient
     assert (message.xforward.get("ADDR") == "127.0.0.5") is xforward, message.xforward
+
+
+# --- issue 11 items 4 and 10: the README's operator sections ---------------------------------
+
+def _readme_section(title: str) -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_running_it_for_real_names_only_files_in_the_repository() -> None:
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    section = _readme_section("Running it for real")
+    named = set(re.findall(r"\b((?:examples|scripts|tests)/[\w./-]+)", section))
+    assert {"examples/postfix/main.cf", "examples/postfix/master.cf", "examples/postfix/smtpguard.toml"} <= named
+    assert [p for p in named if not (root / p.rstrip(".")).exists()] == []
+    assert "{session}" in (root / "examples/postfix/smtpguard.toml").read_text()
+    assert "smtpguard config check" in section and "net_bind_service" in section
+    for key in ("upstream.xclient", "upstream.xforward", "upstream.tls"):
+        assert f"| `{key}` |" in section
+    # what a SIGHUP reloads, and what needs a restart
+    assert "| `server.listen`, `server.workers`, `http.listen` | need a restart |" in section
+    assert "read again even at the same path" in section
