@@ -75,6 +75,9 @@ DEFAULT_PER_IP_RATE = 0
 # Postfix's default_process_limit is 100 smtpd processes; an asyncio
 # session costs far less, so one process holds 1,000 (the number).
 DEFAULT_MAX_SESSIONS = 1000
+# Postfix's smtpd_recipient_overshoot_limit: recipients beyond
+# max_recipients get 452 4.5.3 and are not client errors until this many.
+DEFAULT_RECIPIENT_OVERSHOOT = 1000
 # RFC 5321 §4.5.3.2.5-6: 3 minutes per data block and 10 minutes for the
 # terminating dot; Postfix's smtpd_timeout applies per read. The DATA timer
 # restarts whenever bytes arrive, so only a stalled transfer is cut.
@@ -154,6 +157,7 @@ class LimitsSettings:
     per_ip_sessions: int = DEFAULT_PER_IP_SESSIONS   # concurrent, IPv6 per /64; 0 = off
     per_ip_rate: int = DEFAULT_PER_IP_RATE           # new sessions per minute; 0 = off
     max_sessions: int = DEFAULT_MAX_SESSIONS         # whole process; 0 = off
+    recipient_overshoot: int = DEFAULT_RECIPIENT_OVERSHOOT  # 452s for recipients over the limit not counted as errors
     # Networks exempt from the limits and the pregreet wait (a partner's
     # relays, your own hosts, monitoring). None by default, as postscreen.
     exempt: tuple[Network, ...] = ()
@@ -406,6 +410,7 @@ LIMITS_KEYS: dict[str, Parser] = {
     "per_ip_sessions": lambda k, v: _int(k, v, 0),
     "per_ip_rate": lambda k, v: _int(k, v, 0),
     "max_sessions": lambda k, v: _int(k, v, 0),
+    "recipient_overshoot": lambda k, v: _int(k, v, 0),
     "exempt": _networks,
 }
 LOG_KEYS: dict[str, Parser] = {
@@ -440,6 +445,7 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "per_ip_sessions": ("limits", "per_ip_sessions"),
     "per_ip_rate": ("limits", "per_ip_rate"),
     "max_sessions": ("limits", "max_sessions"),
+    "recipient_overshoot": ("limits", "recipient_overshoot"),
     "limits_exempt": ("limits", "exempt"),
     "http": ("http", "listen"),
     "xclient": ("upstream", "xclient"),

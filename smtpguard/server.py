@@ -78,11 +78,6 @@ AIOSMTPD_REPLIES: tuple[tuple[str, str, int, str, str | None], ...] = (
 )
 
 
-# Postfix's smtpd_recipient_overshoot_limit: recipients beyond
-# max_recipients get 452 4.5.3 and are not client errors until this many.
-DEFAULT_RECIPIENT_OVERSHOOT = 1000
-
-
 def _rewrite(status: str, size: int) -> replies.Reply | None:
     for prefix, reason, code, enhanced, text in AIOSMTPD_REPLIES:
         if status.startswith(prefix):
@@ -186,7 +181,7 @@ class GuardSMTP(SMTP):
                 if rewritten is not None:
                     # aiosmtpd's own refusals in our one format, with the URL, logged.
                     status = self.guard.refuse("command", rewritten)
-            if "[RCPT-LIMIT]" in status[:24] and self.overshoot < DEFAULT_RECIPIENT_OVERSHOOT:
+            if "[RCPT-LIMIT]" in status[:24] and self.overshoot < self.server.config.limits.recipient_overshoot:
                 # Not a client error (Postfix's smtpd_recipient_overshoot_limit):
                 # a client that pipelines 1,000 recipients gets 100 accepted.
                 self.overshoot += 1

@@ -276,3 +276,33 @@ def test_helo_and_ehlo_are_counted_per_session(guard: Guard) -> None:
         assert code == 421 and "[HELO-LIMIT]" in text, text
         assert f.readline() == b""  # closed
     assert any(e.get("reason") == "HELO-LIMIT" for e in guard.events("defer"))
+
+
+def test_a_thousand_pipelined_recipients_get_100_accepted_and_the_message_relayed(recorder: Recorder,
+                                                                                    guard: Guard) -> None:
+    # RFC 5321 §4.5.3.1.8 / Postfix's smtpd_recipient_overshoot_limit: the 452s
+    # for recipients over max_recipients are not errors that end the session.
+    sock, f = session(guard)
+    with sock, f:
+        raw_ehlo(sock, f)
+        commands = [b"MAIL FROM:<a@sender.test>\r\n"] + [b"RCPT TO:<r%d@example.test>\r\n" % i for i in range(1000)]
+        sock.sendall(b"".join(commands))
+        codes = [read_reply(f)[0] for _ in commands]
+        assert codes[0] == 250
+        assert codes[1:].count(250) == 100 and codes[1:].count(452) == 900
+        assert say(sock, f, b"DATA\r\n")[0] == 354
+        assert say(sock, f, b"Subject: many\r\n\r\nbody\r\n.\r\n")[0] == 250
+    assert len(recorder.messages[0].rcpt_tos) == 100
+
+
+def test_past_the_recipient_overshoot_the_452s_count_as_errors(recorder: Recorder, guard_factory: Any) -> None:
+    g = guard_factory({"server": {"max_recipients": 2, "max_errors": 3}, "limits": {"recipient_overshoot": 2}},
+                      upstream=recorder.address)
+    sock, f = session(g)
+    with sock, f:
+        raw_ehlo(sock, f)
+        say(sock, f, b"MAIL FROM:<a@sender.test>\r\n")
+        codes = [say(sock, f, b"RCPT TO:<r%d@example.test>\r\n" % i)[0] for i in range(7)]
+        closing = read_reply(f)[0]
+    # 2 accepted, 2 overshoot 452s not counted, then three counted: the third error closes with 421
+    assert codes == [250, 250, 452, 452, 452, 452, 452] and closing == 421

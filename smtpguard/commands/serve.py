@@ -57,6 +57,9 @@ def add_parser(sub: Any) -> None:
                    help="new sessions per minute per client (default 0: off) [limits.per_ip_rate]")
     p.add_argument("--max-sessions", metavar="N",
                    help="sessions of this process (default 1000; 0: off) [limits.max_sessions]")
+    p.add_argument("--recipient-overshoot", metavar="N",
+                   help="452 replies for recipients over max_recipients that do not count as errors "
+                        "(default 1000, Postfix's smtpd_recipient_overshoot_limit) [limits.recipient_overshoot]")
     p.add_argument("--limits-exempt", action="append", metavar="NETWORK",
                    help="networks exempt from the limits and the pregreet wait (repeatable) [limits.exempt]")
     p.add_argument("--xclient", action="store_const", const=True, default=None,
