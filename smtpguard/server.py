@@ -122,7 +122,7 @@ class GuardSMTP(SMTP):
         aiosmtpd answers with `500 bad syntax` (rewritten to ours) without
         running the command. The DATA reader uses the original method.
         """
-        reader = self._stream_reader
+        reader: asyncio.StreamReader = getattr(self, "_stream_reader")  # StreamReaderProtocol's reader
         original = reader.readuntil
 
         async def readuntil(separator: bytes = b"\n") -> bytes:
@@ -133,7 +133,7 @@ class GuardSMTP(SMTP):
                 return b"\r\n"
             return line
 
-        reader.readuntil = readuntil  # type: ignore[method-assign]
+        reader.readuntil = readuntil  # type: ignore[method-assign, assignment]
         return original
 
     # -- connection -------------------------------------------------------

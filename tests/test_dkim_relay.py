@@ -10,7 +10,10 @@ from typing import Any
 
 from tests.fixtures_dns import DnsServer
 from tests.fixtures_smtp import Recorder
-from tests.test_dkim import key, publish, signed  # noqa: F401  (key is a fixture)
+from tests import test_dkim
+from tests.test_dkim import publish, signed
+
+key = test_dkim.key  # the RSA key fixture, shared with test_dkim.py
 
 FORGED = (b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.test\r\n"
           b"Authentication-Results: other.example; spf=pass\r\n")
