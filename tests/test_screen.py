@@ -373,3 +373,20 @@ def test_proxy_settings_errors_are_one_line_exit_2(tmp_path: Any, args: list[str
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert key in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_ipv6_client_is_counted_per_64_and_named_as_itself(recorder: Recorder, guard_factory: Any) -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    g = guard_factory({"limits": {"per_ip_sessions": 1}}, upstream=recorder.address, listen=["[::1]:0"])
+    first = Client(g)
+    assert first.line().startswith("220 ")
+    second = Client(g)
+    assert second.line().startswith("421 4.7.0 [BUSY]")
+    second.close()
+    first.close()
+    assert g.events("connect")[-1]["ip"] == "::1"
+    (refusal,) = [e for e in g.events("defer") if e.get("stage") == "screen"]
+    assert refusal["ip"] == "::1"
