@@ -91,11 +91,12 @@ def proxy_header_length(buf: bytes | bytearray) -> int | None:
 class Screen(asyncio.Protocol):
     """One client connection until it is handed over or refused."""
 
-    __slots__ = ("server", "transport", "ip", "port", "key", "buf", "waiter", "timer", "task",
+    __slots__ = ("server", "loop", "transport", "ip", "port", "key", "buf", "waiter", "timer", "task",
                  "session", "errors", "paused", "released", "closed")
 
     def __init__(self, server: "Server") -> None:
         self.server = server
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.transport: Any = None
         self.ip = ""
         self.port = 0
@@ -114,6 +115,7 @@ class Screen(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
         server = self.server
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -136,7 +138,7 @@ class Screen(asyncio.Protocol):
                 return
         elif not self.count():
             return
-        self.task = server.loop.create_task(self.run())
+        self.task = self.running_loop.create_task(self.run())
 
     def data_received(self, data: bytes) -> None:
         if self.session is not None and self.session.banner_refusal is not None and self.task is None:
@@ -246,7 +248,7 @@ class Screen(asyncio.Protocol):
         if self.closed:
             return
         if tested and session.facts.get("pregreet") is False:
-            server.track(server.loop.create_task(server.services.pregreet_pass(self.ip)))
+            server.track(self.running_loop.create_task(server.services.pregreet_pass(self.ip)))
         if line is None:
             self.hand_over()
         elif session.dropped or session.banner_refusal is None or line.startswith("4"):
@@ -256,7 +258,7 @@ class Screen(asyncio.Protocol):
             # RFC 5321 §3.1: after a 554 greeting the server waits for QUIT
             # and answers 503 to everything else; no SMTP object for that.
             self.say(line)
-            self.timer = server.loop.call_later(config.server.idle_timeout, self.idle)
+            self.timer = self.running_loop.call_later(config.server.idle_timeout, self.idle)
             buffered, self.buf = bytes(self.buf), bytearray()
             self.task = None
             if self.paused:
@@ -267,7 +269,7 @@ class Screen(asyncio.Protocol):
 
     def wait_pregreet(self, wait: float) -> asyncio.Future[bool]:
         """A future that becomes True when the client talks, False when `wait` is over."""
-        loop = self.server.loop
+        loop = self.running_loop
         waiter: asyncio.Future[bool] = loop.create_future()
         self.waiter = waiter
 
@@ -279,7 +281,7 @@ class Screen(asyncio.Protocol):
 
     async def read_proxy(self, timeout: float) -> bool:
         """The PROXY header from a trusted balancer; False when the connection was closed."""
-        loop = self.server.loop
+        loop = self.running_loop
         deadline = loop.time() + timeout
         while True:
             n = proxy_header_length(self.buf)
@@ -354,7 +356,7 @@ class Screen(asyncio.Protocol):
             self.say(session.refused_session() or "503 5.5.1 Error")
             if self.timer is not None:
                 self.timer.cancel()
-            self.timer = self.server.loop.call_later(config.server.idle_timeout, self.idle)
+            self.timer = self.running_loop.call_later(config.server.idle_timeout, self.idle)
 
     def idle(self) -> None:
         if self.session is not None:
@@ -362,6 +364,11 @@ class Screen(asyncio.Protocol):
         self.close()
 
     # --- helpers ---------------------------------------------------------------
+
+    @property
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        assert self.loop is not None  # set in connection_made, before any step
+        return self.loop
 
     def refuse_limit(self, reply: replies.Reply, limit: str) -> None:
         """A limit's refusal: one reply, one log line (with the limit's running count), close."""

@@ -385,7 +385,6 @@ class Server:
         self.sessions: set[GuardSMTP] = set()
         self.screens: set[Screen] = set()       # connections not yet handed to a session
         self.refusals: dict[str, int] = {}      # screen refusals per limit, for the log's counter
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
         self.save_syn = False
         self._servers: list[asyncio.base_events.Server] = []
@@ -541,7 +540,7 @@ class Server:
         return sock
 
     async def start(self) -> list[tuple[str, int]]:
-        loop = self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         # Learn the MTA's ESMTP extensions before the first client asks
         # (mirrored in our EHLO); a slow MTA does not hold up the listeners.
         probe = loop.create_task(self.services.upstream.probe())
