@@ -390,3 +390,21 @@ def test_an_ipv6_client_is_counted_per_64_and_named_as_itself(recorder: Recorder
     assert g.events("connect")[-1]["ip"] == "::1"
     (refusal,) = [e for e in g.events("defer") if e.get("stage") == "screen"]
     assert refusal["ip"] == "::1"
+
+
+def test_the_pass_is_remembered_for_pass_ttl_by_the_injected_clock(recorder: Recorder, guard_factory: Any) -> None:
+    now = [1_000_000.0]
+    doc = {**pregreet_doc(PREGREET_RULE), "pregreet": {"wait": WAIT, "pass_ttl": "1h"}}
+    g = guard_factory(doc, upstream=recorder.address, clock=lambda: now[0])
+    c = Client(g)
+    assert c.reply() == ["220-mx.example.test ESMTP", "220 mx.example.test ESMTP smtpguard"]
+    c.close()
+    wait_for(lambda: g._loop.run(g.services.pregreet_passed("127.0.0.1")), timeout=5)
+    now[0] += 3599
+    c = Client(g)
+    assert c.line() == "220 mx.example.test ESMTP smtpguard"   # within pass_ttl
+    c.close()
+    now[0] += 2
+    c = Client(g)
+    assert c.line() == "220-mx.example.test ESMTP"              # expired: tested again
+    c.close()
