@@ -408,3 +408,30 @@ def test_the_pass_is_remembered_for_pass_ttl_by_the_injected_clock(recorder: Rec
     c = Client(g)
     assert c.line() == "220-mx.example.test ESMTP"              # expired: tested again
     c.close()
+
+
+def test_bytes_after_the_proxy_header_reach_the_session(recorder: Recorder, guard_factory: Any) -> None:
+    g = guard_factory({"server": {"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"]}},
+                      upstream=recorder.address)
+    c = Client(g)
+    c.send("PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\nEHLO pipelined.test\r\n")   # one segment
+    assert c.line() == "220 mx.example.test ESMTP smtpguard"
+    assert c.reply()[-1].startswith("250 ")
+    c.send("QUIT\r\n")
+    assert c.line().startswith("221")
+    c.close()
+    assert g.events("connect")[-1]["ip"] == "192.0.2.7"
+
+
+def test_a_client_flooding_the_wait_is_paused_and_refused_not_buffered(recorder: Recorder,
+                                                                       guard_factory: Any) -> None:
+    g = guard_factory(pregreet_doc(DROP_RULE), upstream=recorder.address)
+    sock = socket.create_connection((g.host, g.port), timeout=5)
+    try:
+        sock.sendall(b"X" * 200_000)      # more than the screen keeps
+    except OSError:
+        pass                               # the server may close first
+    lines = [ln.decode().rstrip() for ln in read_all(sock).splitlines()]
+    sock.close()
+    assert not lines or lines[-1].startswith("521 5.7.1 [PREGREET]")
+    wait_for(lambda: g.services.clients.total == 0, timeout=5)
