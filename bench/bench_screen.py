@@ -392,13 +392,18 @@ reason = "PREGREET"
         wait_port(port)
         send()  # warm-up; 127.0.0.1 passes the pregreet test once
         alone, flooded, floods = [], [], []
+        cpu_alone, cpu_flood = [], []  # smtpguard's CPU share of one core during each run
         for _ in range(args.rounds):
+            c0, t0 = cpu_seconds(guard.pid), time.perf_counter()
             alone.append(send())
+            cpu_alone.append((cpu_seconds(guard.pid) - c0) / (time.perf_counter() - t0))
             f = start_self("--flood", str(port), str(args.flood_rate), stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE)
             try:
                 time.sleep(1.0)  # let the flood build up (a load ramp, not synchronisation)
+                c0, t0 = cpu_seconds(guard.pid), time.perf_counter()
                 flooded.append(send())
+                cpu_flood.append((cpu_seconds(guard.pid) - c0) / (time.perf_counter() - t0))
             finally:
                 out, _ = f.communicate(b"", timeout=60)
             floods.append(out.decode().strip())
@@ -418,6 +423,8 @@ reason = "PREGREET"
     print(f"flood: smtp-source ({sessions} sessions, {messages} x 1 KB per run) -> smtpguard -> smtp-sink, "
           f"{args.rounds} rounds alone / under flood (medians)")
     print(f"  good rate alone {a:7.0f} msg/s   under flood {fl:7.0f} msg/s   drop {100 * (1 - fl / a):5.1f} %")
+    print(f"  smtpguard's CPU (share of one core) alone {statistics.median(cpu_alone):4.2f}, "
+          f"under flood {statistics.median(cpu_flood):4.2f}; the load generators share the same 2 cores")
     print(f"  good messages sent {sent}, delivered {delivered} ({'every one once' if delivered == sent else 'MISMATCH'});"
           f" smtpguard {'stayed up' if alive else 'DIED'}")
     if errors:
