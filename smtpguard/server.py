@@ -111,7 +111,6 @@ class GuardSMTP(SMTP):
         self.errors = 0
         self.overshoot = 0
         self.in_data = False
-        self._banner_line: str | None = None
         self._readline = self._guard_reader()
 
     def _guard_reader(self) -> Any:
@@ -169,12 +168,8 @@ class GuardSMTP(SMTP):
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
-            if self._banner_line is not None and status.startswith("220 "):
-                status, self._banner_line = self._banner_line, None
-            elif self.guard.banner_refusal is not None and status[:1] in ("4", "5") and not status.startswith("554 "):
-                # After a 554 greeting, every command but QUIT gets 503 (RFC 5321 §3.1).
-                status = self.guard.refused_session() or status
-            elif status is self.guard.verbatim:
+            # (A client refused at connect never gets here: the screen answers it.)
+            if status is self.guard.verbatim:
                 self.guard.verbatim = None
             elif status[:1] in ("4", "5") and "[" not in status[:12]:
                 rewritten = _rewrite(status, self.server.config.server.max_message_size)

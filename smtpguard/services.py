@@ -128,7 +128,7 @@ class Services:
         if stage == "data" and session.content is not None:
             # Always verified: the MTA behind gets the results in an
             # Authentication-Results header (RFC 8601), rules or not.
-            fact = await dkim.gather(session.content, self.resolver, self.config.dns.stage_budget,
+            fact = await dkim.gather(session.content, self._dns(session), self.config.dns.stage_budget,
                                      self.config.dkim)
             session.dkim_fact = fact
             if fact.error:
