@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test image-test bench venv system-deps clean
+.PHONY: run test lint image-test bench venv system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: venv
 test: venv system-deps
 	$(BIN)/python -m pytest -q
 	bash scripts/image-test.sh
+
+# ruff (pyflakes/pycodestyle errors) and mypy (strict on the pure core).
+lint: venv
+	$(BIN)/ruff check smtpguard tests bench
+	$(BIN)/mypy smtpguard
 
 # The container image built and run for real with podman (issue 17); it says
 # "image-test: SKIPPED: <why>" where podman cannot be installed or run.

@@ -144,7 +144,9 @@ def test_compose_postfix_entrypoint_configures_a_real_postfix(tmp_path: Path) ->
            "SMTPD_LISTEN": "127.0.0.1:2625"}
     r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
-    show = lambda *a: subprocess.run([postconf, "-c", str(conf), *a], capture_output=True, text=True, timeout=30).stdout
+    def show(*a: str) -> str:
+        return subprocess.run([postconf, "-c", str(conf), *a], capture_output=True, text=True, timeout=30).stdout
+
     assert show("-h", "mynetworks").strip() == ""
     assert show("-h", "virtual_mailbox_domains").strip() == "example.com example.org"
     master = show("-M")
