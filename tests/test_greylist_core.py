@@ -355,10 +355,3 @@ def test_an_unreadable_stored_value_is_treated_as_absent(value: str) -> None:
     assert g.decode_triplet(value) is None
     assert g.decode_client(value) is None
 
-
-def test_every_decision_has_a_reply_row() -> None:
-    assert set(g.REPLIES) == {d.value for d in Decision} | {"unknown"}
-    assert g.REPLIES["new"] == (451, "4.7.1", "GREY")
-    assert g.REPLIES["trapped"] == (550, "5.7.1", "TRAP")
-    assert g.REPLIES["unknown"] == (451, "4.3.0", "GREY-STORE")
-

@@ -529,10 +529,6 @@ class Resolver:
         return ResolverStats(self._lookups, self._queries, self._hits, self._joins,
                              self._failures, len(self._cache), self._cached_bytes, self._over_budget)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-        self._cached_bytes = 0
-
     # -- the query itself ------------------------------------------------------
 
     async def _resolve(self, key: tuple[str, str], qname: dns.name.Name, rtype: str) -> Answer:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Union
+from typing import Union
 
 # The three answers every lookup can give (DESIGN.md: a failed lookup is a
 # fact value, not an exception).
@@ -22,7 +22,6 @@ NONE = "none"      # nothing there (NXDOMAIN, no PTR, no zone lists the IP)
 UNKNOWN = "unknown"  # could not tell (timeout, SERVFAIL, store down, no SYN)
 
 FactValue = Union[str, int, float, bool, tuple[str, ...], None]
-Facts = Mapping[str, FactValue]
 
 
 class Kind(enum.Enum):
@@ -93,12 +92,3 @@ class ClientInfo:
     local_port: int = 0
     syn: bytes | None = None     # raw IP+TCP header of the client's SYN (TCP_SAVED_SYN)
     via_proxy: bool = False      # arrived through the PROXY protocol: the SYN is not the client's
-
-
-class Fact(Protocol):
-    """What every source's `gather` returns."""
-
-    @property
-    def status(self) -> str: ...  # OK, NONE or UNKNOWN
-
-    def as_facts(self) -> dict[str, FactValue]: ...

@@ -88,20 +88,6 @@ class Decision(enum.Enum):
     TRAPPED = "trapped"
 
 
-# What each decision means on the wire when the policy follows the graylist
-# (code, enhanced code, reason). RFC 3463 §3.8: X.7.1 "delivery not
-# authorized"; 451 is a transient refusal (RFC 5321 §4.2.2). The store-down
-# row is GREY-STORE: tempfail by default (graylist.on_error).
-REPLIES: dict[str, tuple[int, str, str] | None] = {
-    Decision.NEW.value: (451, "4.7.1", "GREY"),
-    Decision.DEFERRED.value: (451, "4.7.1", "GREY"),
-    Decision.PASSED.value: None,
-    Decision.ALLOWED.value: None,
-    Decision.TRAPPED.value: (550, "5.7.1", "TRAP"),
-    "unknown": (451, "4.3.0", "GREY-STORE"),
-}
-
-
 # ---------------------------------------------------------------------------
 # Keys. One namespace per kind of entry; the store adds its own prefix.
 

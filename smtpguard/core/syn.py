@@ -10,7 +10,7 @@ options — and a SignatureSet read from text in p0f v3 `p0f.fp` syntax (only
 the `[tcp:request]` section is used; README section 5 of p0f describes it).
 Reading the file is the caller's job (sources/osfp.py); this module is pure.
 
-Output: an OsFact (the Fact protocol of core/facts.py): `os`, `os_name`,
+Output: an OsFact (a `status` and `as_facts()`, like every fact): `os`, `os_name`,
 `os_distance`, `os_match`, the matched label and signature, and the parsed
 SynFields for display.
 
@@ -640,7 +640,7 @@ def load_signatures(text: str, source: str = "") -> SignatureSet:
 
 @dataclass(frozen=True, slots=True)
 class OsFact:
-    """The passive OS fingerprint fact (implements core.facts.Fact)."""
+    """The passive OS fingerprint fact."""
 
     status: str                  # OK matched, NONE no signature, UNKNOWN no/bad SYN
     os: str                      # one of FAMILIES

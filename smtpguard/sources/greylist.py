@@ -8,8 +8,8 @@ Inputs: a Store, GraylistSettings, the client address, its forward-confirmed
   TO, `strict` (the session's judgement that the client is suspicious, e.g.
   a Windows fingerprint) and `now`.
 Output: GraylistFact; `as_facts()` gives {"graylist": ...}. The session maps
-  it to a reply through the policy (core.greylist.REPLIES lists the usual
-  ones: 451 4.7.1 GREY, 550 5.7.1 TRAP, 451 4.3.0 GREY-STORE).
+  it to a reply through the policy (the usual ones: 451 4.7.1 GREY,
+  550 5.7.1 TRAP, 451 4.3.0 GREY-STORE).
 Failure modes: a StoreError, or a transaction that takes longer than two
   of the store's timeouts ([state] timeout), becomes status UNKNOWN, graylist "unknown" and
   the error text; `graylist.on_error` says what the session should do with it
