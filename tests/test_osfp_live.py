@@ -1,5 +1,5 @@
 """sources/osfp.py on real loopback sockets: TCP_SAVE_SYN, gather(), the
-optional p0f v3 API against a small fake daemon, the settings table, and
+optional p0f v3 API (adapters/p0f.py) against a small fake daemon, the settings table, and
 `fingerprint --listen` end to end.
 
 What a TTL-128 Linux loopback SYN gives is decided in core/syn.py: a TTL above
@@ -27,19 +27,14 @@ import pytest
 from smtpguard.core.facts import NONE, OK, UNKNOWN, ClientInfo
 from smtpguard.core.syn import UNKNOWN_OS, classify, parse_syn
 from smtpguard.errors import ConfigError
+from smtpguard.adapters.p0f import P0F_QUERY, P0F_QUERY_MAGIC, P0F_RESPONSE, P0F_RESPONSE_MAGIC, p0f_query, query_p0f
 from smtpguard.sources import osfp
 from smtpguard.sources.osfp import (
-    P0F_QUERY,
-    P0F_QUERY_MAGIC,
-    P0F_RESPONSE,
-    P0F_RESPONSE_MAGIC,
     FingerprintSettings,
     default_signatures,
     enable_save_syn,
     gather,
     load_signature_file,
-    p0f_query,
-    query_p0f,
     read_saved_syn,
     signature_set,
 )

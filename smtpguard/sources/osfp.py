@@ -8,7 +8,8 @@ server reads with `read_saved_syn()` from each accepted socket after calling
 `enable_save_syn()` on its listening sockets (Linux ≥ 4.2 `TCP_SAVE_SYN`,
 unprivileged, no pcap, no daemon) — and a SignatureSet (the shipped
 `smtpguard/data/smtpguard.fp` or any p0f v3 `p0f.fp`). Optionally a running
-p0f v3 daemon, asked over its unix API socket when there is no SYN.
+p0f v3 daemon, asked over its unix API socket when there is no SYN (the
+client for that socket is adapters/p0f.py).
 
 Output: an OsFact (core/syn.py).
 
@@ -31,33 +32,19 @@ Defaults and why:
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import ipaddress
-import logging
 import os
 import socket
-import struct
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Mapping
 
-from smtpguard.core.facts import NONE, OK, ClientInfo
-from smtpguard.core.syn import (
-    MATCH_BY_P0F_QUALITY,
-    NO_MATCH,
-    UNKNOWN_OS,
-    OsFact,
-    SignatureSet,
-    classify,
-    family_of,
-    load_signatures,
-)
+from smtpguard.adapters.p0f import query_p0f
+from smtpguard.core.facts import ClientInfo
+from smtpguard.core.syn import UNKNOWN_OS, OsFact, SignatureSet, classify, load_signatures
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
-
-log = logging.getLogger("smtpguard.osfp")
 
 # include/uapi/linux/tcp.h (Linux 4.2, commit cd8ae85299d5 "tcp: provide SYN
 # headers for passive connections"); Python's socket module does not name them.
@@ -68,14 +55,6 @@ SAVED_SYN = 28
 SAVED_SYN_BUFFER = 512
 
 DEFAULT_SIGNATURES = "smtpguard.fp"   # in smtpguard/data
-
-# p0f v3 API (p0f README §4, api.h): native-endian, packed structs.
-P0F_QUERY_MAGIC = 0x50304601
-P0F_RESPONSE_MAGIC = 0x50304602
-P0F_STATUS_BADQUERY, P0F_STATUS_OK, P0F_STATUS_NOMATCH = 0x00, 0x10, 0x20
-P0F_ADDR_IPV4, P0F_ADDR_IPV6 = 4, 6
-P0F_QUERY = struct.Struct("=IB16s")                        # 21 bytes
-P0F_RESPONSE = struct.Struct("=IIIIIIIIIhBB32s32s32s32s32s32s")  # 232 bytes
 
 
 def enable_save_syn(sock: socket.socket) -> bool:
@@ -191,64 +170,6 @@ def signature_set(settings: FingerprintSettings, key: str = "fingerprint.signatu
     if not settings.signatures:
         return default_signatures()
     return load_signature_file(settings.signatures, key)
-
-
-# --------------------------------------------------------------------------
-# p0f v3 daemon API (optional)
-# --------------------------------------------------------------------------
-
-
-def p0f_query(ip: str) -> bytes:
-    """The 21-byte p0f v3 API query for one address (ValueError if not an IP)."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    kind = P0F_ADDR_IPV4 if addr.version == 4 else P0F_ADDR_IPV6
-    return P0F_QUERY.pack(P0F_QUERY_MAGIC, kind, addr.packed.ljust(16, b"\0"))
-
-
-def _cstring(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
-
-
-def p0f_fact(response: bytes) -> OsFact:
-    """A p0f v3 API response (232 bytes) -> OsFact; UNKNOWN_OS unless usable."""
-    if len(response) != P0F_RESPONSE.size:
-        return UNKNOWN_OS
-    (magic, status, _first, _last, _conns, _uptime, _wrap, _nat, _chg, distance, _bad_sw,
-     quality, os_name, os_flavor, _http, _http_flavor, _link, _lang) = P0F_RESPONSE.unpack(response)
-    if magic != P0F_RESPONSE_MAGIC or status != P0F_STATUS_OK:
-        return UNKNOWN_OS
-    name, flavor = _cstring(os_name), _cstring(os_flavor)
-    hops = distance if distance >= 0 else None
-    if not name:   # p0f saw the host but matched no signature
-        return OsFact(status=NONE, os="unknown", os_name="unknown", os_distance=hops,
-                      os_match=NO_MATCH, source="p0f")
-    return OsFact(status=OK, os=family_of(name, flavor), os_name=f"{name} {flavor}".strip(),
-                  os_distance=hops, os_match=MATCH_BY_P0F_QUALITY.get(quality, "generic"), source="p0f")
-
-
-async def query_p0f(socket_path: str, ip: str, timeout: float, session_id: str = "") -> OsFact:
-    """Ask a p0f v3 daemon about `ip`; UNKNOWN_OS on any failure or timeout."""
-    try:
-        query = p0f_query(ip)
-    except ValueError:
-        return UNKNOWN_OS
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(socket_path)
-            writer.write(query)
-            await writer.drain()
-            response = await reader.readexactly(P0F_RESPONSE.size)
-    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-        log.warning("osfp.p0f_failed session=%s socket=%s error=%s",
-                    session_id or "-", socket_path, type(exc).__name__)
-        return UNKNOWN_OS
-    finally:
-        if writer is not None:
-            writer.close()
-    return p0f_fact(response)
 
 
 # --------------------------------------------------------------------------
