@@ -23,16 +23,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_relay import ROOT, free_port, tool, wait_port  # noqa: E402
+from common import ROOT, free_port, status, tool, wait_port  # noqa: E402
 
 LINE = b"x" * 76 + b"\r\n"
 
 
-def status(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def reset_peak(pid: int) -> None:
@@ -54,6 +49,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    # above session.CONTENT_LIMIT (4 MB), so DKIM does not read the message into memory
     size = 8_000_000 if args.quick else 34_000_000
     sink_port, port = free_port(), free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import shutil
 import smtplib
 import socket
 import statistics
@@ -45,8 +44,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures_dns import DnsServer  # noqa: E402
+sys.path.insert(0, str(HERE))
+from common import cpu_seconds, free_port, tool, wait_port  # noqa: E402
 
-TICKS = os.sysconf("SC_CLK_TCK")
 HUGE = 4090            # A records in the hostile RRset (~65 KB: the TCP maximum)
 PTR_NAMES = 10         # names in each hostile PTR
 NAMES = 200            # distinct EHLO names the hostile clients cycle through
@@ -109,33 +109,12 @@ def serve_dns(conn: Any, hostile_ips: list[str]) -> None:
     server.stop()
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name) or f"/usr/sbin/{name}"
-    if not os.path.exists(path):
-        sys.exit(f"bench_dns_flood: {name} not found (Debian package postfix; `make bench` installs it)")
-    return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"bench_dns_flood: nothing listening on {port} after {timeout}s")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def rss_mib(pid: int) -> float:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,61 +23,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import postfix_proxy  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-TICKS = os.sysconf("SC_CLK_TCK")
+from common import ROOT, cpu_seconds, free_port, tool, wait_port  # noqa: E402,F401  (others import them from here)
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name) or f"/usr/sbin/{name}"
-    if not os.path.exists(path):
-        sys.exit(f"bench_relay: {name} not found (Debian package postfix; `make bench` installs it)")
-    return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"bench_relay: nothing listening on {port} after {timeout}s")
 
 
-def _stat(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def cpu_seconds(pid: int, children_done: bool = False) -> float:
-    """utime + stime of a process and its children (the workers), live ones included;
-    with `children_done`, also the CPU of its children that have exited (cutime + cstime)."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int(_stat(int(entry.name))[1]) == pid:
-                    pids.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    total = 0.0
-    for p in pids:
-        try:
-            fields = _stat(p)
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICKS
-        if children_done and p == pid:
-            total += (int(fields[13]) + int(fields[14])) / TICKS
-    return total
+
 
 
 def source(port: int, messages: int, sessions: int, timeout: float) -> float:

@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data_memory import status  # noqa: E402
-from bench_relay import ROOT, free_port, wait_port  # noqa: E402
+from common import ROOT, free_port, status, wait_port  # noqa: E402
 
 
 async def open_sessions(port: int, n: int, tls: bool) -> list[asyncio.StreamWriter]:
@@ -81,14 +80,14 @@ def main() -> int:
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        asyncio.run(open_sessions(port, 20, True))  # warm up
+        asyncio.run(measure(guard.pid, port, 20, True))  # warm up (and close again)
         plain = asyncio.run(measure(guard.pid, port, n, False))
         tls = asyncio.run(measure(guard.pid, port, n, True))
         print(f"{n} idle sessions each: plain {plain / 1024:.1f} KiB, after STARTTLS {tls / 1024:.1f} KiB "
               f"(ratio {tls / plain:.1f}); target ≤ 64 KiB per TLS session")
     finally:
         guard.terminate()
-        guard.wait(30)
+        guard.wait(90)  # a TLS session closing waits for the peer's close_notify (asyncio: up to 30 s)
     return 0
 
 

@@ -39,9 +39,11 @@ from smtpguard.sources.dkim import DkimFact
 # perhaps once more after RSET; 25,000 EHLOs on one connection were seen
 # driving DNS lookups to names the client chose.
 MAX_HELO = 5
-# How much of a message data-stage sources may read into memory (DKIM):
-# beyond it they see no content and say `unknown`.
-CONTENT_LIMIT = 10 * 1000 * 1000
+# How much of a message data-stage sources may read into memory (DKIM, whose
+# library verifies a whole message in memory, about five times its size at
+# the peak): a larger message is relayed without our DKIM verdict, and its
+# memory stays the spool's (the MTA behind can still verify it).
+CONTENT_LIMIT = 4 * 1000 * 1000
 # When the upstream transaction fails after recipients were told 250, it is
 # rebuilt (MAIL and those recipients again) at most this often; after that
 # the client is told (451) rather than kept waiting on a failing MTA.
