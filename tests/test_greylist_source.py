@@ -114,6 +114,30 @@ def test_five_passed_triplets_auto_allow_the_client_but_not_in_strict_mode(nodes
     with_nodes(nodes, body)
 
 
+async def trap(store: Store, now: float, *, ip: str = IP, domain: str | None = None,
+               rcpt: str = RCPT) -> GraylistFact | None:
+    return await source.trap(store, SETTINGS, ip=ip, rdns_confirmed_domain=domain, rcpt=rcpt, now=now)
+
+
+def test_spamtraps_outside_the_graylist_spare_an_auto_allowed_client_as_check_does(nodes: Any) -> None:
+    """`trap` (a recipient no graylist rule covers) and `check` answer alike:
+    an auto-allowed client writing to a trap is neither trapped nor does it
+    trap its network; any other client is."""
+    async def body(a: Store, b: Store) -> None:
+        for i in range(5):
+            await ask(a, T0, rcpt=f"user{i}@example.net")
+            await ask(b, T0 + 200, rcpt=f"user{i}@example.net")
+        assert await trap(b, T0 + 300, rcpt="trap@example.com") is None
+        assert await trap(a, T0 + 301, ip="192.0.2.99") is None, "its network was not trapped"
+        assert (await ask(a, T0 + 302)).via == "auto"
+        hit = await trap(a, T0 + 300, ip="192.0.3.1", rcpt="<Trap@Example.com>")
+        assert hit is not None and (hit.graylist, hit.via) == ("trapped", "trap")
+        later = await trap(b, T0 + 360, ip="192.0.3.99")
+        assert later is not None and (later.graylist, later.via) == ("trapped", "network")
+        assert await trap(b, T0 + 360, ip="198.51.100.1") is None, "an untouched network is not trapped"
+    with_nodes(nodes, body)
+
+
 def test_four_passed_triplets_do_not_auto_allow(nodes: Any) -> None:
     async def body(a: Store, b: Store) -> None:
         for i in range(4):

@@ -176,13 +176,29 @@ async def check(store: Store, settings: GraylistSettings, *, ip: str, rdns_confi
     """The graylist fact for one RCPT (see the module docstring for the order),
     within two store timeouts ([state] timeout) for the whole transaction: a
     slow store costs a RCPT at most that, then `unknown` (issue 19 item 8)."""
-    limit = _transaction_limit(store)
-    try:
-        return await asyncio.wait_for(_check(store, settings, ip=ip, rdns_confirmed_domain=rdns_confirmed_domain,
-                                             sender=sender, rcpt=rcpt, strict=strict, now=now), limit)
-    except asyncio.TimeoutError:
-        identity = g.client_identity(ip, rdns_confirmed_domain, settings.policy)
-        return GraylistFact(UNKNOWN, UNKNOWN, 0, identity, "", f"store: no answer within {limit:g} s")
+    fact = await _bounded(store, settings, ip=ip, rdns_confirmed_domain=rdns_confirmed_domain,
+                          sender=sender, rcpt=rcpt, strict=strict, now=now)
+    assert fact is not None  # with a sender, the triplet always answers
+    return fact
+
+
+async def trap(store: Store, settings: GraylistSettings, *, ip: str, rdns_confirmed_domain: str | None,
+               rcpt: str, now: float) -> GraylistFact | None:
+    """Spamtraps for a client that no graylist rule covers: TRAPPED, or None.
+
+    The same path as `check` without the triplet (questions 1-4 of the module
+    docstring, not strict: no graylist rule judged the client suspicious), so
+    the two cannot disagree: admin- and auto-allowed clients are never
+    trapped, and the trap keys are shared by every node. A store that cannot
+    answer gives an UNKNOWN fact with the error.
+    """
+    if not settings.traps:
+        return None
+    fact = await _bounded(store, settings, ip=ip, rdns_confirmed_domain=rdns_confirmed_domain,
+                          sender=None, rcpt=rcpt, strict=False, now=now)
+    if fact is None or fact.graylist == g.Decision.ALLOWED.value:
+        return None
+    return fact
 
 
 def _transaction_limit(store: Store) -> float:
@@ -193,20 +209,39 @@ def _transaction_limit(store: Store) -> float:
     return 2 * float(getattr(store, "timeout", DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT)
 
 
-async def _check(store: Store, settings: GraylistSettings, *, ip: str, rdns_confirmed_domain: str | None,
-                 sender: str, rcpt: str, strict: bool, now: float) -> GraylistFact:
+async def _bounded(store: Store, settings: GraylistSettings, *, ip: str, rdns_confirmed_domain: str | None,
+                   sender: str | None, rcpt: str, strict: bool, now: float) -> GraylistFact | None:
+    """`_decide` within the transaction limit; `unknown` when it runs out."""
+    limit = _transaction_limit(store)
+    try:
+        return await asyncio.wait_for(_decide(store, settings, ip=ip, rdns_confirmed_domain=rdns_confirmed_domain,
+                                              sender=sender, rcpt=rcpt, strict=strict, now=now), limit)
+    except asyncio.TimeoutError:
+        identity = g.client_identity(ip, rdns_confirmed_domain, settings.policy)
+        return GraylistFact(UNKNOWN, UNKNOWN, 0, identity, "", f"store: no answer within {limit:g} s")
+
+
+async def _decide(store: Store, settings: GraylistSettings, *, ip: str, rdns_confirmed_domain: str | None,
+                  sender: str | None, rcpt: str, strict: bool, now: float) -> GraylistFact | None:
+    """The questions of the module docstring, in order. With `sender` None
+    (spamtraps only) the triplet is not asked: None when questions 1-4 have
+    no answer."""
     policy = settings.policy
     identity = g.client_identity(ip, rdns_confirmed_domain, policy)
     network = g.network_of(ip, policy)
     recipient = g.normalise_rcpt(rcpt)
     ckey = g.client_key(identity)
     try:
-        tkey = g.triplet_key(identity, g.normalise_sender(sender), recipient)
-        keys = [tkey, g.trap_key(network), ckey, g.bucket_key(ip)]
+        tkey = None if sender is None else g.triplet_key(identity, g.normalise_sender(sender), recipient)
+        keys = [g.trap_key(network), ckey, g.bucket_key(ip)]
         if rdns_confirmed_domain:
             keys.append(g.allow_key(identity))  # the identity is that domain
-        triplet, trapped, client_raw, bucket, *domain = await store.get_many(keys, now=now)
-        if (domain and domain[0] is not None) or g.bucket_covers(g.decode_bucket(bucket), ip, now=now):
+        if tkey is not None:
+            keys.append(tkey)
+        trapped, client_raw, bucket, *rest = await store.get_many(keys, now=now)
+        domain = rest[0] if rdns_confirmed_domain else None
+        triplet = rest[-1] if tkey is not None else None
+        if domain is not None or g.bucket_covers(g.decode_bucket(bucket), ip, now=now):
             return _fact(g.Decision.ALLOWED, identity, via="admin")
 
         client = g.decode_client(client_raw)
@@ -220,6 +255,8 @@ async def _check(store: Store, settings: GraylistSettings, *, ip: str, rdns_conf
             return _fact(g.Decision.TRAPPED, identity, via="trap")
         if trapped is not None:
             return _fact(g.Decision.TRAPPED, identity, via="network")
+        if tkey is None:
+            return None
 
         def transition(current: str | None) -> tuple[Put | None, g.TripletStep]:
             step = g.triplet_step(g.decode_triplet(current), now=now, strict=strict, policy=policy)
@@ -235,36 +272,6 @@ async def _check(store: Store, settings: GraylistSettings, *, ip: str, rdns_conf
         if step.newly_passed and not strict:
             await store.update(ckey, _count_pass(now, policy), now=now)
         return _fact(step.decision, identity, wait=step.wait)
-    except StoreError as exc:
-        return GraylistFact(UNKNOWN, UNKNOWN, 0, identity, "", str(exc))
-
-
-async def trap(store: Store, settings: GraylistSettings, *, ip: str, rdns_confirmed_domain: str | None,
-               rcpt: str, now: float) -> GraylistFact | None:
-    """Spamtraps for a client that no graylist rule covers: TRAPPED, or None.
-
-    The same trap keys as `check` (so a trap set on one node is seen on
-    every node); admin allow entries are never trapped, as in `check`.
-    """
-    if not settings.traps:
-        return None
-    policy = settings.policy
-    identity = g.client_identity(ip, rdns_confirmed_domain, policy)
-    network = g.network_of(ip, policy)
-    recipient = g.normalise_rcpt(rcpt)
-    try:
-        keys = [g.trap_key(network), g.bucket_key(ip)]
-        if rdns_confirmed_domain:
-            keys.append(g.allow_key(identity))
-        trapped, bucket, *domain = await store.get_many(keys, now=now)
-        if (domain and domain[0] is not None) or g.bucket_covers(g.decode_bucket(bucket), ip, now=now):
-            return None
-        if recipient in settings.traps:
-            await store.set(g.trap_key(network), recipient, expires_at=now + policy.trap_ttl, now=now)
-            return _fact(g.Decision.TRAPPED, identity, via="trap")
-        if trapped is not None:
-            return _fact(g.Decision.TRAPPED, identity, via="network")
-        return None
     except StoreError as exc:
         return GraylistFact(UNKNOWN, UNKNOWN, 0, identity, "", str(exc))
 
