@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
+from pathlib import Path
 
 import pytest
 
-from smtpguard.core.ip import client_ip, client_key, in_networks
+from smtpguard.core.ip import client_ip, client_key, in_networks, unmapped
 from smtpguard.screen import PROXY_V2_SIGNATURE, proxy_header_length
 
 IP_CASES = [
@@ -36,6 +38,24 @@ def test_networks_match_mapped_clients_as_ipv4() -> None:
     assert in_networks("2001:db8::5", nets)
     assert not in_networks("11.0.0.1", nets)
     assert not in_networks("not an ip", nets)
+
+
+def test_unmapped_unwraps_only_ipv4_mapped_addresses() -> None:
+    assert unmapped(ipaddress.ip_address("::ffff:192.0.2.7")) == ipaddress.ip_address("192.0.2.7")
+    for text in ("192.0.2.7", "2001:db8::1", "::192.0.2.7", "64:ff9b::c000:207"):   # compatible, NAT64: not mapped
+        assert unmapped(ipaddress.ip_address(text)) == ipaddress.ip_address(text)
+
+
+def test_core_ip_is_the_one_place_that_unwraps_mapped_addresses() -> None:
+    """issue 16: every other module calls core.ip (unmapped/parse_ip/client_ip)
+    instead of reading `.ipv4_mapped` itself (a test for `is not None` alone,
+    such as refusing a mapped network, is not unwrapping)."""
+    package = Path(__file__).resolve().parent.parent / "smtpguard"
+    by_hand = [f"{path.relative_to(package)}:{n}" for path in sorted(package.rglob("*.py"))
+               if path.name != "ip.py" or path.parent.name != "core"
+               for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+               if re.search(r"\.ipv4_mapped\b(?!\s+is\b)", line)]
+    assert by_hand == []
 
 
 V2_HEAD = PROXY_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", 12)

@@ -95,6 +95,7 @@ import dns.resolver
 import dns.reversename
 
 from smtpguard.core.facts import NONE, OK, UNKNOWN
+from smtpguard.core.ip import unmapped
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
 from smtpguard.observe.log import escape, event
@@ -508,9 +509,7 @@ class Resolver:
         except ValueError:
             self._lookups += 1
             return Answer(NONE, reason=REASON_INVALID)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped  # RFC 4291 §2.5.5.2: the client is IPv4
-        return await self.query(dns.reversename.from_address(addr.compressed).to_text(), "PTR",
+        return await self.query(dns.reversename.from_address(unmapped(addr).compressed).to_text(), "PTR",
                                 budget=budget)
 
     async def addresses(self, name: str, *, budget: LookupBudget | None = None) -> Answer:

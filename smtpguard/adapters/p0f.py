@@ -24,6 +24,7 @@ import logging
 import struct
 
 from smtpguard.core.facts import NONE, OK
+from smtpguard.core.ip import unmapped
 from smtpguard.core.syn import MATCH_BY_P0F_QUALITY, NO_MATCH, UNKNOWN_OS, OsFact, family_of
 
 # The fingerprint source's logger: the event names and the logger stay what
@@ -41,9 +42,7 @@ P0F_RESPONSE = struct.Struct("=IIIIIIIIIhBB32s32s32s32s32s32s")  # 232 bytes
 
 def p0f_query(ip: str) -> bytes:
     """The 21-byte p0f v3 API query for one address (ValueError if not an IP)."""
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = unmapped(ipaddress.ip_address(ip))
     kind = P0F_ADDR_IPV4 if addr.version == 4 else P0F_ADDR_IPV6
     return P0F_QUERY.pack(P0F_QUERY_MAGIC, kind, addr.packed.ljust(16, b"\0"))
 

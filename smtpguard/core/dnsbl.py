@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
+from smtpguard.core.ip import unmapped
 
 # RFC 5782 §2.1: DNSxL answers are addresses in 127.0.0.0/8.
 LIST_NETWORK = ipaddress.IPv4Network("127.0.0.0/8")
@@ -210,9 +211,7 @@ def query_name(ip: str, zone: str) -> str:
     """The name to ask a list about an address (RFC 5782 §2.1, §2.4):
     IPv4 octets reversed (192.0.2.1 -> 1.2.0.192.zone); IPv6 as 32 nibbles
     reversed; an IPv4-mapped IPv6 address as IPv4. Raises ValueError."""
-    addr = ipaddress.ip_address(ip.strip())
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    addr = unmapped(ipaddress.ip_address(ip.strip()))
     if isinstance(addr, ipaddress.IPv4Address):
         prefix = ".".join(reversed(str(addr).split(".")))
     else:

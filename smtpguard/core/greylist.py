@@ -41,6 +41,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, replace
 
+from smtpguard.core.ip import unmapped
+
 # ---------------------------------------------------------------------------
 # Policy (numbers only; the sources module parses them from [graylist]).
 
@@ -107,10 +109,7 @@ BUCKET_V6 = 16
 
 
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
-    return addr
+    return unmapped(ipaddress.ip_address(ip.split("%", 1)[0]))
 
 
 def network_of(ip: str, policy: GreyPolicy) -> str:

@@ -57,6 +57,7 @@ from typing import Iterable, Union
 
 from smtpguard.core.address import DomainSet
 from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
+from smtpguard.core.ip import unmapped
 
 # RFC 5321 §4.5.3.1.2: a domain is at most 255 octets.
 MAX_HELO_LENGTH = 255
@@ -185,17 +186,11 @@ def is_fqdn(name: str) -> bool:
     return all(len(label) <= MAX_LABEL_LENGTH and _LABEL.match(label) for label in labels)
 
 
-def _unmapped(addr: IP) -> IP:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
 def check(helo: str, client_ip: str, us: OurIdentity = OurIdentity()) -> HeloSyntax:
     """Classify a HELO/EHLO argument (see the module docstring)."""
     name = normalise(helo)
     try:
-        client: IP | None = _unmapped(ipaddress.ip_address(client_ip.strip()))
+        client: IP | None = unmapped(ipaddress.ip_address(client_ip.strip()))
     except ValueError:
         client = None
     address: IP | None = None
@@ -210,7 +205,7 @@ def check(helo: str, client_ip: str, us: OurIdentity = OurIdentity()) -> HeloSyn
     else:
         kind = INVALID
     if address is not None:
-        address = _unmapped(address)
+        address = unmapped(address)
     valid, bare = KIND_FACTS[kind]
     client_on_loopback = client is not None and client.is_loopback
     if address is not None:

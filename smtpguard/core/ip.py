@@ -27,14 +27,21 @@ IPV6_CLIENT_PREFIX = 64
 Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
+def unmapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address an IPv4-mapped IPv6 address carries (RFC 4291
+    §2.5.5.2: a dual-stack socket's view of an IPv4 client); any other
+    address unchanged. The one place smtpguard unwraps `::ffff:`."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def parse_ip(value: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address, IPv4-mapped IPv6 unwrapped to IPv4; None when it is not one."""
     if isinstance(value, str):
         return _parse_text(value)
-    if isinstance(value, ipaddress.IPv6Address) and value.ipv4_mapped is not None:
-        return value.ipv4_mapped
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return value
+        return unmapped(value)
     return None
 
 
@@ -49,9 +56,7 @@ def _parse_text(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
         addr = ipaddress.ip_address(text.partition("%")[0])  # a scope id is local only
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return unmapped(addr)
 
 
 def client_ip(value: object) -> str | None:

@@ -151,6 +151,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from smtpguard.core.facts import FACTS, UNKNOWN, FactValue, Kind
+from smtpguard.core.ip import unmapped
 from smtpguard.core.reply import REASONS
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
@@ -343,8 +344,7 @@ def _parse_address(value: str) -> tuple[int, int] | None:
         addr = ipaddress.ip_address(value)
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # RFC 4291 §2.5.5.2: a dual-stack socket's IPv4 client
+    addr = unmapped(addr)
     return addr.version, int(addr)
 
 

@@ -86,6 +86,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
 from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
+from smtpguard.core.ip import unmapped
 
 # -- evidence weights ------------------------------------------------------
 # Generic when the score reaches GENERIC_THRESHOLD. One full embedded address
@@ -438,11 +439,9 @@ def _numbering(host: str, pieces: list[str]) -> tuple[str, str] | None:
 def _address_evidence(name: str, ip: str) -> tuple[str, str] | None:
     """The strongest form in which the address appears in the name."""
     try:
-        addr = ipaddress.ip_address(ip.strip().strip("[]"))
+        addr = unmapped(ipaddress.ip_address(ip.strip().strip("[]")))
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
     if isinstance(addr, ipaddress.IPv4Address):
         return _v4_evidence(name, addr)
     return _v6_evidence(name, addr)

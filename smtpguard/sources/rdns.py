@@ -48,6 +48,7 @@ from typing import Any, Mapping, Protocol
 from publicsuffixlist import PublicSuffixList
 
 from smtpguard.core.facts import OK, UNKNOWN
+from smtpguard.core.ip import unmapped
 from smtpguard.core.rdns import (
     RDNS_CONFIRMED,
     RDNS_NONE,
@@ -175,9 +176,7 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         addr = ipaddress.ip_address(ip.strip())
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped  # RFC 4291 §2.5.5.2: the client is IPv4
-    return addr
+    return unmapped(addr)
 
 
 def answers_contain(values: tuple[str, ...], client_ip: str) -> bool:
