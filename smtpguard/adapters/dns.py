@@ -96,6 +96,7 @@ import dns.reversename
 
 from smtpguard.core.facts import NONE, OK, UNKNOWN
 from smtpguard.core.ip import unmapped
+from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
 from smtpguard.observe.log import escape, event
@@ -730,9 +731,7 @@ class DnsSettings:
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], prefix: str = "dns") -> "DnsSettings":
-        for key in table:
-            if key not in _DNS_KEYS:
-                raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(_DNS_KEYS)}")
+        reject_unknown_keys(table, prefix, _DNS_KEYS)
         values: dict[str, Any] = {}
         if "servers" in table:
             servers = table["servers"]

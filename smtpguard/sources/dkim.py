@@ -65,6 +65,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[impor
 
 from smtpguard.adapters.dns import Answer, gather_within
 from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
+from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
 
@@ -126,9 +127,7 @@ _KEYS = ("authserv_id", "max_signatures", "verify_timeout")
 
 def from_mapping(table: Mapping[str, Any], prefix: str = "dkim") -> DkimSettings:
     """Validate the `[dkim]` TOML table; ConfigError names the key."""
-    for key in table:
-        if key not in _KEYS:
-            raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(_KEYS)}")
+    reject_unknown_keys(table, prefix, _KEYS)
     out = DkimSettings()
     authserv = out.authserv_id
     if "authserv_id" in table:

@@ -51,6 +51,7 @@ from smtpguard.core.dnsbl import (
     zones,
 )
 from smtpguard.core.facts import NONE, UNKNOWN
+from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.errors import ConfigError
 from smtpguard.observe.log import event
 
@@ -112,9 +113,7 @@ def parse_lists(value: Any, prefix: str = "dnsbl") -> tuple[DnsblList, ...]:
 def _parse_list(where: str, table: Any) -> DnsblList:
     if not isinstance(table, dict):
         raise ConfigError(where, "expected a table: write [[dnsbl]] then zone = \"zen.spamhaus.org\"")
-    for key in table:
-        if key not in _LIST_KEYS:
-            raise ConfigError(f"{where}.{key}", f"unknown key; allowed: {', '.join(_LIST_KEYS)}")
+    reject_unknown_keys(table, where, _LIST_KEYS)
     if "zone" not in table:
         raise ConfigError(f"{where}.zone", "missing; every [[dnsbl]] needs the list's DNS zone")
     if not isinstance(table["zone"], str):

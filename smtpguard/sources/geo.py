@@ -35,6 +35,7 @@ from smtpguard.adapters.zones import GeoDB
 from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
 from smtpguard.core.geo import LOCAL, is_country_code, parse_address
 from smtpguard.core.geo import UNKNOWN as UNKNOWN_COUNTRY
+from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.errors import ConfigError
 
 # `unknown` setting: what the policy does with a client no data places.
@@ -99,9 +100,7 @@ class GeoSettings:
     def from_mapping(cls, table: Mapping[str, Any], prefix: str = "geo") -> GeoSettings:
         """Validate a `[geo]` TOML table; ConfigError names `prefix.key`."""
         known = {"zones", "mmdb", "allow", "deny", "unknown", "strict", "cache"}
-        for key in table:
-            if key not in known:
-                raise ConfigError(f"{prefix}.{key}", f"unknown setting; known: {', '.join(sorted(known))}")
+        reject_unknown_keys(table, prefix, sorted(known), wording="unknown setting; known")
         zones = _paths(table.get("zones", ()), f"{prefix}.zones")
         mmdb = _text(table.get("mmdb", ""), f"{prefix}.mmdb")
         cache = _text(table.get("cache", ""), f"{prefix}.cache")

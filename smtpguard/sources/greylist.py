@@ -47,6 +47,7 @@ from typing import Any
 from smtpguard.adapters.store import DEFAULT_TIMEOUT, DEFAULT_URL, Put, Store, Update
 from smtpguard.core import greylist as g
 from smtpguard.core.facts import OK, UNKNOWN, FactValue
+from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError, StoreError
 
@@ -71,7 +72,7 @@ class StateSettings:
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], prefix: str = "state") -> StateSettings:
-        _no_unknown(table, prefix, ("url", "timeout"))
+        reject_unknown_keys(table, prefix, ("url", "timeout"), wording="unknown setting; allowed")
         url = table.get("url", DEFAULT_URL)
         if not isinstance(url, str) or url.split(":", 1)[0].lower() not in STATE_SCHEMES or ":" not in url:
             raise ConfigError(f"{prefix}.url", f"{url!r}: expected sqlite:///path, redis://host:port/db, "
@@ -97,8 +98,8 @@ class GraylistSettings:
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], prefix: str = "graylist") -> GraylistSettings:
         durations = ("delay", "retry_window", "max_age", "strict_max_age", "trap_ttl")
-        _no_unknown(table, prefix, (*durations, "auto_allow_after", "traps", "on_error",
-                                    "ipv4_prefix", "ipv6_prefix"))
+        reject_unknown_keys(table, prefix, (*durations, "auto_allow_after", "traps", "on_error",
+                                            "ipv4_prefix", "ipv6_prefix"), wording="unknown setting; allowed")
         base = g.GreyPolicy()
         values: dict[str, Any] = {name: _duration(table, prefix, name, getattr(base, name))
                                   for name in durations}
@@ -126,12 +127,6 @@ class GraylistSettings:
         if on_error not in ON_ERROR:
             raise ConfigError(f"{prefix}.on_error", f"{on_error!r}: expected one of {', '.join(ON_ERROR)}")
         return cls(policy=policy, traps=traps, on_error=on_error)
-
-
-def _no_unknown(table: Mapping[str, Any], prefix: str, known: tuple[str, ...]) -> None:
-    for key in table:
-        if key not in known:
-            raise ConfigError(f"{prefix}.{key}", f"unknown setting; allowed: {', '.join(known)}")
 
 
 def _duration(table: Mapping[str, Any], prefix: str, name: str, default: float) -> float:

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 
 from smtpguard.adapters.p0f import query_p0f
 from smtpguard.core.facts import ClientInfo
+from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.syn import UNKNOWN_OS, OsFact, SignatureSet, classify, load_signatures
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
@@ -138,9 +139,7 @@ _KEYS = ("signatures", "p0f_socket", "p0f_timeout")
 
 def from_mapping(table: Mapping[str, Any], prefix: str = "fingerprint") -> FingerprintSettings:
     """Validate the `[fingerprint]` TOML table; ConfigError names the key."""
-    for key in table:
-        if key not in _KEYS:
-            raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(_KEYS)}")
+    reject_unknown_keys(table, prefix, _KEYS)
     defaults = FingerprintSettings()
     values: dict[str, Any] = {}
     for key in ("signatures", "p0f_socket"):

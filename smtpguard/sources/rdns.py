@@ -49,6 +49,7 @@ from publicsuffixlist import PublicSuffixList
 
 from smtpguard.core.facts import OK, UNKNOWN
 from smtpguard.core.ip import unmapped
+from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.rdns import (
     RDNS_CONFIRMED,
     RDNS_NONE,
@@ -101,10 +102,7 @@ class RdnsSettings:
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], prefix: str = "rdns") -> "RdnsSettings":
-        allowed = ("generic_patterns", "generic_exceptions", "max_ptr_names")
-        for key in table:
-            if key not in allowed:
-                raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
+        reject_unknown_keys(table, prefix, ("generic_patterns", "generic_exceptions", "max_ptr_names"))
         values: dict[str, Any] = {}
         for key in ("generic_patterns", "generic_exceptions"):
             if key not in table:
