@@ -145,7 +145,8 @@ def main() -> int:
     print(f"ratios {n1 // n0}x sessions: time x{w1 / w0:.2f}, peak RSS x{r1 / r0:.2f} "
           f"(constant memory: the RSS ratio stays near 1)")
     policy = OUT / "replay.toml"
-    from smtpguard.core.policy import default_rules_toml
+    sys.path.insert(0, str(ROOT))  # the shipped rules, read from examples/ (tests/fixtures_policy.py)
+    from tests.fixtures_policy import default_rules_toml
     policy.write_text(default_rules_toml() + REPLAY_POLICY)
     print("report --policy (replay through the shipped rules plus a country rule), one run each")
     print(f"{'sessions':>10} {'s':>9} {'sessions/s':>11} {'peak RSS MB':>12} {'changed':>9}")

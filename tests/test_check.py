@@ -34,7 +34,7 @@ def check(tmp_path: Path, dns: DnsServer, *args: str, extra: str = "") -> dict[s
 
 
 def _default_rules() -> str:
-    from smtpguard.core.policy import default_rules_toml
+    from tests.fixtures_policy import default_rules_toml
     return "\n" + default_rules_toml()
 
 

@@ -16,16 +16,17 @@ from smtpguard.core.facts import FACTS, Kind
 from smtpguard.core.policy import (
     ACTIONS,
     DEFAULT_TARPIT_DELAY,
+    POSTMASTER_RULE,
     Policy,
     Rule,
     decide,
-    default_rules_toml,
     explain,
     geo_rules,
     parse_policy,
     reply_code,
 )
 from smtpguard.errors import ConfigError
+from tests.fixtures_policy import default_rules_toml
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smtpguard.toml"
 
@@ -691,14 +692,43 @@ def test_geo_rules_run_after_connect_allowlists_and_before_other_written_rules()
     assert decide(policy, "connect", {"country": "DE"}).rule == "geo-allow"
 
 
-def test_the_example_file_mirrors_the_default_policy() -> None:
-    if not EXAMPLE.exists():
-        pytest.skip("examples/smtpguard.toml is not written yet")
+def test_the_shipped_policy_is_the_example_file_s() -> None:
+    # one source of truth (issue 16): the rules the tests run are the
+    # example configuration's, which `make run` and the README ship
     example = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
-    if "rule" not in example:
-        pytest.skip("examples/smtpguard.toml has no [[rule]] yet: paste default_rules_toml() in")
-    mine = tomllib.loads(default_rules_toml())
-    assert parse_policy(example) == parse_policy(mine)
+    shipped = parse_policy(tomllib.loads(default_rules_toml()))
+    assert shipped == parse_policy({k: example[k] for k in ("policy", "lists", "rule") if k in example})
+    assert [r.name for r in shipped.rules] == ["helo-forged", "pregreet", "dnsbl", "windows-rdns-temp",
+                                               "windows-no-rdns", "windows-generic-rdns", "windows-graylist"]
+
+
+def test_the_shipped_policy_reader_refuses_a_part_that_is_not_the_whole_policy(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[policy]\nobserve = false\n[[rule]]\nname = "r"\naction = "reject"\n'
+                    '[log]\nlevel = "info"\n')
+    with pytest.raises(ValueError, match="not exactly"):
+        default_rules_toml(conf)
+    conf.write_text('[[rule]]\nname = "r"\naction = "reject"\n[policy]\nobserve = false\n')
+    with pytest.raises(ValueError, match="not exactly"):
+        default_rules_toml(conf)
+    conf.write_text('[log]\nlevel = "info"\n\n[policy]\nobserve = true\n\n[lists]\nhome = ["US"]\n')
+    assert tomllib.loads(default_rules_toml(conf)) == {"policy": {"observe": True}, "lists": {"home": ["US"]}}
+
+
+def test_the_core_keeps_no_copy_of_the_shipped_rules() -> None:
+    core = Path(__file__).resolve().parent.parent / "smtpguard" / "core"
+    for module in core.glob("*.py"):
+        text = module.read_text(encoding="utf-8")
+        assert "DEFAULT_RULES_TOML" not in text and 'name = "windows-graylist"' not in text, module.name
+
+
+def test_the_built_in_postmaster_rule_is_what_the_parser_compiles() -> None:
+    # core.ruleset writes the rule out so that it needs no parser; it must
+    # stay what the rule language gives for the same table
+    from smtpguard.core.rules import _rule
+    parsed = _rule(0, {"name": "postmaster", "stage": "rcpt", "action": "accept", "reason": "POSTMASTER",
+                       "when": {"rcpt_local_in": ["postmaster", "abuse"]}}, {}, builtin=True)
+    assert parsed == POSTMASTER_RULE
 
 
 def test_policy_lists_the_facts_its_rules_read() -> None:

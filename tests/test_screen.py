@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from smtpguard.core.policy import default_rules_toml
+from tests.fixtures_policy import default_rules_toml
 from tests.fixtures_smtp import Guard, Recorder, wait_for
 
 WAIT = "0.3s"

@@ -1,0 +1,174 @@
+"""The policy's tables: stages, actions, reply codes, facts' stages and values.
+
+Decides:
+    nothing by itself; it is the one place that names what the rule
+    language and the evaluator agree on (core.rules parses against these
+    tables, core.policy decides with them): the SMTP stages and their order,
+    the actions, the reply code of each refusal, the reason and text a rule
+    gets when it names none, what an accept covers, the earliest stage each
+    fact is known at, the values of enumerated facts, the operators.
+Inputs:
+    none: constants, and `FACTS`/`Kind` of core.facts for the derived facts.
+Output:
+    read-only tables (tuples, frozensets, dicts nobody mutates).
+Failure modes:
+    none at run time; a fact missing from FACT_STAGE is a KeyError the
+    policy tests catch.
+Defaults and why:
+    each value carries its reason beside it (RFC 5321, RFC 3463, RFC 7504,
+    spamd(8), Postfix's smtpd_delay_reject and postscreen).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from smtpguard.core.facts import FactValue, Kind
+
+# SMTP order (RFC 5321 §3.3); data is the end of DATA.
+STAGES: tuple[str, ...] = ("connect", "helo", "mail", "rcpt", "data")
+STAGE_INDEX: dict[str, int] = {s: i for i, s in enumerate(STAGES)}
+
+# Rules default to rcpt: every connection and envelope fact is known there
+# and it is where Postfix evaluates restrictions (smtpd_delay_reject = yes).
+DEFAULT_STAGE = "rcpt"
+
+ACTIONS: tuple[str, ...] = ("reject", "tempfail", "graylist", "tarpit", "accept", "continue", "drop")
+# Actions the screen carries out at once, never held back (postscreen's
+# `drop`: 521 and close); connect stage only, where the screen owns the
+# connection.
+IMMEDIATE: frozenset[str] = frozenset({"drop"})
+# Actions that refuse and may be held back to RCPT.
+REFUSALS: frozenset[str] = frozenset({"reject", "tempfail"})
+# Stages whose refusals reject_at = "rcpt" holds back to RCPT.
+DEFERRABLE_STAGES: frozenset[str] = frozenset({"connect", "helo", "mail"})
+REJECT_AT: tuple[str, ...] = ("rcpt", "connect")
+
+# action -> (code, enhanced code) of its reply when the reason code has none
+# of the same class. RFC 5321 §4.2.2/§4.2.3; RFC 3463 §3.8 X.7.1 "delivery
+# not authorized, message refused". Graylisting answers 451 as spamd does
+# (RFC 6647 §2.1: any 4xx). The other actions write no reply of their own.
+REPLY_CODES: dict[str, tuple[int, str]] = {
+    "reject": (550, "5.7.1"),
+    "tempfail": (451, "4.7.1"),
+    "graylist": (451, "4.7.1"),
+    # postscreen's drop: RFC 7504 §3 521 "does not accept mail", then close.
+    "drop": (521, "5.7.1"),
+}
+# At the greeting only 554 (refused) and 421 (closing) are valid replies
+# (RFC 5321 §3.1, §4.3.2); used when reject_at = "connect".
+CONNECT_REPLY_CODES: dict[int, int] = {5: 554, 4: 421}
+
+# action -> reason code when a rule gives none.
+DEFAULT_REASONS: dict[str, str] = {
+    "reject": "POLICY",
+    "tempfail": "TEMP",
+    "graylist": "GREY",
+    "tarpit": "TARPIT",
+    "accept": "ACCEPT",
+    "continue": "MATCH",
+    "drop": "POLICY",
+}
+# action -> text when neither the rule nor reply.REASONS has one.
+DEFAULT_TEXTS: dict[str, str] = {
+    "reject": "refused by local policy",
+    "tempfail": "temporarily refused by local policy, try again later",
+    "graylist": "greylisted, try again later",
+    "drop": "refused by local policy",
+}
+
+# What an accept covers, by the stage that decided it.
+ACCEPT_SCOPE: dict[str, str] = {
+    "connect": "session",
+    "helo": "session",
+    "mail": "transaction",
+    "rcpt": "recipient",
+    "data": "message",
+}
+STICKY_SCOPES: frozenset[str] = frozenset({"session", "transaction"})
+
+# Graylist states that satisfy a graylist rule; the others are answered by
+# the session from the state (module docstring).
+GRAYLIST_PASSED: frozenset[str] = frozenset({"passed", "allowed"})
+
+# spamd(8) -S: stutter for the first 10 seconds.
+DEFAULT_TARPIT_DELAY = 10.0
+# Below RFC 5321 §4.5.3.2's shortest client timeout (DATA initiation: 2 min).
+MAX_TARPIT_DELAY = 119.0
+
+# Earliest stage at which each fact is known (DESIGN.md: sources gather at
+# connect; HELO at helo; the envelope at mail and rcpt; DKIM after DATA).
+FACT_STAGE: dict[str, str] = {
+    "ip": "connect", "port": "connect", "tls": "connect",
+    "country": "connect",
+    "os": "connect", "os_name": "connect", "os_distance": "connect", "os_match": "connect",
+    "rdns": "connect", "rdns_name": "connect", "rdns_domain": "connect", "rdns_generic": "connect",
+    "helo": "helo", "helo_valid": "helo", "helo_bare_ip": "helo",
+    "helo_literal_matches": "helo", "helo_is_us": "helo", "helo_resolves": "helo",
+    "helo_matches_ip": "helo", "helo_matches_rdns": "helo",
+    "dnsbl": "connect", "dnsbl_score": "connect", "dnsbl_hits": "connect",
+    "graylist": "rcpt",
+    "sender": "mail", "sender_domain": "mail",
+    "rcpt": "rcpt", "rcpt_domain": "rcpt",
+    "dkim": "data", "dkim_domains": "data",
+    "from_domain": "data", "dkim_aligned": "data",
+    "pregreet": "connect",
+}
+
+
+def _local_part(value: FactValue) -> FactValue:
+    """The local part of an address (`Postmaster` alone is its own, RFC 5321 §4.5.1)."""
+    if not isinstance(value, str):
+        return value
+    local, at, _ = value.strip("<>").rpartition("@")
+    return local if at else value.strip("<>")
+
+
+# Facts computed from another: name -> (source fact, kind, function).
+DERIVED_FACTS: dict[str, tuple[str, Kind, Callable[[FactValue], FactValue]]] = {
+    "rcpt_local": ("rcpt", Kind.TEXT, _local_part),
+    "sender_local": ("sender", Kind.TEXT, _local_part),
+}
+
+# Domain names: `.example.com` entries match names below example.com.
+DOMAIN_FACTS: frozenset[str] = frozenset(
+    {"rdns_name", "rdns_domain", "helo", "sender_domain", "rcpt_domain", "from_domain"})
+
+# Enumerated TEXT facts: the values their sources produce (facts.py), so a
+# misspelt value is an error. "unknown" is always allowed.
+ENUM_VALUES: dict[str, frozenset[str]] = {
+    "os": frozenset({"windows", "linux", "macos", "ios", "android", "freebsd", "openbsd", "other"}),
+    "os_match": frozenset({"exact", "fuzzy", "generic", "none"}),
+    "rdns": frozenset({"none", "unconfirmed", "confirmed"}),
+    "graylist": frozenset({"new", "deferred", "passed", "allowed", "trapped"}),
+    "dnsbl": frozenset({"listed", "none"}),
+    "dkim": frozenset({"pass", "fail", "none"}),
+}
+COUNTRY_SPECIAL: frozenset[str] = frozenset({"local", "unknown"})
+
+# Operator suffix -> (operator, what it takes). Longest suffix first when
+# splitting a key, so `os_match_not_in` is os_match + _not_in.
+OPERATORS: dict[str, tuple[str, str]] = {
+    "": ("in", "scalar"),
+    "_in": ("in", "list"),
+    "_not": ("not_in", "scalar"),
+    "_not_in": ("not_in", "list"),
+    "_gt": ("gt", "number"),
+    "_ge": ("ge", "number"),
+    "_lt": ("lt", "number"),
+    "_le": ("le", "number"),
+}
+
+# The keys of a [[rule]] table and of [policy] (core.rules rejects others).
+RULE_KEYS: tuple[str, ...] = ("name", "stage", "when", "action", "reason", "text",
+                              "observe", "strict", "delay")
+POLICY_KEYS: tuple[str, ...] = ("observe", "reject_at", "default_postmaster")
+
+# [geo] unknown: what to do with an address that no zone lists, as an
+# action, or in the words of GeoSettings (sources/geo.py): allow, deny.
+GEO_UNKNOWN_ACTIONS: dict[str, str] = {
+    "continue": "continue", "allow": "continue",
+    "tempfail": "tempfail",
+    "reject": "reject", "deny": "reject",
+}
+
