@@ -188,7 +188,8 @@ class GuardSMTP(SMTP):
                     event("close.errors", session=self.guard.client.session_id, ip=self.guard.client.ip,
                           errors=self.errors, reply=status)
         await super().push(status)
-        if isinstance(status, str) and status.startswith("421") and self.transport is not None:
+        # 421: we close (RFC 5321 §3.8); 521: a `drop` rule (postscreen's drop, RFC 7504)
+        if isinstance(status, str) and status.startswith(("421", "521")) and self.transport is not None:
             self.transport.close()
 
     def _timeout_cb(self) -> None:

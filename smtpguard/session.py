@@ -194,7 +194,8 @@ class ClientSession:
 
     @staticmethod
     def refuses_now(verdict: Verdict | None) -> bool:
-        return verdict is not None and verdict.action in ("reject", "tempfail") and not verdict.deferred_to
+        # `drop` (521, then the server closes) is never held back
+        return verdict is not None and verdict.action in ("reject", "tempfail", "drop") and not verdict.deferred_to
 
     def verdict_reply(self, verdict: Verdict, stage: str) -> replies.Reply:
         code, enhanced = reply_code(verdict.action, verdict.reason, stage) or (550, "5.7.1")

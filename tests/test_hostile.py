@@ -306,3 +306,31 @@ def test_past_the_recipient_overshoot_the_452s_count_as_errors(recorder: Recorde
         closing = read_reply(f)[0]
     # 2 accepted, 2 overshoot 452s not counted, then three counted: the third error closes with 421
     assert codes == [250, 250, 452, 452, 452, 452, 452] and closing == 421
+
+
+@pytest.mark.parametrize("stage,when", [("helo", {"helo": "bot.test"}), ("mail", {"sender_domain": "bot.test"}),
+                                        ("rcpt", {"rcpt_local": "trap"})], ids=["helo", "mail", "rcpt"])
+def test_drop_after_the_connect_stage_is_521_and_close(recorder: Recorder, guard_factory: Any, stage: str,
+                                                       when: dict[str, str]) -> None:
+    doc = {"rule": [{"name": "drop-bots", "stage": stage, "when": when, "action": "drop"}]}
+    g = guard_factory(doc, upstream=recorder.address, resolution_url="https://help.example.test/smtp?code={code}")
+    sock, f = session(g)
+    with sock, f:
+        steps = [b"EHLO bot.test\r\n", b"MAIL FROM:<a@bot.test>\r\n", b"RCPT TO:<trap@example.test>\r\n"]
+        for line in steps[: ["helo", "mail", "rcpt"].index(stage) + 1]:
+            sock.sendall(line)
+            code, text = read_reply(f)
+        # postscreen's drop: 521, then the connection is closed
+        assert code == 521 and text.startswith("521 5.7.1 [POLICY]") and "https://help.example.test/" in text, text
+        assert f.readline() == b""
+    assert recorder.messages == []
+
+
+def test_aiosmtpds_own_refusals_carry_reason_url_and_are_logged(recorder: Recorder, guard_factory: Any) -> None:
+    g = guard_factory(upstream=recorder.address, resolution_url="https://help.example.test/smtp?code={code}")
+    sock, f = session(g)
+    with sock, f:
+        raw_ehlo(sock, f)
+        code, text = say(sock, f, b"MAIL FROM:<\r\n")  # refused by aiosmtpd's own parser
+    assert code == 553 and "[BAD-ADDRESS]" in text and "https://help.example.test/smtp?code=BAD-ADDRESS" in text
+    assert any(e.get("reason") == "BAD-ADDRESS" and e.get("reply") == text for e in g.events("reject"))

@@ -253,8 +253,6 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str, str]] = [
      f"{FW}.when", "expected a table of conditions"),
     ("an unknown action", {"rule": [r(action="bounce")]},
      f"{FW}.action", "unknown action 'bounce'; actions: reject, tempfail"),
-    ("drop after the connect stage", {"rule": [r(action="drop", stage="helo")]},
-     f"{FW}.action", "drop acts in the screen"),
     ("a missing action", {"rule": [{"name": "foreign-windows"}]},
      f"{FW}.action", "missing; actions"),
     ("an unknown stage", {"rule": [r(stage="rctp")]},

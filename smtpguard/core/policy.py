@@ -88,8 +88,9 @@ Actions:
                       connection) or mail (for the transaction: RSET and
                       end of DATA clear it, STYLE.md §12); at rcpt it
                       accepts that recipient only (ACCEPT_SCOPE).
-    drop              connect stage only: the screen answers 521 5.7.1 and
-                      closes at once, never held back (postscreen's drop).
+    drop              521 5.7.1 and close at once, never held back
+                      (postscreen's drop): by the screen at connect, by the
+                      session at a later stage.
     continue          matched: recorded in `matched`, evaluation goes on.
                       For logging what a rule sees without acting on it.
 

@@ -295,9 +295,6 @@ def _rule(index: int, table: Any, lists: Mapping[str, tuple[Any, ...]],
     if action not in ACTIONS:
         raise ConfigError(f"{where}.action", f"unknown action {_describe(action)}; "
                                              f"actions: {', '.join(ACTIONS)}")
-    if action in IMMEDIATE and stage != "connect":
-        raise ConfigError(f"{where}.action", f"{action} acts in the screen, before the session: "
-                                             "use stage = \"connect\"")
     if action == "graylist" and stage != "rcpt":
         raise ConfigError(f"{where}.action", "graylist needs the recipient (the triplet is "
                                              "client, sender, recipient): use stage = \"rcpt\"")

@@ -34,9 +34,8 @@ STAGE_INDEX: dict[str, int] = {s: i for i, s in enumerate(STAGES)}
 DEFAULT_STAGE = "rcpt"
 
 ACTIONS: tuple[str, ...] = ("reject", "tempfail", "graylist", "tarpit", "accept", "continue", "drop")
-# Actions the screen carries out at once, never held back (postscreen's
-# `drop`: 521 and close); connect stage only, where the screen owns the
-# connection.
+# Actions carried out at once, never held back (postscreen's `drop`: 521
+# and close): by the screen at connect, by the session at a later stage.
 IMMEDIATE: frozenset[str] = frozenset({"drop"})
 # Actions that refuse and may be held back to RCPT.
 REFUSALS: frozenset[str] = frozenset({"reject", "tempfail"})
