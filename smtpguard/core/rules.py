@@ -85,7 +85,6 @@ from smtpguard.core.tables import (
     ENUM_VALUES,
     FACT_STAGE,
     GEO_UNKNOWN_ACTIONS,
-    IMMEDIATE,
     MAX_TARPIT_DELAY,
     OPERATORS,
     POLICY_KEYS,
