@@ -582,6 +582,16 @@ async def serve(config: Config, services: Any, ready: "asyncio.Future[list[tuple
     """Run until SIGTERM/SIGINT; SIGHUP asks the services to reload."""
     await services.start()  # may raise ConfigError: nothing is listening yet
     server = Server(config, services)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Signal handlers before the listeners: a SIGHUP that arrives as soon as
+    # the port answers (a reload right after start) must reload, not kill.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if hasattr(services, "reload_hooks"):
+        services.reload_hooks.append(server.reload_tls)
+    if hasattr(services, "reload"):
+        loop.add_signal_handler(signal.SIGHUP, lambda: server.track(loop.create_task(services.reload())))
     bound = await server.start()
     http = None
     if services.config.http.listen is not None:   # issue 12: page, metrics and health in this loop
@@ -589,14 +599,6 @@ async def serve(config: Config, services: Any, ready: "asyncio.Future[list[tuple
         http = await observe_http.start(services, server)
     if ready is not None and not ready.done():
         ready.set_result(bound)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if hasattr(services, "reload_hooks"):
-        services.reload_hooks.append(server.reload_tls)
-    if hasattr(services, "reload"):
-        loop.add_signal_handler(signal.SIGHUP, lambda: server.track(loop.create_task(services.reload())))
     housekeeping = loop.create_task(_housekeeping(services, stop))
     try:
         await stop.wait()

@@ -221,7 +221,7 @@ def test_a_reload_applies_log_settings_and_names_what_needs_a_restart(tmp_path: 
         conf.write_text(_plain(port).replace(f"127.0.0.1:{port}", f"127.0.0.1:{other}")
                         + up + '[log]\nformat = "text"\n')
         serve.proc.send_signal(signal.SIGHUP)   # the lines after the switch are text
-        wait_for(lambda: any(" reload.done " in line and "reloaded=log" in line for line in serve.raw))
+        wait_for(lambda: any(" reload.done " in line and "reloaded=log" in line for line in serve.raw), timeout=30)
         assert any(" warning reload.needs_restart keys=server.listen " in line for line in serve.raw)
         mark = len(serve.raw)
         assert rcpt(port) == 250     # still on the old address: a restart moves it
