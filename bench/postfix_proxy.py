@@ -1,7 +1,7 @@
 """A private Postfix smtpd acting as a before-queue proxy (smtpd_proxy_filter)
 in front of a given SMTP server, for benchmarks side by side with smtpguard.
 
-The same recipe as tests/fixtures_postfix.py: `postfix -c DIR` under one
+The recipe of tests/fixtures_postfix.py (whose main.cf and master.cf builders it uses): `postfix -c DIR` under one
 world-traversable temporary directory, loopback only. Every command of the
 client is proxied in real time to the filter (Postfix's SMTPD_PROXY_README),
 which here is the same smtp-sink that smtpguard relays to.
@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.fixtures_postfix import instance_main_cf, instance_master_cf  # noqa: E402
 
 
 def available() -> bool:
@@ -26,24 +30,7 @@ def start(port: int, filter_port: int) -> Path:
     for sub in ("etc", "queue", "data"):
         (root / sub).mkdir()
     shutil.chown(root / "data", "postfix")
-    (root / "etc" / "main.cf").write_text(f"""
-compatibility_level = 3.6
-queue_directory = {root}/queue
-data_directory = {root}/data
-meta_directory = /etc/postfix
-daemon_directory = /usr/lib/postfix/sbin
-command_directory = /usr/sbin
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-myhostname = proxy.example.test
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-maillog_file = {root}/maillog
-maillog_file_prefixes = {root}
-alias_maps =
-alias_database =
-relay_domains = example.test
+    (root / "etc" / "main.cf").write_text(instance_main_cf(root, "proxy.example.test") + """relay_domains = example.test
 mynetworks = 127.0.0.0/8
 default_transport = discard:benchmark
 relay_transport = discard:benchmark
@@ -51,13 +38,8 @@ smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 default_process_limit = 200
 """)
-    master = [line for line in Path("/etc/postfix/master.cf").read_text().splitlines()
-              if not line.startswith("smtp      inet")]
-    master += [f"127.0.0.1:{port} inet n - n - - smtpd",
-               f"  -o smtpd_proxy_filter=127.0.0.1:{filter_port}"]
-    if not any(line.startswith("postlog") for line in master):
-        master.append("postlog   unix-dgram n  -       n       -       1       postlogd")
-    (root / "etc" / "master.cf").write_text("\n".join(master) + "\n")
+    (root / "etc" / "master.cf").write_text(instance_master_cf([
+        f"127.0.0.1:{port} inet n - n - - smtpd", f"  -o smtpd_proxy_filter=127.0.0.1:{filter_port}"]))
     subprocess.run(["postfix", "-c", str(root / "etc"), "set-permissions"], capture_output=True, timeout=60)
     subprocess.run(["postfix", "-c", str(root / "etc"), "start"], check=True, capture_output=True, timeout=60)
     return root

@@ -53,8 +53,9 @@ class Postfix:
         return self.delivered(mailbox)
 
 
-def _main_cf(root: Path, port: int, xclient: bool, mynetworks: str) -> str:
-    boxes = ", ".join(f"{{{m}@example.test=example.test/{m}/}}" for m in MAILBOXES)
+def instance_main_cf(root: Path, hostname: str) -> str:
+    """The main.cf lines every private instance needs: its own directories and
+    log under `root`, loopback only (the benchmarks' Postfix proxy uses it too)."""
     return f"""
 compatibility_level = 3.6
 queue_directory = {root}/queue
@@ -64,8 +65,7 @@ daemon_directory = /usr/lib/postfix/sbin
 command_directory = /usr/sbin
 shlib_directory = /usr/lib/postfix
 mail_owner = postfix
-myhostname = mta.example.test
-mydomain = example.test
+myhostname = {hostname}
 mydestination =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
@@ -73,6 +73,21 @@ maillog_file = {root}/maillog
 maillog_file_prefixes = {root}
 alias_maps =
 alias_database =
+"""
+
+
+def instance_master_cf(services: list[str]) -> str:
+    """Debian's master.cf without its :25 listener, with `services` and the log service."""
+    master = Path("/etc/postfix/master.cf").read_text()
+    lines = [line for line in master.splitlines() if not line.startswith("smtp      inet")] + services
+    if not any(line.startswith("postlog") for line in lines):
+        lines.append("postlog   unix-dgram n  -       n       -       1       postlogd")
+    return "\n".join(lines) + "\n"
+
+
+def _main_cf(root: Path, port: int, xclient: bool, mynetworks: str) -> str:
+    boxes = ", ".join(f"{{{m}@example.test=example.test/{m}/}}" for m in MAILBOXES)
+    return instance_main_cf(root, "mta.example.test") + f"""mydomain = example.test
 virtual_mailbox_domains = example.test
 virtual_mailbox_base = {root}/mail
 virtual_mailbox_maps = inline:{{ {boxes} }}
@@ -88,12 +103,7 @@ smtpd_timeout = 30s
 
 
 def _master_cf(port: int) -> str:
-    master = Path("/etc/postfix/master.cf").read_text()
-    lines = [line for line in master.splitlines() if not line.startswith("smtp      inet")]
-    lines.append(f"127.0.0.1:{port} inet n - n - - smtpd")
-    if not any(line.startswith("postlog") for line in lines):
-        lines.append("postlog   unix-dgram n  -       n       -       1       postlogd")
-    return "\n".join(lines) + "\n"
+    return instance_master_cf([f"127.0.0.1:{port} inet n - n - - smtpd"])
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 
 from smtpguard import config as cfg
 from smtpguard.core.geo import LOCAL_NETWORKS
+from smtpguard.commands.output import write_output
 from smtpguard.errors import ConfigError
 
 FORMATS = ("nft", "ipset", "pf")
@@ -269,15 +270,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"smtpguard: warning: no zone data for allowed {', '.join(unzoned)}: "
                          "the filter would drop its clients\n")
     body = WRITERS[args.format](rs)
-    if args.out:
-        try:
-            with open(args.out, "w", encoding="ascii") as f:
-                f.write(body)
-        except OSError as e:
-            raise ConfigError("--out", f"cannot write {args.out}: {e.strerror}") from None
-    else:
-        sys.stdout.write(body)
-        sys.stdout.flush()
+    write_output(body, args.out, encoding="ascii")
     if args.format == "ipset":
         sys.stderr.write("# load with `ipset restore < FILE`, then:\n" + ipset_usage(rs))
     return 0

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 from smtpguard import config as cfg
 from smtpguard.core.policy import Policy
 from smtpguard.core.units import parse_duration
+from smtpguard.commands.output import write_output
 from smtpguard.errors import ConfigError
 from smtpguard.observe import report as rep
 from smtpguard.observe.replay import Replay
@@ -130,13 +131,5 @@ def run(args: argparse.Namespace) -> int:
         print("smtpguard: no sessions in these logs: the report reads the JSON decision log "
               "(serve --log-format json, or [log] format = \"json\")", file=sys.stderr)
     body = render(args.format, result, replayed)
-    if args.out:
-        try:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(body)
-        except OSError as e:
-            raise ConfigError("--out", f"cannot write {args.out}: {e.strerror}") from None
-    else:
-        sys.stdout.write(body)
-        sys.stdout.flush()
+    write_output(body, args.out)
     return 0
