@@ -249,7 +249,7 @@ def test_cli_text_json_and_a_bad_policy_file(traffic: dict[str, Any], capsys: An
 def test_the_facts_of_check_are_those_of_the_live_session(traffic: dict[str, Any]) -> None:
     """`smtpguard check` gathers and decides as the live session did: same facts."""
     from smtpguard.commands.check import evaluate
-    from smtpguard.sources.osfp import enable_save_syn, read_saved_syn
+    from smtpguard.sources.fingerprint import enable_save_syn, read_saved_syn
 
     g = traffic["guard"]
     # a real TTL-64 SYN from the DE client's address, as the live session saw one
@@ -489,10 +489,10 @@ def _step(stage: str, action: str = "continue", **kw: Any) -> dict[str, Any]:
                  ("accept", "POSTMASTER", "postmaster"), id="a held-back refusal that postmaster@ escaped"),
     pytest.param([_step("connect", "accept", rule="friends", reason="ACCEPT")], {"messages": 3},
                  ("accept", "ACCEPT", "friends"), id="an allowlist rule"),
-    pytest.param([_step("rcpt", "graylist", rule="grey", reason="GREY", needs=["graylist"]),
-                  _step("rcpt", "graylist", rule="grey", reason="GREY", set={"graylist": "new"})], {},
-                 ("graylist", "GREY", "grey"), id="a graylisted first attempt is a deferral"),
-    pytest.param([_step("rcpt", "graylist", rule="grey", reason="GREY", needs=["graylist"]),
+    pytest.param([_step("rcpt", "graylist", rule="graylist", reason="GRAYLIST", needs=["graylist"]),
+                  _step("rcpt", "graylist", rule="graylist", reason="GRAYLIST", set={"graylist": "new"})], {},
+                 ("graylist", "GRAYLIST", "graylist"), id="a graylisted first attempt is a deferral"),
+    pytest.param([_step("rcpt", "graylist", rule="graylist", reason="GRAYLIST", needs=["graylist"]),
                   _step("rcpt", set={"graylist": "passed"})], {"messages": 1}, ("delivered", "", ""),
                  id="a passed retry is delivered"),
     pytest.param([_step("connect"), _step("rcpt")], {"refusals": 1, "reason": "RELAY"}, ("refused", "RELAY", ""),
@@ -520,7 +520,7 @@ def test_any_json_in_the_log_is_counted_or_skipped_never_a_crash() -> None:
     records = st.fixed_dictionaries({"event": st.just("close")}, optional={
         "seen": values, "steps": st.lists(values, max_size=4), "messages": values, "refusals": values,
         "ts": values, "ip": values, "facts": values, "reason": values})
-    policy = parse_policy({"rule": [{"name": "grey", "action": "graylist"},
+    policy = parse_policy({"rule": [{"name": "graylist", "action": "graylist"},
                                     {"name": "cn", "stage": "connect", "when": {"country": "CN"}, "action": "reject"}]})
 
     @settings(max_examples=300, deadline=None)
