@@ -106,9 +106,9 @@ def main() -> None:
             base = f"http://127.0.0.1:{http_port}"
             lat = {
                 "/metrics": latency(base + "/metrics", 200),
-                "/smtp?code=GREY (text)": latency(base + "/smtp?code=GREY&ip=192.0.2.7&session=0a1b2c000001", 200),
-                "/smtp?code=GREY&format=html": latency(
-                    base + "/smtp?code=GREY&ip=192.0.2.7&session=0a1b2c000001&format=html", 200),
+                "/smtp?code=GRAYLIST (text)": latency(base + "/smtp?code=GRAYLIST&ip=192.0.2.7&session=0a1b2c000001", 200),
+                "/smtp?code=GRAYLIST&format=html": latency(
+                    base + "/smtp?code=GRAYLIST&ip=192.0.2.7&session=0a1b2c000001&format=html", 200),
                 "/healthz": latency(base + "/healthz", 200),
             }
         finally:

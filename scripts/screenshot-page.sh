@@ -5,14 +5,14 @@
 # Debian's headless chromium with a throw-away profile.
 #
 #   scripts/screenshot-page.sh [OUTDIR] [CODE...]
-#   default: OUTDIR=run/page-shots, codes GEO RDNS GREY DNSBL PREGREET
+#   default: OUTDIR=run/page-shots, codes GEO RDNS GRAYLIST DNSBL PREGREET
 #   SMTPGUARD=/path/to/smtpguard (default .venv/bin/smtpguard), CONFIG=FILE for [http] texts
 set -euo pipefail
 
 out="${1:-run/page-shots}"
 shift || true
 codes=("$@")
-[ ${#codes[@]} -eq 0 ] && codes=(GEO RDNS GREY DNSBL PREGREET)
+[ ${#codes[@]} -eq 0 ] && codes=(GEO RDNS GRAYLIST DNSBL PREGREET)
 smtpguard="${SMTPGUARD:-.venv/bin/smtpguard}"
 browser="$(command -v chromium || command -v chromium-browser || true)"
 if [ -z "$browser" ]; then

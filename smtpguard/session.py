@@ -365,20 +365,20 @@ class ClientSession:
             return self.refuse("rcpt", replies.make("TRAP"), rcpt.address, rule=verdict.rule)
         if state == "unknown":
             if self.facts.get("graylist_on_error") == "accept":
-                event("grey.store_error", logging.WARNING, session=self.client.session_id,
+                event("graylist.store_error", logging.WARNING, session=self.client.session_id,
                       ip=self.client.ip, action="accept", error=self.facts.get("graylist_error"))
                 return None
-            event("grey.store_error", logging.ERROR, session=self.client.session_id,
+            event("graylist.store_error", logging.ERROR, session=self.client.session_id,
                   ip=self.client.ip, action="tempfail", error=self.facts.get("graylist_error"))
-            return self.refuse("rcpt", replies.make("GREY-STORE"), rcpt.address, rule=verdict.rule,
+            return self.refuse("rcpt", replies.make("GRAYLIST-STORE"), rcpt.address, rule=verdict.rule,
                                action="tempfail")
         wait = self.facts.get("graylist_wait")
         wait = wait if isinstance(wait, int) else 0
-        reply = replies.make("GREY", f"greylisted, try again in {wait} seconds" if wait else None)
+        reply = replies.make("GRAYLIST", f"graylisted, try again in {wait} seconds" if wait else None)
         line = self.render(reply, rcpt.address)
         self.refusals += 1
-        self.last_reason = "GREY"
-        event("grey.defer", session=self.client.session_id, ip=self.client.ip, rule=verdict.rule,
+        self.last_reason = "GRAYLIST"
+        event("graylist.defer", session=self.client.session_id, ip=self.client.ip, rule=verdict.rule,
               state=state, sender=self.sender, rcpt=rcpt.address, wait=wait, reply=line)
         return line
 

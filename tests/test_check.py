@@ -150,7 +150,7 @@ def test_checks_reply_is_the_live_reply_byte_for_byte_for_every_reason_code(
                              "dnsbl": [{"zone": "bl.test", "weight": 3}]}, "user@example.test"))
     cases.append(("RELAY", {}, "x@other.test"))
     cases.append(("RELAY", {}, "b%other.test@example.test"))   # the percent hack
-    cases.append(("GREY", {"rule": [{"name": "grey", "stage": "rcpt", "action": "graylist"}],
+    cases.append(("GRAYLIST", {"rule": [{"name": "graylist", "stage": "rcpt", "action": "graylist"}],
                            "state": {"url": "memory://"}}, "user@example.test"))
     for code, doc, rcpt in cases:
         doc = {**doc, "server": {"resolution_url": url}}

@@ -46,7 +46,7 @@ BAD_CONFIGS = [
     ("[server]\nidle_timeout = '5 parsecs'\n", [], "server.idle_timeout"),
     ("[upstream]\naddress = '127.0.0.1:2526'\ntls = 'sometimes'\n", ["--domain", "example.test"], "upstream.tls"),
     ("[serverr]\n", [], "serverr"),
-    ("[state]\nurl = 'sqlite:////nonexistent-dir/sub/state.db'\n[[rule]]\nname = 'grey'\naction = 'graylist'\n",
+    ("[state]\nurl = 'sqlite:////nonexistent-dir/sub/state.db'\n[[rule]]\nname = 'graylist'\naction = 'graylist'\n",
      ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], "state.url"),
     ("[[rule]]\nname = 'foreign'\nwhen = { cuntry = 'US' }\naction = 'reject'\n", ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], 'rule[1] "foreign".when.cuntry'),
     ("[[rule]]\nname = 'foreign'\nwhen = { country = 'XX' }\naction = 'reject'\n", ["--upstream", "127.0.0.1:2526", "--domain", "example.test"], 'rule[1] "foreign".when.country'),

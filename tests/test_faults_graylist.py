@@ -1,6 +1,6 @@
 """Issue 19, items 5, 6 and 11: graylist identities and keys that strangers
 shape. The rDNS facts come from the real loopback DNS server; the graylist
-runs its real source (sources/greylist.py) on the memory store, whose
+runs its real source (sources/graylist.py) on the memory store, whose
 contract the store suite holds to the sqlite and redis ones.
 
 5. a cloud or dynamic-DNS provider never shares one identity among its
@@ -19,15 +19,15 @@ import pytest
 
 from smtpguard.adapters.dns import Resolver
 from smtpguard.adapters.store import MemoryStore
-from smtpguard.core import greylist as g
+from smtpguard.core import graylist as g
 from smtpguard.services import Services
-from smtpguard.sources import greylist
+from smtpguard.sources import graylist
 from smtpguard.sources import rdns as rdns_source
 from tests.fixtures_dns import DnsServer
 
 T0 = 1_800_000_000.0
 DAY = 86400.0
-SETTINGS = greylist.GraylistSettings()
+SETTINGS = graylist.GraylistSettings()
 
 
 def run(coro: Any) -> Any:
@@ -43,7 +43,7 @@ def session_for(ip: str, server: DnsServer) -> Any:
 
 def attempt(store: MemoryStore, session: Any, now: float, *, sender: str = "a@sender.t",
             rcpt: str = "u@ours.t", strict: bool = False) -> str:
-    fact = run(greylist.check(store, SETTINGS, ip=session.client.ip,
+    fact = run(graylist.check(store, SETTINGS, ip=session.client.ip,
                               rdns_confirmed_domain=Services._confirmed_domain(session),
                               sender=sender, rcpt=rcpt, strict=strict, now=now))
     return str(fact.graylist)

@@ -22,12 +22,12 @@ import pytest
 from smtpguard.adapters.store import SqliteStore, open_store
 from smtpguard.errors import StoreError
 from smtpguard.observe import log as obslog
-from smtpguard.sources import greylist
+from smtpguard.sources import graylist
 from tests.fixtures_redis import RedisProcess, _redis_binary, start_redis
 from tests.fixtures_smtp import free_port
 
 NOW = 1_800_000_000.0
-GREY = "[[rule]]\nname = 'grey'\nstage = 'rcpt'\naction = 'graylist'\n"
+GRAYLIST = "[[rule]]\nname = 'graylist'\nstage = 'rcpt'\naction = 'graylist'\n"
 
 
 def run(coro: Any) -> Any:
@@ -65,7 +65,7 @@ def test_a_read_only_state_db_is_exit_2_naming_state_url(shared_dir: Path) -> No
     for name in os.listdir(shared_dir):
         os.chmod(shared_dir / name, 0o444)
     conf = shared_dir / "c.toml"
-    conf.write_text(f"[state]\nurl = 'sqlite://{db}'\n{GREY}")
+    conf.write_text(f"[state]\nurl = 'sqlite://{db}'\n{GRAYLIST}")
     shared_dir.chmod(0o777)
     port = free_port()
     r = subprocess.run([*_unprivileged(), sys.executable, "-m", "smtpguard", "serve", "--config", str(conf),
@@ -73,7 +73,7 @@ def test_a_read_only_state_db_is_exit_2_naming_state_url(shared_dir: Path) -> No
                         "--domain", "example.test"],
                        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
-    assert r.returncode == 2, r.stderr          # was: started, then 451 [GREY-STORE] forever
+    assert r.returncode == 2, r.stderr          # was: started, then 451 [GRAYLIST-STORE] forever
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "state.url" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
@@ -134,7 +134,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 def test_a_sigstopped_redis_costs_a_session_one_timeout_not_one_per_rcpt(own_redis: RedisProcess) -> None:
     timeout = 0.5
-    settings = greylist.GraylistSettings()
+    settings = graylist.GraylistSettings()
 
     async def main() -> tuple[list[str], float, list[str]]:
         store = open_store(own_redis.url, timeout=timeout)
@@ -144,7 +144,7 @@ def test_a_sigstopped_redis_costs_a_session_one_timeout_not_one_per_rcpt(own_red
             start = time.monotonic()
             got = []
             for i in range(5):   # five RCPTs of one session
-                fact = await greylist.check(store, settings, ip="192.0.2.1", rdns_confirmed_domain=None,
+                fact = await graylist.check(store, settings, ip="192.0.2.1", rdns_confirmed_domain=None,
                                             sender="a@b.t", rcpt=f"u{i}@ours.t", strict=False, now=NOW)
                 got.append(fact.graylist)
             took = time.monotonic() - start
@@ -152,7 +152,7 @@ def test_a_sigstopped_redis_costs_a_session_one_timeout_not_one_per_rcpt(own_red
             # back: once the hold-off is over the store answers again (a
             # bounded wait on that condition)
             for _ in range(100):
-                fact = await greylist.check(store, settings, ip="192.0.2.1", rdns_confirmed_domain=None,
+                fact = await graylist.check(store, settings, ip="192.0.2.1", rdns_confirmed_domain=None,
                                             sender="a@b.t", rcpt="u9@ours.t", strict=False, now=NOW)
                 if fact.graylist != "unknown":
                     break

@@ -13,8 +13,8 @@ import pytest
 
 from smtpguard.adapters.store import open_store
 from smtpguard.commands import graylist as command
-from smtpguard.sources import greylist as source
-from smtpguard.sources.greylist import GraylistSettings
+from smtpguard.sources import graylist as source
+from smtpguard.sources.graylist import GraylistSettings
 from tests.fixtures_redis import free_port
 
 SETTINGS = GraylistSettings.from_mapping({"traps": ["trap@example.com"]})

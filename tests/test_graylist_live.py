@@ -12,8 +12,8 @@ from typing import Any
 
 from tests.fixtures_smtp import Recorder, free_port, raw_ehlo, wait_for, wait_port
 
-MESSAGE = b"Subject: grey\r\n\r\nbody\r\n"
-GREY_ALL = {"rule": [{"name": "grey", "action": "graylist"}]}
+MESSAGE = b"Subject: graylist\r\n\r\nbody\r\n"
+GRAYLIST_ALL = {"rule": [{"name": "graylist", "action": "graylist"}]}
 
 
 def attempt(host: str, port: int, rcpt: str = "b@example.test", sender: str = "a@sender.test") -> tuple[int, bytes]:
@@ -28,11 +28,11 @@ def attempt(host: str, port: int, rcpt: str = "b@example.test", sender: str = "a
 
 def test_a_retry_on_the_other_node_passes(recorder: Recorder, guard_factory: Any, redis_url: str) -> None:
     now = [2_000_000.0]
-    doc = {**GREY_ALL, "state": {"url": redis_url}}
+    doc = {**GRAYLIST_ALL, "state": {"url": redis_url}}
     a = guard_factory(doc, clock=lambda: now[0], upstream=recorder.address)
     b = guard_factory(doc, clock=lambda: now[0], upstream=recorder.address)
     code, text = attempt(a.host, a.port)
-    assert code == 451 and b"[GREY]" in text
+    assert code == 451 and b"[GRAYLIST]" in text
     now[0] += 200  # past the 180 s delay
     # a retry through the other MX host, sharing the same Redis
     assert attempt(b.host, b.port)[0] == 250
@@ -55,11 +55,11 @@ def test_a_trap_on_one_node_is_seen_on_every_node(recorder: Recorder, guard_fact
 
 def test_store_down_tempfails_by_default_and_accepts_when_told(recorder: Recorder, guard_factory: Any) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    g = guard_factory({**GREY_ALL, "state": {"url": dead, "timeout": "0.5s"}}, upstream=recorder.address)
+    g = guard_factory({**GRAYLIST_ALL, "state": {"url": dead, "timeout": "0.5s"}}, upstream=recorder.address)
     code, text = attempt(g.host, g.port)
-    assert code == 451 and text.startswith(b"4.3.0 [GREY-STORE] ")
-    assert g.events("grey.store_error")[0]["level"] == "error"
-    g2 = guard_factory({**GREY_ALL, "state": {"url": dead, "timeout": "0.5s"}, "graylist": {"on_error": "accept"}},
+    assert code == 451 and text.startswith(b"4.3.0 [GRAYLIST-STORE] ")
+    assert g.events("graylist.store_error")[0]["level"] == "error"
+    g2 = guard_factory({**GRAYLIST_ALL, "state": {"url": dead, "timeout": "0.5s"}, "graylist": {"on_error": "accept"}},
                        upstream=recorder.address)
     assert attempt(g2.host, g2.port)[0] == 250
 
@@ -81,7 +81,7 @@ url = "sqlite:///{tmp_path}/state.db"
 [graylist]
 delay = "1s"
 [[rule]]
-name = "grey"
+name = "graylist"
 action = "graylist"
 """)
 
@@ -109,7 +109,7 @@ action = "graylist"
 def test_pipelined_recipients_get_one_decision_each(recorder: Recorder, guard_factory: Any) -> None:
     import socket
     now = [3_000_000.0]
-    doc = {**GREY_ALL, "state": {"url": "memory://"}}
+    doc = {**GRAYLIST_ALL, "state": {"url": "memory://"}}
     g = guard_factory(doc, clock=lambda: now[0], upstream=recorder.address)
 
     def pipelined() -> list[bytes]:

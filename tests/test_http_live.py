@@ -129,7 +129,7 @@ def test_upstream_errors_and_deferrals_are_counted_by_kind_and_reason(guard_fact
 
 def test_graylist_outcomes_new_then_passed(recorder: Recorder, guard_factory: Any) -> None:
     now = [2_000_000.0]
-    guard = guard_factory({"rule": [{"name": "grey", "action": "graylist"}], "state": {"url": "memory://"}},
+    guard = guard_factory({"rule": [{"name": "graylist", "action": "graylist"}], "state": {"url": "memory://"}},
                           clock=lambda: now[0], upstream=recorder.address)
     http = start_http(guard)
     try:
@@ -144,7 +144,7 @@ def test_graylist_outcomes_new_then_passed(recorder: Recorder, guard_factory: An
         m = samples(base)
         assert value(m, "smtpguard_graylist_total", outcome="new") == 1
         assert value(m, "smtpguard_graylist_total", outcome="passed") == 1
-        assert value(m, "smtpguard_refusals_total", reason="GREY", stage="rcpt", kind="defer") == 1
+        assert value(m, "smtpguard_refusals_total", reason="GRAYLIST", stage="rcpt", kind="defer") == 1
         assert value(m, "smtpguard_relayed_messages_total") == 1
     finally:
         stop_http(guard, http)

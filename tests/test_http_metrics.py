@@ -105,7 +105,7 @@ def test_a_refusal_without_a_close_does_not_grow_without_bound(counting: Metrics
     from smtpguard.observe import metrics
 
     for i in range(3):
-        log.event("defer", session=f"e{i}", stage="rcpt", reason="GREY", action="tempfail")
+        log.event("defer", session=f"e{i}", stage="rcpt", reason="GRAYLIST", action="tempfail")
     assert len(counting._open) == 3
     log.event("close", session="e0", messages=0)
     assert len(counting._open) == 2 and metrics.MAX_TRACKED >= 10_000

@@ -22,7 +22,7 @@ def test_every_reason_code_of_the_reply_table_has_a_text() -> None:
     assert missing == [], f"reason codes without a page text: {missing}"
 
 
-@pytest.mark.parametrize("code", ["PREGREET", "BUSY", "RATE", "GEO", "RDNS", "RDNS-GENERIC", "GREY", "DNSBL",
+@pytest.mark.parametrize("code", ["PREGREET", "BUSY", "RATE", "GEO", "RDNS", "RDNS-GENERIC", "GRAYLIST", "DNSBL",
                                   "HELO-FORGED", "RELAY", "OS"])
 def test_the_screen_and_policy_codes_of_the_issue_have_their_own_text(code: str) -> None:
     text = pages.text_for(code)
@@ -87,7 +87,7 @@ def test_hostile_parameters_are_escaped_in_html_and_never_markup() -> None:
 
 
 def test_the_page_never_shows_recipients_senders_or_helo() -> None:
-    params = {"code": "GREY", "ip": "192.0.2.7", "session": "abc", "rcpt": "secret@example.com",
+    params = {"code": "GRAYLIST", "ip": "192.0.2.7", "session": "abc", "rcpt": "secret@example.com",
               "sender": "boss@sender.example", "helo": "bot.example"}
     page = pages.build(params, 0.0, known_codes())
     for body in (pages.render_html(page), pages.render_text(page)):
@@ -114,8 +114,8 @@ def test_without_an_address_the_text_still_reads() -> None:
     assert "{ip}" not in page.text.what + page.text.fix
 
 
-def test_grey_says_after_how_many_minutes_it_passes() -> None:
-    page = pages.build({"code": "GREY"}, 0.0, known_codes(), grey_delay=300.0)
+def test_graylist_says_after_how_many_minutes_it_passes() -> None:
+    page = pages.build({"code": "GRAYLIST"}, 0.0, known_codes(), graylist_delay=300.0)
     assert "after about 5 minutes" in page.text.what
 
 
@@ -160,7 +160,7 @@ def test_the_page_lives_at_the_path_of_the_resolution_url(url: str, path: str) -
 def test_http_settings_from_the_file_and_the_flag() -> None:
     config = cfg.build({"http": {"contact": "postmaster@other.example",
                                  "texts": {"GEO": "We take mail from {ip} through our partner relay only.",
-                                           "GREY": {"title": "Please wait", "fix": "Retry."}},
+                                           "GRAYLIST": {"title": "Please wait", "fix": "Retry."}},
                                  "removal": {"zen.spamhaus.org": "https://check.spamhaus.org/"}}},
                        {**BASE, "http": "127.0.0.1:8025"})
     http = config.http
@@ -168,7 +168,7 @@ def test_http_settings_from_the_file_and_the_flag() -> None:
     assert http.contact == "postmaster@other.example"
     assert http.overrides["GEO"].what.startswith("We take mail from {ip}")
     assert http.overrides["GEO"].title == pages.TEXTS["GEO"].title      # the rest stays ours
-    assert http.overrides["GREY"].title == "Please wait" and http.overrides["GREY"].what == pages.TEXTS["GREY"].what
+    assert http.overrides["GRAYLIST"].title == "Please wait" and http.overrides["GRAYLIST"].what == pages.TEXTS["GRAYLIST"].what
     page = pages.build({"code": "GEO", "ip": "192.0.2.7"}, 0.0, known_codes(), overrides=http.overrides)
     assert page.text.what == "We take mail from 192.0.2.7 through our partner relay only."
 
@@ -219,9 +219,9 @@ def test_a_bad_http_flag_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[st
 
 
 def test_page_command_prints_the_same_text(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["page", "GREY", "--ip", "192.0.2.7", "--session", "0a1b2c000001"]) == 0
+    assert cli.main(["page", "GRAYLIST", "--ip", "192.0.2.7", "--session", "0a1b2c000001"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(pages.TEXTS["GREY"].title + "\n")
+    assert out.startswith(pages.TEXTS["GRAYLIST"].title + "\n")
     assert "after about 3 minutes" in out and "Your address: 192.0.2.7" in out
 
 

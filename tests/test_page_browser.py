@@ -173,12 +173,12 @@ def test_the_page_fits_a_phone_screen(base: Any, tmp_path: Path) -> None:
 def test_the_screenshot_helper_makes_a_png_per_code(tmp_path: Path) -> None:
     chromium()
     out = tmp_path / "shots"
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "screenshot-page.sh"), str(out), "GREY"],
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "screenshot-page.sh"), str(out), "GRAYLIST"],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "HOME": str(tmp_path),
                             "SMTPGUARD": str(Path(os.sys.executable).parent / "smtpguard")})
     assert r.returncode == 0, r.stderr[-2000:]
-    for code in ("GREY",):
+    for code in ("GRAYLIST",):
         for size in ("phone", "desktop"):
             png = out / f"{code}-{size}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png

@@ -164,26 +164,26 @@ def test_accept_rule_is_an_allowlist_for_the_session(recorder: Recorder, guard_f
 def test_graylisting_defers_the_first_attempt_and_passes_the_retry(recorder: Recorder, guard_factory: Any) -> None:
     now = [1_000_000.0]
     doc = {"state": {"url": "memory://"}, "graylist": {"delay": "180s"},
-           **rules({"name": "grey", "action": "graylist"})}
+           **rules({"name": "graylist", "action": "graylist"})}
     g = guard_factory(doc, clock=lambda: now[0], upstream=recorder.address, resolution_url=URL)
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         s.ehlo("c.test")
         s.mail("a@sender.test")
         code, text = s.rcpt("b@example.test")
         assert code == 451
-        assert text == (b"4.7.1 [GREY] greylisted, try again in 180 seconds "
-                        b"https://help.example.test/smtp?code=GREY&ip=127.0.0.1")
+        assert text == (b"4.7.1 [GRAYLIST] graylisted, try again in 180 seconds "
+                        b"https://help.example.test/smtp?code=GRAYLIST&ip=127.0.0.1")
     now[0] += 60
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         s.ehlo("c.test")
         s.mail("a@sender.test")
-        assert s.rcpt("b@example.test") == (451, b"4.7.1 [GREY] greylisted, try again in 120 seconds "
-                                                  b"https://help.example.test/smtp?code=GREY&ip=127.0.0.1")
+        assert s.rcpt("b@example.test") == (451, b"4.7.1 [GRAYLIST] graylisted, try again in 120 seconds "
+                                                  b"https://help.example.test/smtp?code=GRAYLIST&ip=127.0.0.1")
     now[0] += 121
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         s.sendmail("a@sender.test", ["b@example.test"], MESSAGE)
     assert len(recorder.messages) == 1
-    assert [e["wait"] for e in g.events("grey.defer")] == [180, 120]
+    assert [e["wait"] for e in g.events("graylist.defer")] == [180, 120]
 
 
 def _connect_with_ttl(host: str, port: int, ttl: int | None) -> None:

@@ -123,10 +123,10 @@ def test_a_reload_that_adds_graylisting_opens_the_store(tmp_path: Path, recorder
         wait_port("127.0.0.1", port)
         assert rcpt(port) == 250
         write(conf, port, recorder.address, zones, dns + f'[state]\nurl = "sqlite:///{tmp_path}/state.db"\n'
-              '[[rule]]\nname = "grey"\naction = "graylist"\n')
+              '[[rule]]\nname = "graylist"\naction = "graylist"\n')
         serve.hup("reload.done")
         code, text = rcpt_reply(port)
-        assert code == 451 and b"[GREY]" in text  # not GREY-STORE: the store was opened
+        assert code == 451 and b"[GRAYLIST]" in text  # not GRAYLIST-STORE: the store was opened
     finally:
         serve.stop()
 

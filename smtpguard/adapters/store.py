@@ -19,7 +19,7 @@ Defaults and why:
     of smtpguard loses nothing it acknowledged; only a power cut or kernel
     crash can roll back the last commits, and losing graylist state costs a
     sender one more delay, never a message. `?synchronous=full` fsyncs every
-    commit for those who want that too (bench/bench_greylist.py prints the
+    commit for those who want that too (bench/bench_graylist.py prints the
     cost). busy_timeout (the store timeout) and BEGIN IMMEDIATE for
     read-modify-write make several worker processes on one host safe. All sqlite calls run on one
     dedicated thread per store: the event loop never blocks on the file.

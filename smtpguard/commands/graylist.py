@@ -26,11 +26,11 @@ from collections import Counter
 from typing import Any, AsyncIterator, Callable
 
 from smtpguard.adapters.store import DEFAULT_URL, Item, Store, open_store
-from smtpguard.core import greylist as g
+from smtpguard.core import graylist as g
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError, StoreError
-from smtpguard.sources import greylist as source
-from smtpguard.sources.greylist import GraylistSettings, StateSettings
+from smtpguard.sources import graylist as source
+from smtpguard.sources.graylist import GraylistSettings, StateSettings
 
 DEFAULT_LIMIT = 50  # a screenful; --limit asks for more
 
@@ -261,7 +261,7 @@ async def _stats(store: Store, args: argparse.Namespace, settings: GraylistSetti
     counts: Counter[str] = Counter()
     kinds = {g.TRIPLET_PREFIX: "triplet", g.CLIENT_PREFIX: "client", g.TRAP_PREFIX: "trapped",
              g.ALLOW_PREFIX: "allowed", g.ALLOW_NET_PREFIX: "networks"}
-    async for item in store.scan("grey:", now=now):
+    async for item in store.scan(g.KEY_PREFIX, now=now):
         kind = next((k for p, k in kinds.items() if item.key.startswith(p)), None)
         if kind == "triplet":
             entry = g.decode_triplet(item.value)

@@ -17,7 +17,7 @@ from typing import Any
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "page", help="print the resolution page's text for a reason code",
-        description="Print what the resolution page says for a reason code (GEO, RDNS, GREY, ...): "
+        description="Print what the resolution page says for a reason code (GEO, RDNS, GRAYLIST, ...): "
         "the words a refused sender's admin reads. With --config, the [http] contact line and text "
         "overrides of that file apply.")
     p.add_argument("code", metavar="CODE", help="a reason code, as in the [BRACKETS] of a reply; 'list' lists them")
@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
         for code in sorted(codes):
             print(f"{code:20} {pages.text_for(code, http.overrides, rule_texts(policy)).title}")
         return 0
-    grey_delay = config.graylist.policy.delay if config is not None else 180.0
+    graylist_delay = config.graylist.policy.delay if config is not None else 180.0
     built = pages.build({"code": args.code, "ip": args.ip, "session": args.session}, time.time(), codes,
                         contact=http.contact, overrides=http.overrides, rule_texts=rule_texts(policy),
-                        grey_delay=grey_delay)
+                        graylist_delay=graylist_delay)
     sys.stdout.write(pages.render_html(built) if args.html else pages.render_text(built))
     if built.code == pages.UNKNOWN:
         print(f"smtpguard: {args.code[:40]!r} is not a reason code here; `smtpguard page list` lists them",

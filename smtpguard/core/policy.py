@@ -43,7 +43,7 @@ Defaults and why:
     * A graylist rule is satisfied only by "passed" or "allowed"; every
       other state (new, deferred, trapped, and unknown when the store cannot
       answer) ends evaluation with a graylist verdict, and the session maps
-      the state to the reply (core.greylist: GREY, TRAP, or GREY-STORE
+      the state to the reply (core.graylist: GRAYLIST, TRAP, or GRAYLIST-STORE
       unless `graylist.on_error = "accept"`): that setting, not the policy,
       owns what a store outage does.
     * tarpit `delay = "10s"`: spamd(8)'s stutter time (`-S 10`); at most

@@ -58,8 +58,8 @@ REASONS: dict[str, tuple[int, str, str]] = {
     "DNS-TEMP": (451, "4.4.3", "a DNS lookup failed, try again later"),
     "TEMP": (451, "4.7.1", "temporarily refused by local policy, try again later"),
     # graylisting (issue: graylisting)
-    "GREY": (451, "4.7.1", "greylisted, try again later"),
-    "GREY-STORE": (451, "4.3.0", "the greylist store is unavailable, try again later"),
+    "GRAYLIST": (451, "4.7.1", "graylisted, try again later"),
+    "GRAYLIST-STORE": (451, "4.3.0", "the graylist store is unavailable, try again later"),
     "TRAP": (550, "5.7.1", "this client sent mail to a spam trap"),
     # the screen (issue: the screen): postscreen's replies
     "PREGREET": (550, "5.5.1", "protocol error: the client talked before the greeting"),

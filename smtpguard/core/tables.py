@@ -62,7 +62,7 @@ CONNECT_REPLY_CODES: dict[int, int] = {5: 554, 4: 421}
 DEFAULT_REASONS: dict[str, str] = {
     "reject": "POLICY",
     "tempfail": "TEMP",
-    "graylist": "GREY",
+    "graylist": "GRAYLIST",
     "tarpit": "TARPIT",
     "accept": "ACCEPT",
     "continue": "MATCH",
@@ -72,7 +72,7 @@ DEFAULT_REASONS: dict[str, str] = {
 DEFAULT_TEXTS: dict[str, str] = {
     "reject": "refused by local policy",
     "tempfail": "temporarily refused by local policy, try again later",
-    "graylist": "greylisted, try again later",
+    "graylist": "graylisted, try again later",
     "drop": "refused by local policy",
 }
 

@@ -226,7 +226,7 @@ class HttpServer:
         listings = await self._listings(query) if query.get("code", "").upper() == "DNSBL" else ()
         built = pages.build(query, self.clock(), known_codes(config.policy), contact=self.settings.contact,
                             overrides=self.settings.overrides, rule_texts=rule_texts(config.policy),
-                            grey_delay=config.graylist.policy.delay, listings=listings)
+                            graylist_delay=config.graylist.policy.delay, listings=listings)
         if wants_text(query, request.headers.get("Accept", "")):
             return web.Response(text=pages.render_text(built), content_type="text/plain", charset="utf-8",
                                 headers=SECURITY_HEADERS)

@@ -1,6 +1,6 @@
 """Structured, greppable logs: one line per decision, one summary per connection.
 
-Every line has a fixed event name (`connect`, `reject`, `grey.defer`,
+Every line has a fixed event name (`connect`, `reject`, `graylist.defer`,
 `relay.accepted`, `close`, ...) and the session id; `--log-format json`
 gives one JSON object per line. Client-supplied strings are truncated and
 escaped before they are logged (STYLE.md §8), so a client can neither forge

@@ -119,7 +119,7 @@ class Metrics:
         self.handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "reject": lambda f: self._refusal("reject", f),
             "defer": lambda f: self._refusal("defer", f),
-            "grey.defer": lambda f: self._refusal("defer", {**f, "reason": "GREY", "stage": "rcpt"}),
+            "graylist.defer": lambda f: self._refusal("defer", {**f, "reason": "GRAYLIST", "stage": "rcpt"}),
             "relay.accepted": self._relayed,
             "relay.refused": lambda f: self._upstream_refused("data", f),
             "relay.rcpt_refused": lambda f: self._upstream_refused("rcpt", f),

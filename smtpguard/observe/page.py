@@ -215,13 +215,13 @@ TEXTS: dict[str, Text] = {
         "Your mail was refused for the moment by this site's policy.",
         "Nothing: your mail server will try again later by itself."),
     # graylisting
-    "GREY": Text(
-        "Greylisted: please try again",
-        "This site delays the first mail from a new sender for a short time (greylisting). A real "
+    "GRAYLIST": Text(
+        "Graylisted: please try again",
+        "This site delays the first mail from a new sender for a short time (graylisting). A real "
         "mail server tries again by itself, and the message will pass after about {delay} minutes.",
         "Nothing: let your mail server retry, as it does by itself. If you send from a script or "
         "web application that does not retry, send through a real mail server."),
-    "GREY-STORE": Text(
+    "GRAYLIST-STORE": Text(
         "Temporary failure",
         "A database this site needs to accept mail was unavailable for the moment.",
         "Nothing: your mail server will try again later by itself."),
@@ -345,7 +345,7 @@ def fill(text: str, values: Mapping[str, str]) -> str:
 
 def build(params: Mapping[str, str], now: float, known_codes: Iterable[str], *,
           contact: str = "", overrides: Mapping[str, Text] | None = None,
-          rule_texts: Mapping[str, str] | None = None, grey_delay: float = 180.0,
+          rule_texts: Mapping[str, str] | None = None, graylist_delay: float = 180.0,
           listings: Iterable[Listing] = ()) -> Page:
     """The page for a request's parameters (strangers' strings, all of them)."""
     raw_ip = str(params.get("ip", ""))[:200]
@@ -356,7 +356,7 @@ def build(params: Mapping[str, str], now: float, known_codes: Iterable[str], *,
         bad_ip = raw_ip[:MAX_QUOTED] + ("…" if len(raw_ip) > MAX_QUOTED else "")
     session = valid_session(str(params.get("session", ""))[:64])
     base = text_for(code, overrides, rule_texts)
-    values = {"ip": ip, "delay": str(max(1, round(grey_delay / 60))),
+    values = {"ip": ip, "delay": str(max(1, round(graylist_delay / 60))),
               "code": code or UNKNOWN}
     text = Text(fill(base.title, values), fill(base.what, values), fill(base.fix, values))
     return Page(code or UNKNOWN, ip or UNKNOWN, bad_ip, session or UNKNOWN,

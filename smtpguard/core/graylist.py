@@ -10,12 +10,12 @@ Inputs: the client address, its forward-confirmed registrable rDNS domain (or
   seconds, passed in: this module reads no clock).
 Output: a `TripletStep` (decision, seconds still to wait, the entry to write
   and its expiry, whether the triplet passed just now) or a `ClientStep`; the
-  caller (sources/greylist.py) does the I/O and writes what it is told to.
+  caller (sources/graylist.py) does the I/O and writes what it is told to.
 Failure modes: none raised for data that came from the store: a value that
   does not decode is treated as absent (the triplet starts again as `new`,
   which costs a sender one more delay and never accepts mail it should not).
   A malformed client address is a ValueError (the session never has one).
-Defaults and why (see `GreyPolicy`): delay 180 s (many MTAs retry first
+Defaults and why (see `GraylistPolicy`): delay 180 s (many MTAs retry first
   between 200 and 300 s and next only after an hour or more, so postgrey's
   300 s costs real senders hours), retry window 2 days (postgrey's), passed
   triplets and auto-allowed clients remembered 35 days after last use
@@ -50,7 +50,7 @@ DAY = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
-class GreyPolicy:
+class GraylistPolicy:
     """The numbers that drive the transitions. Durations in seconds."""
 
     # Many MTAs first retry between 200 and 300 s and the next time only an
@@ -92,12 +92,16 @@ class Decision(enum.Enum):
 
 # ---------------------------------------------------------------------------
 # Keys. One namespace per kind of entry; the store adds its own prefix.
+# KEY_PREFIX keeps the feature's old spelling on purpose: it is the format of
+# the data in every existing store, and renaming it would drop the triplets,
+# traps and admin allow entries of a running site on upgrade.
 
-TRIPLET_PREFIX = "grey:t:"
-CLIENT_PREFIX = "grey:c:"
-TRAP_PREFIX = "grey:trap:"
-ALLOW_PREFIX = "grey:allow:"         # + domain: one admin allow entry
-ALLOW_NET_PREFIX = "grey:allownet:"  # + /8 or /16 bucket: the admin networks inside it
+KEY_PREFIX = "grey:"
+TRIPLET_PREFIX = KEY_PREFIX + "t:"
+CLIENT_PREFIX = KEY_PREFIX + "c:"
+TRAP_PREFIX = KEY_PREFIX + "trap:"
+ALLOW_PREFIX = KEY_PREFIX + "allow:"         # + domain: one admin allow entry
+ALLOW_NET_PREFIX = KEY_PREFIX + "allownet:"  # + /8 or /16 bucket: the admin networks inside it
 
 # Admin network entries are grouped by the IPv4 /8 or IPv6 /16 that holds
 # them, so a check reads ONE bucket key whatever the entry's prefix length
@@ -112,14 +116,14 @@ def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return unmapped(ipaddress.ip_address(ip.split("%", 1)[0]))
 
 
-def network_of(ip: str, policy: GreyPolicy) -> str:
+def network_of(ip: str, policy: GraylistPolicy) -> str:
     """The client's pool network: `192.0.2.0/24`, `2001:db8:1:2::/64`."""
     addr = _address(ip)
     length = policy.ipv4_prefix if addr.version == 4 else policy.ipv6_prefix
     return str(ipaddress.ip_network(f"{addr}/{length}", strict=False))
 
 
-def client_identity(ip: str, rdns_confirmed_domain: str | None, policy: GreyPolicy) -> str:
+def client_identity(ip: str, rdns_confirmed_domain: str | None, policy: GraylistPolicy) -> str:
     """The confirmed registrable rDNS domain, else the pool network."""
     if rdns_confirmed_domain:
         return rdns_confirmed_domain.strip().rstrip(".").lower()
@@ -445,12 +449,12 @@ class TripletStep:
     newly_passed: bool            # this attempt turned DEFERRED into PASSED
 
 
-def _new(now: float, policy: GreyPolicy) -> TripletStep:
+def _new(now: float, policy: GraylistPolicy) -> TripletStep:
     entry = TripletEntry(TripletState.DEFERRED, now, now, 1)
     return TripletStep(Decision.NEW, policy.delay, entry, now + policy.retry_window, False)
 
 
-def _deferred_step(entry: TripletEntry, now: float, policy: GreyPolicy, strict: bool) -> TripletStep:
+def _deferred_step(entry: TripletEntry, now: float, policy: GraylistPolicy, strict: bool) -> TripletStep:
     elapsed = now - entry.first_seen
     if elapsed < policy.delay:
         # Too early: count the attempt but keep the clock and the expiry
@@ -463,7 +467,7 @@ def _deferred_step(entry: TripletEntry, now: float, policy: GreyPolicy, strict: 
     return TripletStep(Decision.PASSED, 0.0, passed, now + memory, True)
 
 
-def _strict_again(entry: TripletEntry, now: float, policy: GreyPolicy) -> TripletStep:
+def _strict_again(entry: TripletEntry, now: float, policy: GraylistPolicy) -> TripletStep:
     """A strict client meets a pass older than strict_max_age: it must retry
     once more, but the PASSED entry stays, for the non-strict clients of the
     same identity (issue 19 item 11: a weekly correspondent sharing a /24
@@ -480,7 +484,7 @@ def _strict_again(entry: TripletEntry, now: float, policy: GreyPolicy) -> Triple
     return TripletStep(Decision.PASSED, 0.0, passed, max(kept_until, now + policy.strict_max_age), True)
 
 
-def _passed_step(entry: TripletEntry, now: float, policy: GreyPolicy, strict: bool) -> TripletStep:
+def _passed_step(entry: TripletEntry, now: float, policy: GraylistPolicy, strict: bool) -> TripletStep:
     retrying = bool(entry.strict_since) and now - entry.strict_since < policy.retry_window
     if strict and (retrying or now - entry.last_seen > policy.strict_max_age):
         # Strict clients get no credit for old traffic: they retry again (and
@@ -501,7 +505,7 @@ _BY_STATE = {
 }
 
 
-def triplet_step(entry: TripletEntry | None, *, now: float, strict: bool, policy: GreyPolicy) -> TripletStep:
+def triplet_step(entry: TripletEntry | None, *, now: float, strict: bool, policy: GraylistPolicy) -> TripletStep:
     """The decision for one attempt of a triplet and what to store.
 
     `entry` is what the store returned for the triplet key (expired entries
@@ -518,14 +522,14 @@ class ClientStep:
     expires_at: float
 
 
-def client_passed(entry: ClientEntry | None, *, now: float, policy: GreyPolicy) -> ClientStep:
+def client_passed(entry: ClientEntry | None, *, now: float, policy: GraylistPolicy) -> ClientStep:
     """One more triplet of this identity passed a retry (postgrey counts
     successful retries for --auto-whitelist-clients)."""
     passed = (entry.passed if entry else 0) + 1
     return ClientStep(ClientEntry(passed, now), now + policy.max_age)
 
 
-def client_seen(entry: ClientEntry, *, now: float, policy: GreyPolicy) -> ClientStep:
+def client_seen(entry: ClientEntry, *, now: float, policy: GraylistPolicy) -> ClientStep:
     """An auto-allowed identity came back: keep it for max_age after its
     last use, refreshing at most every `refresh_every`."""
     if now - entry.last_seen < policy.refresh_every:
@@ -533,7 +537,7 @@ def client_seen(entry: ClientEntry, *, now: float, policy: GreyPolicy) -> Client
     return ClientStep(replace(entry, last_seen=now), now + policy.max_age)
 
 
-def auto_allowed(entry: ClientEntry | None, *, strict: bool, policy: GreyPolicy) -> bool:
+def auto_allowed(entry: ClientEntry | None, *, strict: bool, policy: GraylistPolicy) -> bool:
     """Whether the identity skips graylisting. Strict mode never does."""
     if strict or entry is None or policy.auto_allow_after <= 0:
         return False

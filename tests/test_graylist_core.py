@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from smtpguard.core import greylist as g
-from smtpguard.core.greylist import Decision
+from smtpguard.core import graylist as g
+from smtpguard.core.graylist import Decision
 
 D = g.DAY
-P = g.GreyPolicy()
+P = g.GraylistPolicy()
 NEW, DEFERRED, PASSED = Decision.NEW, Decision.DEFERRED, Decision.PASSED
 
 
@@ -22,7 +22,7 @@ class Slot:
     entry: g.TripletEntry | None = None
     expires_at: float = 0.0
 
-    def attempt(self, now: float, strict: bool = False, policy: g.GreyPolicy = P) -> g.TripletStep:
+    def attempt(self, now: float, strict: bool = False, policy: g.GraylistPolicy = P) -> g.TripletStep:
         current = self.entry if self.entry is not None and self.expires_at > now else None
         step = g.triplet_step(current, now=now, strict=strict, policy=policy)
         if step.write is not None:
@@ -106,7 +106,7 @@ def test_a_strict_pass_is_stored_with_the_strict_memory() -> None:
 
 
 def test_the_delay_is_configurable() -> None:
-    policy = g.GreyPolicy(delay=600)
+    policy = g.GraylistPolicy(delay=600)
     slot = Slot()
     assert slot.attempt(T0, policy=policy).wait == 600
     assert slot.attempt(T0 + 599, policy=policy).decision is DEFERRED
@@ -116,7 +116,7 @@ def test_the_delay_is_configurable() -> None:
 # -- auto-allow ---------------------------------------------------------------
 
 
-def passes(n: int, policy: g.GreyPolicy = P) -> g.ClientEntry | None:
+def passes(n: int, policy: g.GraylistPolicy = P) -> g.ClientEntry | None:
     entry: g.ClientEntry | None = None
     for i in range(n):
         entry = g.client_passed(entry, now=T0 + i, policy=policy).write
@@ -127,13 +127,13 @@ AUTO_ALLOW = [
     ("a client with 4 passed triplets is still graylisted", 4, False, P, False),
     ("a client with 5 passed triplets is auto-allowed", 5, False, P, True),
     ("strict mode ignores auto-allow", 50, True, P, False),
-    ("auto_allow_after 0 switches auto-allow off", 50, False, g.GreyPolicy(auto_allow_after=0), False),
+    ("auto_allow_after 0 switches auto-allow off", 50, False, g.GraylistPolicy(auto_allow_after=0), False),
     ("an unknown client is not auto-allowed", 0, False, P, False),
 ]
 
 
 @pytest.mark.parametrize("n,strict,policy,allowed", [c[1:] for c in AUTO_ALLOW], ids=[c[0] for c in AUTO_ALLOW])
-def test_auto_allow(n: int, strict: bool, policy: g.GreyPolicy, allowed: bool) -> None:
+def test_auto_allow(n: int, strict: bool, policy: g.GraylistPolicy, allowed: bool) -> None:
     assert g.auto_allowed(passes(n, policy), strict=strict, policy=policy) is allowed
 
 
@@ -167,7 +167,7 @@ def test_client_identity(ip: str, domain: str | None, identity: str) -> None:
 
 
 def test_the_network_prefixes_are_configurable() -> None:
-    policy = g.GreyPolicy(ipv4_prefix=32, ipv6_prefix=48)
+    policy = g.GraylistPolicy(ipv4_prefix=32, ipv6_prefix=48)
     assert g.network_of("192.0.2.77", policy) == "192.0.2.77/32"
     assert g.network_of("2001:db8:1:2::9", policy) == "2001:db8:1::/48"
 

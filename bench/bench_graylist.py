@@ -3,7 +3,7 @@
 SQLite: a file on local disk holding N passed triplets (1,000,000; --quick
 100,000), bulk-loaded with executemany in one transaction. Redis: a real
 redis-server on loopback holding the same N triplets, loaded with
-`redis-cli --pipe`. For each, sources.greylist.check() is timed one call at
+`redis-cli --pipe`. For each, sources.graylist.check() is timed one call at
 a time (latency without queueing) for
 
   * a known triplet (a passed one, the common case: one batched read and one
@@ -17,7 +17,7 @@ NORMAL saves. The Redis PING round trip is printed next to the Redis
 figures: the target is p99 <= 2 ms for SQLite and <= 1 ms plus one round
 trip for Redis. Measured, not asserted.
 
-    python bench/bench_greylist.py [--quick]
+    python bench/bench_graylist.py [--quick]
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from smtpguard.adapters.store import SqliteStore, Store, open_store  # noqa: E402
-from smtpguard.core import greylist as g  # noqa: E402
-from smtpguard.sources import greylist as source  # noqa: E402
-from smtpguard.sources.greylist import GraylistSettings  # noqa: E402
+from smtpguard.core import graylist as g  # noqa: E402
+from smtpguard.sources import graylist as source  # noqa: E402
+from smtpguard.sources.graylist import GraylistSettings  # noqa: E402
 
 SETTINGS = GraylistSettings()
 IN_FLIGHT = 50
@@ -195,7 +195,7 @@ def main() -> int:
     now = time.time()
     for i in (0, 1, 4, 1023, 1024, n - 1):
         key_matches_check(i)
-    workdir = tempfile.mkdtemp(prefix="bench-greylist-", dir="/var/tmp")
+    workdir = tempfile.mkdtemp(prefix="bench-graylist-", dir="/var/tmp")
     verdict = []
     try:
         path = os.path.join(workdir, "state.db")

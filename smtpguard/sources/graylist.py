@@ -8,13 +8,13 @@ Inputs: a Store, GraylistSettings, the client address, its forward-confirmed
   TO, `strict` (the session's judgement that the client is suspicious, e.g.
   a Windows fingerprint) and `now`.
 Output: GraylistFact; `as_facts()` gives {"graylist": ...}. The session maps
-  it to a reply through the policy (the usual ones: 451 4.7.1 GREY,
-  550 5.7.1 TRAP, 451 4.3.0 GREY-STORE).
+  it to a reply through the policy (the usual ones: 451 4.7.1 GRAYLIST,
+  550 5.7.1 TRAP, 451 4.3.0 GRAYLIST-STORE).
 Failure modes: a StoreError, or a transaction that takes longer than two
   of the store's timeouts ([state] timeout), becomes status UNKNOWN, graylist "unknown" and
   the error text; `graylist.on_error` says what the session should do with it
-  ("tempfail": 451 GREY-STORE, or "accept"). Nothing else is raised.
-Defaults and why: see GreyPolicy in core/greylist.py for the numbers; no
+  ("tempfail": 451 GRAYLIST-STORE, or "accept"). Nothing else is raised.
+Defaults and why: see GraylistPolicy in core/graylist.py for the numbers; no
   traps unless the admin names them; on_error "tempfail" because a store
   outage must not turn the graylist off for every bot at once, and real MTAs
   retry a 451.
@@ -25,9 +25,9 @@ then at most two atomic updates):
   2. the identity is auto-allowed (non-strict only) -> allowed;
   3. the recipient is a spamtrap -> trap the client's network, trapped;
   4. the network is trapped -> trapped;
-  5. the triplet's transition (core.greylist.triplet_step).
-  Admin- and auto-allowed clients are not trapped, as in spamd, where
-  whitelisted hosts never reach greytrapping: a proven MTA's one mail to a
+  5. the triplet's transition (core.graylist.triplet_step).
+  Admin- and auto-allowed clients are not trapped, as in spamd, whose
+  whitelisted hosts never reach spamd's greytrapping: a proven MTA's one mail to a
   trap (a typo, a forwarded list) must not cost its network a day of mail.
 
 Auto-allow counts triplets that passed a retry, at RCPT, like postgrey's
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpguard.adapters.store import DEFAULT_TIMEOUT, DEFAULT_URL, Put, Store, Update
-from smtpguard.core import greylist as g
+from smtpguard.core import graylist as g
 from smtpguard.core.facts import OK, UNKNOWN, FactValue
 from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.units import parse_duration
@@ -85,9 +85,9 @@ class StateSettings:
 
 @dataclass(frozen=True, slots=True)
 class GraylistSettings:
-    """[graylist]: the numbers (GreyPolicy), the spamtraps and on_error."""
+    """[graylist]: the numbers (GraylistPolicy), the spamtraps and on_error."""
 
-    policy: g.GreyPolicy = field(default_factory=g.GreyPolicy)
+    policy: g.GraylistPolicy = field(default_factory=g.GraylistPolicy)
     # Spamtraps (spamd's greytrapping): addresses that never receive real
     # mail. None by default: only the admin knows which addresses are unused.
     traps: frozenset[str] = frozenset()
@@ -100,7 +100,7 @@ class GraylistSettings:
         durations = ("delay", "retry_window", "max_age", "strict_max_age", "trap_ttl")
         reject_unknown_keys(table, prefix, (*durations, "auto_allow_after", "traps", "on_error",
                                             "ipv4_prefix", "ipv6_prefix"), wording="unknown setting; allowed")
-        base = g.GreyPolicy()
+        base = g.GraylistPolicy()
         values: dict[str, Any] = {name: _duration(table, prefix, name, getattr(base, name))
                                   for name in durations}
         values["auto_allow_after"] = _integer(table, prefix, "auto_allow_after", base.auto_allow_after, 0, 1_000_000)
@@ -112,7 +112,7 @@ class GraylistSettings:
         for name in ("max_age", "strict_max_age", "trap_ttl"):
             if values[name] <= 0:
                 raise ConfigError(f"{prefix}.{name}", "must be more than 0 s")
-        policy = g.GreyPolicy(**values, refresh_every=base.refresh_every)
+        policy = g.GraylistPolicy(**values, refresh_every=base.refresh_every)
 
         traps_raw = table.get("traps", [])
         if not isinstance(traps_raw, list) or not all(isinstance(t, str) for t in traps_raw):
@@ -275,14 +275,14 @@ def _client_put(step: g.ClientStep) -> Put | None:
     return None if step.write is None else Put(g.encode_client(step.write), step.expires_at)
 
 
-def _count_pass(now: float, policy: g.GreyPolicy) -> Update[None]:
+def _count_pass(now: float, policy: g.GraylistPolicy) -> Update[None]:
     """One more passed triplet for the identity (read-modify-write)."""
     def fn(current: str | None) -> tuple[Put | None, None]:
         return _client_put(g.client_passed(g.decode_client(current), now=now, policy=policy)), None
     return fn
 
 
-def _refresh(now: float, policy: g.GreyPolicy) -> Update[None]:
+def _refresh(now: float, policy: g.GraylistPolicy) -> Update[None]:
     """Keep an auto-allowed identity alive for max_age after its last use."""
     def fn(current: str | None) -> tuple[Put | None, None]:
         entry = g.decode_client(current)
