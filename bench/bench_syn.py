@@ -27,8 +27,8 @@ from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from smtpguard.core.syn import SignatureSet, classify, load_signatures, parse_syn  # noqa: E402
-from smtpguard.sources.osfp import enable_save_syn, read_saved_syn  # noqa: E402
+from smtpguard.core.fingerprint import SignatureSet, classify, load_signatures, parse_syn  # noqa: E402
+from smtpguard.sources.fingerprint import enable_save_syn, read_saved_syn  # noqa: E402
 from tests.test_syn import (  # noqa: E402
     APPLE_OPTS,
     FREEBSD_OPTS,

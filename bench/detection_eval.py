@@ -15,7 +15,7 @@ never tuned on — and prints accuracy, precision and recall:
 
 `--set tune` prints the tuning figures instead (for work on the rules; never
 quote them as the result). `--syn-module FILE --signatures FILE` and
-`--rdns-module FILE` evaluate another version of core/syn.py / core/rdns.py
+`--rdns-module FILE` evaluate another version of core/fingerprint.py / core/rdns.py
 (e.g. the previous commit's, from `git show`), for before/after figures.
 Measured, never asserted; no network.
 
@@ -40,7 +40,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from smtpguard.core import syn as current_syn  # noqa: E402
+from smtpguard.core import fingerprint as current_syn  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 P0F_FP = Path("/etc/p0f/p0f.fp")
@@ -227,7 +227,7 @@ def main() -> int:
     ap.add_argument("--set", default="eval", choices=("eval", "tune", "all"))
     ap.add_argument("--misses", action="store_true", help="list every misclassified row")
     ap.add_argument("--quick", action="store_true", help="accepted for make bench; the run is fast anyway")
-    ap.add_argument("--syn-module", help="another core/syn.py to evaluate (before/after)")
+    ap.add_argument("--syn-module", help="another core/fingerprint.py to evaluate (before/after)")
     ap.add_argument("--signatures", help="the .fp file to use with it (default: the shipped one)")
     ap.add_argument("--rdns-module", help="another core/rdns.py to evaluate (before/after)")
     args = ap.parse_args()

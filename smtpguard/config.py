@@ -30,7 +30,7 @@ from smtpguard.observe.http import HttpSettings
 from smtpguard.sources.dnsbl import DnsblSettings
 from smtpguard.sources.geo import GeoSettings
 from smtpguard.sources.graylist import GraylistSettings, StateSettings
-from smtpguard.sources.osfp import FingerprintSettings
+from smtpguard.sources.fingerprint import FingerprintSettings
 from smtpguard.sources.dkim import DkimSettings
 from smtpguard.sources.rdns import RdnsSettings
 

@@ -46,7 +46,7 @@ from smtpguard.core.facts import ClientInfo
 from smtpguard.core.ip import client_ip, client_key, in_networks
 from smtpguard.observe.log import event
 from smtpguard.session import ClientSession
-from smtpguard.sources import osfp
+from smtpguard.sources import fingerprint
 
 if TYPE_CHECKING:
     from smtpguard.server import Server
@@ -225,8 +225,8 @@ class Screen(asyncio.Protocol):
         # The client's SYN, saved by the kernel (TCP_SAVE_SYN): read once, and
         # only when a rule reads the os facts; through a PROXY it is the
         # balancer's, not the client's.
-        wanted = server.save_syn and not via_proxy and server.services.run.get("osfp", False)
-        syn = osfp.read_saved_syn(sock) if wanted else None
+        wanted = server.save_syn and not via_proxy and server.services.run.get("fingerprint", False)
+        syn = fingerprint.read_saved_syn(sock) if wanted else None
         client = ClientInfo(session_id=server.new_session_id(), ip=self.ip, port=self.port,
                             local_ip=client_ip(local[0]) or "" if isinstance(local, tuple) else "",
                             local_port=local[1] if isinstance(local, tuple) else 0,

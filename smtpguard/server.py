@@ -40,7 +40,7 @@ from smtpguard.observe.log import event
 from smtpguard.core.ip import client_ip
 from smtpguard.screen import Screen
 from smtpguard.session import ClientSession
-from smtpguard.sources import osfp
+from smtpguard.sources import fingerprint
 
 # How long start-up waits for the MTA's EHLO (its extensions are mirrored);
 # the probe goes on in the background after that.
@@ -526,7 +526,7 @@ class Server:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             # not Linux ≥ 4.2: False, and the os fact will be unknown
-            self.save_syn = osfp.enable_save_syn(sock) or self.save_syn
+            self.save_syn = fingerprint.enable_save_syn(sock) or self.save_syn
             sock.bind((host, port))
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)

@@ -25,7 +25,7 @@ from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
 from smtpguard.observe.metrics import observe_facts, observe_graylist, observe_pregreet
-from smtpguard.sources import dkim, dnsbl, geo, graylist, helo, osfp, rdns
+from smtpguard.sources import dkim, dnsbl, fingerprint, geo, graylist, helo, rdns
 
 if TYPE_CHECKING:
     from smtpguard.session import ClientSession
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 # Which source provides which facts (the policy says which facts it reads).
 SOURCE_FACTS: dict[str, frozenset[str]] = {
     "geo": frozenset({"country"}),
-    "osfp": frozenset({"os", "os_name", "os_distance", "os_match"}),
+    "fingerprint": frozenset({"os", "os_name", "os_distance", "os_match"}),
     "rdns": frozenset({"rdns", "rdns_name", "rdns_domain", "rdns_generic"}),
     "dnsbl": frozenset({"dnsbl", "dnsbl_score", "dnsbl_hits"}),
     "dkim": frozenset({"dkim", "dkim_domains", "from_domain", "dkim_aligned"}),
@@ -143,8 +143,8 @@ class Services:
             fact = geo.gather(client.ip, self.geodb)
             out.update(fact.as_facts())
         lookups: dict[str, Awaitable[Any]] = {}
-        if self.run["osfp"]:
-            lookups["osfp"] = osfp.gather(client, self.config.fingerprint, self.signatures)
+        if self.run["fingerprint"]:
+            lookups["fingerprint"] = fingerprint.gather(client, self.config.fingerprint, self.signatures)
         if self.run["rdns"]:
             lookups["rdns"] = rdns.gather(client.ip, self._dns(session), self.config.rdns)
         if self.run["dnsbl"] and self.config.dnsbl.lists:
@@ -394,7 +394,7 @@ class Services:
         config = load(path, self._flags)
         if config.geo.zones:
             compile_zones_in_child(path, self._flags)
-        return config, open_geo(config), osfp.signature_set(config.fingerprint)
+        return config, open_geo(config), fingerprint.signature_set(config.fingerprint)
 
     async def close(self) -> None:
         await self.upstream.close()
@@ -520,7 +520,7 @@ def build_services(config: Config, flags: dict[str, Any] | None = None, *, with_
 
     `with_store=False` for `check`, which must not change the graylist."""
     geodb = open_geo(config)
-    signatures = osfp.signature_set(config.fingerprint)
+    signatures = fingerprint.signature_set(config.fingerprint)
     store = None
     url = store_url(config) if with_store else None
     if url:

@@ -206,9 +206,25 @@ def test_verification_is_bounded_in_time(dns_server: DnsServer, key: Any) -> Non
     pytest.param(b"To: b@example.test\r\n\r\n", "", id="no From at all"),
     pytest.param(b"From: <a@bad\r\n domain..example>\r\n\r\n", "", id="an invalid domain is empty"),
     pytest.param(b"From: a@\x00\xff.example\r\n\r\n", "", id="bytes that are no domain are empty"),
+    pytest.param(b"FROM : Alice\r\n <alice@sender.test>\r\n\r\n", "sender.test",
+                 id="any case, white space before the colon, a folded value"),
+    pytest.param(b"From-Alias: a@one.example\r\nFrom: b@two.example\r\n\r\n", "two.example",
+                 id="only the field named From"),
 ])
 def test_from_domain(headers: bytes, domain: str) -> None:
     assert dkim_source.from_domain(headers) == domain
+
+
+@pytest.mark.parametrize("headers, verifiable", [
+    (b"From: a@sender.test\r\nSubject: hi\r\n\r\n", False),
+    (b"From: a@sender.test\r\nDKIM-Signature: v=1; d=x\r\n\r\n", True),
+    (b"dkim-signature : v=1;\r\n\td=x\r\n\r\n", True),
+    (b"X-Note: about DKIM-Signature: headers\r\n\r\n", False),
+    (b"no colon here\r\n\r\n", True),   # dkimpy's verdict on a broken block is kept
+])
+def test_only_a_signed_or_broken_message_is_parsed_by_dkimpy(headers: bytes, verifiable: bool) -> None:
+    # the fast path for unsigned mail (issue 15) must never skip a signature
+    assert dkim_source.verifiable(headers) is verifiable
 
 
 @pytest.mark.parametrize("from_dom, passed, ok", [

@@ -1,7 +1,7 @@
 """`smtpguard fingerprint HEX`: JSON out, bad input one line naming the flag, exit 2.
 
 The command is driven through its own add_parser() and run(), as the CLI
-will call it (the --listen mode runs end to end in test_osfp_live.py).
+will call it (the --listen mode runs end to end in test_fingerprint_live.py).
 """
 
 from __future__ import annotations

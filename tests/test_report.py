@@ -249,7 +249,7 @@ def test_cli_text_json_and_a_bad_policy_file(traffic: dict[str, Any], capsys: An
 def test_the_facts_of_check_are_those_of_the_live_session(traffic: dict[str, Any]) -> None:
     """`smtpguard check` gathers and decides as the live session did: same facts."""
     from smtpguard.commands.check import evaluate
-    from smtpguard.sources.osfp import enable_save_syn, read_saved_syn
+    from smtpguard.sources.fingerprint import enable_save_syn, read_saved_syn
 
     g = traffic["guard"]
     # a real TTL-64 SYN from the DE client's address, as the live session saw one

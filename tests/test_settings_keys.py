@@ -11,7 +11,7 @@ import pytest
 from smtpguard.adapters.dns import DnsSettings
 from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.errors import ConfigError
-from smtpguard.sources import dkim, osfp
+from smtpguard.sources import dkim, fingerprint
 from smtpguard.sources.dnsbl import parse_lists
 from smtpguard.sources.geo import GeoSettings
 from smtpguard.sources.graylist import GraylistSettings, StateSettings
@@ -22,7 +22,7 @@ READERS: list[tuple[str, Callable[[dict[str, Any]], Any], str, str]] = [
      "unknown key; allowed: servers, timeout, stage_budget, cache_size, negative_ttl_max, "
      "max_answer_bytes, cache_bytes, session_lookups"),
     ("dkim", dkim.from_mapping, "dkim.bogus", "unknown key; allowed: authserv_id, max_signatures, verify_timeout"),
-    ("fingerprint", osfp.from_mapping, "fingerprint.bogus",
+    ("fingerprint", fingerprint.from_mapping, "fingerprint.bogus",
      "unknown key; allowed: signatures, p0f_socket, p0f_timeout"),
     ("rdns", RdnsSettings.from_mapping, "rdns.bogus",
      "unknown key; allowed: generic_patterns, generic_exceptions, max_ptr_names"),

@@ -1,4 +1,4 @@
-"""core/syn.py: SYN parsing, p0f v3 signature syntax and matching.
+"""core/fingerprint.py: SYN parsing, p0f v3 signature syntax and matching.
 
 Every SYN here is built from the documented field values of a stack (its
 initial TTL, window, MSS, option order, window scale, IP ID habits) by the
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from smtpguard.core.facts import FACTS, NONE, OK, UNKNOWN
-from smtpguard.core import syn as syn_module
-from smtpguard.core.syn import (
+from smtpguard.core import fingerprint as syn_module
+from smtpguard.core.fingerprint import (
     FAMILIES,
     MAX_DISTANCE,
     QUIRK_NAMES,
@@ -249,7 +249,7 @@ def test_syns_no_signature_explains_are_unknown_with_match_none(spec: dict[str, 
 
 
 # Each "other" signature of the shipped set, by the SYN its source describes
-# (observed-signature notation, core/syn.py synthesize()).
+# (observed-signature notation, core/fingerprint.py synthesize()).
 OTHER_CASES = [
     ("4:58:0:1460:49640,0:mss,nop,ws,nop,nop,sok:df,id+:0", "Solaris 10", "exact",
      "Solaris 10 (Windows' option order, TTL 64, 34 segments) is other"),

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import pytest
 
-from smtpguard.core.syn import classify, synthesize
-from smtpguard.sources.osfp import default_signatures
+from smtpguard.core.fingerprint import classify, synthesize
+from smtpguard.sources.fingerprint import default_signatures
 
 DATA = Path(__file__).parent / "data" / "syn_labelled.tsv"
 SETS = ("tune", "eval")

@@ -1,4 +1,4 @@
-"""core/syn.py under arbitrary bytes: never an exception, unknown out.
+"""core/fingerprint.py under arbitrary bytes: never an exception, unknown out.
 
 A SYN comes from the network; whatever the kernel hands us (or a PROXY'd
 peer, or a fuzzer) must give a fact, never a traceback in a session.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from smtpguard.core.syn import FAMILIES, QUIRK_NAMES, UNKNOWN_OS, classify, load_signatures, parse_syn
+from smtpguard.core.fingerprint import FAMILIES, QUIRK_NAMES, UNKNOWN_OS, classify, load_signatures, parse_syn
 from tests.test_syn import (
     APPLE_OPTS,
     FREEBSD_OPTS,
@@ -117,7 +117,7 @@ def test_any_well_formed_syn_gives_a_fact_with_either_signature_set(
     size = sum({"mss": 4, "nop": 1, "ws": 3, "sok": 2, "ts": 10, "sack": 2}[t] for t in layout)
     if size % 4:
         text = ",".join(layout + ["nop"] * (-size % 4))
-    from smtpguard.core.syn import synthesize
+    from smtpguard.core.fingerprint import synthesize
     try:
         data = synthesize(f"{version}:{ttl}:0:{mss}:{window},{scale}:{text}:{','.join(sorted(quirks))}:0")
     except ValueError:

@@ -1,7 +1,7 @@
 """The p0f v3 daemon's unix API socket: one query per client, one answer.
 
 Decides: nothing; asks a running p0f v3 daemon what it saw of one address
-  and turns its answer into an OsFact (core/syn.py).
+  and turns its answer into an OsFact (core/fingerprint.py).
 Inputs: the API socket path (`fingerprint.p0f_socket`), the client address
   (an IPv4-mapped IPv6 address is asked as IPv4, as p0f records it) and a
   timeout.
@@ -12,7 +12,7 @@ Failure modes: a daemon that is absent, refuses, closes early, is slower
   than the timeout, answers with a bad magic, a short response or a status
   other than "ok" gives UNKNOWN_OS (logged as `osfp.p0f_failed` for socket
   errors and timeouts). Nothing raises into the session.
-Defaults and why: no defaults here; sources/osfp.py holds the settings
+Defaults and why: no defaults here; sources/fingerprint.py holds the settings
   (p0f_timeout 0.5 s: p0f answers from memory in microseconds).
 """
 
@@ -25,10 +25,10 @@ import struct
 
 from smtpguard.core.facts import NONE, OK
 from smtpguard.core.ip import unmapped
-from smtpguard.core.syn import MATCH_BY_P0F_QUALITY, NO_MATCH, UNKNOWN_OS, OsFact, family_of
+from smtpguard.core.fingerprint import MATCH_BY_P0F_QUALITY, NO_MATCH, UNKNOWN_OS, OsFact, family_of
 
 # The fingerprint source's logger: the event names and the logger stay what
-# they were before this client moved out of sources/osfp.py.
+# they were before this client moved out of sources/osfp.py, now sources/fingerprint.py.
 log = logging.getLogger("smtpguard.osfp")
 
 # p0f v3 API (p0f README §4, api.h): native-endian, packed structs.

@@ -30,9 +30,9 @@ import string
 import sys
 from typing import Any
 
-from smtpguard.core.syn import SignatureSet, classify
+from smtpguard.core.fingerprint import SignatureSet, classify
 from smtpguard.errors import ConfigError
-from smtpguard.sources.osfp import default_signatures, enable_save_syn, load_signature_file, read_saved_syn
+from smtpguard.sources.fingerprint import default_signatures, enable_save_syn, load_signature_file, read_saved_syn
 
 PROG = "smtpguard fingerprint"
 LISTEN_BACKLOG = 64  # a diagnostic tool: a handful of test clients at a time

@@ -11,7 +11,7 @@
 ; stack (its initial TTL, how it sizes the SYN window, its window-scale shift,
 ; the order in which it writes TCP options, its IP ID and DF habits), not
 ; copied from p0f.fp. Each group says where its numbers come from. The label
-; name decides the family a rule sees (core/syn.py FAMILY_BY_NAME):
+; name decides the family a rule sees (core/fingerprint.py FAMILY_BY_NAME):
 ; Windows -> windows, Linux -> linux, Android -> android, macOS -> macos,
 ; iOS -> ios, FreeBSD -> freebsd, OpenBSD -> openbsd, anything else -> other.
 ;

@@ -228,14 +228,16 @@ def from_domain(headers: bytes) -> str:
     mailbox list, names no single author domain (DMARC §6.6.1 rejects or
     ignores such messages), so the fact is empty rather than a guess.
     """
-    try:
-        parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(headers)
-        fields = parsed.get_all("From") or []
-    except Exception:  # the email package raises several kinds on hostile input
-        return ""
+    fields = [value for name, value in map(_split_field, _fields(headers)) if name == b"from"]
     if len(fields) != 1:
         return ""
-    addresses = [a for _, a in email.utils.getaddresses([str(fields[0])]) if a]
+    # decoded as the email package decodes a header (ASCII, the rest escaped),
+    # unfolded (RFC 5322 §2.2.3)
+    value = fields[0].decode("ascii", "surrogateescape").replace("\r", "").replace("\n", "")
+    try:
+        addresses = [a for _, a in email.utils.getaddresses([value]) if a]
+    except Exception:  # the email package raises several kinds on hostile input
+        return ""
     if len(addresses) != 1 or addresses[0].count("@") != 1:
         return ""
     return _clean_domain(addresses[0].rpartition("@")[2])
@@ -253,6 +255,22 @@ def aligned(from_dom: str, passed: tuple[str, ...]) -> bool:
         return False
     org = organisational_domain(from_dom)
     return any(d == from_dom or organisational_domain(d) == org for d in passed)
+
+
+def _split_field(field: bytes) -> tuple[bytes, bytes]:
+    """A header field's lower-case name (RFC 5322 §3.6.8; the obsolete
+    white space before the colon, §4.5, dropped) and its raw value; a line
+    without a colon has no name."""
+    name, colon, value = field.partition(b":")
+    return (name.rstrip(b" \t").lower(), value) if colon else (b"", field)
+
+
+def verifiable(headers: bytes) -> bool:
+    """Whether dkimpy must read the message: it has a DKIM-Signature field,
+    or a header line that is no field (dkimpy's verdict on it is kept). A
+    plainly unsigned message (most of them) is `none` without that parse."""
+    names = {name for name, _ in map(_split_field, _fields(headers.rstrip(b"\r\n")))}
+    return b"dkim-signature" in names or b"" in names
 
 
 def _fields(headers: bytes) -> list[bytes]:
@@ -429,11 +447,14 @@ async def gather(message: bytes, resolver: Any, budget: float,
                  settings: DkimSettings | None = None) -> DkimFact:
     """The DKIM facts of one message (the bytes as the client sent them)."""
     settings = settings or DkimSettings()
+    block = header_block(message)
+    author = from_domain(block)
+    if not verifiable(block):
+        return DkimFact(NONE, "none", from_domain=author)
     try:
         headers = dkim.DKIM(message).headers
     except Exception as e:  # a message dkimpy cannot even split into headers
         return DkimFact(OK, "fail", error=f"unparsable message: {type(e).__name__}")
-    author = from_domain(header_block(message))
     signatures = [v for k, v in headers if k.lower() == b"dkim-signature"][:settings.max_signatures]
     if not signatures:
         return DkimFact(NONE, "none", from_domain=author)

@@ -1,8 +1,8 @@
-"""sources/osfp.py on real loopback sockets: TCP_SAVE_SYN, gather(), the
+"""sources/fingerprint.py on real loopback sockets: TCP_SAVE_SYN, gather(), the
 optional p0f v3 API (adapters/p0f.py) against a small fake daemon, the settings table, and
 `fingerprint --listen` end to end.
 
-What a TTL-128 Linux loopback SYN gives is decided in core/syn.py: a TTL above
+What a TTL-128 Linux loopback SYN gives is decided in core/fingerprint.py: a TTL above
 a signature's initial TTL never matches and there is no TTL-only fallback,
 so it is `os = "unknown"`, `os_match = "none"`, while the default TTL-64 SYN
 is linux. The two are told apart, and the TTL-128 one is never "windows".
@@ -25,11 +25,11 @@ from typing import Any, Iterator
 import pytest
 
 from smtpguard.core.facts import NONE, OK, UNKNOWN, ClientInfo
-from smtpguard.core.syn import UNKNOWN_OS, classify, parse_syn
+from smtpguard.core.fingerprint import UNKNOWN_OS, classify, parse_syn
 from smtpguard.errors import ConfigError
 from smtpguard.adapters.p0f import P0F_QUERY, P0F_QUERY_MAGIC, P0F_RESPONSE, P0F_RESPONSE_MAGIC, p0f_query, query_p0f
-from smtpguard.sources import osfp
-from smtpguard.sources.osfp import (
+from smtpguard.sources import fingerprint as fingerprint_source
+from smtpguard.sources.fingerprint import (
     FingerprintSettings,
     default_signatures,
     enable_save_syn,
@@ -277,10 +277,10 @@ def test_settings_defaults_are_the_shipped_set_and_no_daemon() -> None:
 
 
 def test_settings_read_every_key() -> None:
-    settings = osfp.from_mapping({"signatures": "/etc/p0f/p0f.fp", "p0f_socket": "/run/p0f.sock",
+    settings = fingerprint_source.from_mapping({"signatures": "/etc/p0f/p0f.fp", "p0f_socket": "/run/p0f.sock",
                                   "p0f_timeout": 0.25})
     assert settings == FingerprintSettings("/etc/p0f/p0f.fp", "/run/p0f.sock", 0.25)
-    assert osfp.from_mapping({"p0f_timeout": "2s"}).p0f_timeout == 2.0
+    assert fingerprint_source.from_mapping({"p0f_timeout": "2s"}).p0f_timeout == 2.0
 
 
 @pytest.mark.parametrize("table, key, words", [

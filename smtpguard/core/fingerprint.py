@@ -8,7 +8,7 @@ Inputs: the raw bytes that Linux returns for `getsockopt(IPPROTO_TCP,
 TCP_SAVED_SYN)` — the IPv4 or IPv6 header, then the TCP header with its
 options — and a SignatureSet read from text in p0f v3 `p0f.fp` syntax (only
 the `[tcp:request]` section is used; README section 5 of p0f describes it).
-Reading the file is the caller's job (sources/osfp.py); this module is pure.
+Reading the file is the caller's job (sources/fingerprint.py); this module is pure.
 
 Output: an OsFact (a `status` and `as_facts()`, like every fact): `os`, `os_name`,
 `os_distance`, `os_match`, the matched label and signature, and the parsed

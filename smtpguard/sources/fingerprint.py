@@ -1,7 +1,7 @@
 """Passive OS fingerprint source: the client's own SYN, read from the kernel.
 
 What it decides: the `os`, `os_name`, `os_distance` and `os_match` facts of
-a client (core/syn.py does the matching; this module does the I/O).
+a client (core/fingerprint.py does the matching; this module does the I/O).
 
 Inputs: ClientInfo.syn — the IP + TCP headers of the client's SYN, which the
 server reads with `read_saved_syn()` from each accepted socket after calling
@@ -11,7 +11,7 @@ unprivileged, no pcap, no daemon) — and a SignatureSet (the shipped
 p0f v3 daemon, asked over its unix API socket when there is no SYN (the
 client for that socket is adapters/p0f.py).
 
-Output: an OsFact (core/syn.py).
+Output: an OsFact (core/fingerprint.py).
 
 Failure modes: a connection that came through the PROXY protocol
 (`via_proxy`) gives UNKNOWN: the SYN we hold is the proxy's, never a guess
@@ -43,7 +43,7 @@ from typing import Any, Mapping
 from smtpguard.adapters.p0f import query_p0f
 from smtpguard.core.facts import ClientInfo
 from smtpguard.core.settings import reject_unknown_keys
-from smtpguard.core.syn import UNKNOWN_OS, OsFact, SignatureSet, classify, load_signatures
+from smtpguard.core.fingerprint import UNKNOWN_OS, OsFact, SignatureSet, classify, load_signatures
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
 
