@@ -123,7 +123,7 @@ class Services:
     async def _stage_facts(self, stage: str, session: "ClientSession") -> dict[str, FactValue]:
         if stage == "connect":
             return await self._connect_facts(session)
-        if stage == "helo" and self.run["helo"]:
+        if stage == "helo":
             return await self._helo_facts(session)
         if stage == "data" and session.content is not None:
             # Always verified: the MTA behind gets the results in an
@@ -164,9 +164,15 @@ class Services:
         return out
 
     async def _helo_facts(self, session: "ClientSession") -> dict[str, FactValue]:
-        fact = await helo.gather(session.helo, session.client.ip, session.rdns, self._dns(session),
-                                 us=self._us_at(session.client.local_ip), budget=self.config.dns.stage_budget)
-        return fact.as_facts()
+        out: dict[str, FactValue] = {}
+        if session.rdns is not None:   # issue 14: rdns_generic from here on weighs the HELO name
+            session.rdns = rdns.with_helo(session.rdns, session.client.ip, session.helo, self.config.rdns)
+            out["rdns_generic"] = session.rdns.generic
+        if self.run["helo"]:
+            fact = await helo.gather(session.helo, session.client.ip, session.rdns, self._dns(session),
+                                     us=self._us_at(session.client.local_ip), budget=self.config.dns.stage_budget)
+            out.update(fact.as_facts())
+        return out
 
     def _dns(self, session: Any) -> SessionResolver:
         """The resolver as this session sees it: its lookups spend the

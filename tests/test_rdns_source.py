@@ -10,9 +10,9 @@ import pytest
 
 from smtpguard.adapters.dns import Resolver
 from smtpguard.core.facts import NONE, OK, UNKNOWN
-from smtpguard.core.rdns import compile_rules
+from smtpguard.core.rdns import RdnsFact, compile_rules
 from smtpguard.errors import ConfigError
-from smtpguard.sources.rdns import RdnsSettings, gather, registrable_domain
+from smtpguard.sources.rdns import RdnsSettings, gather, registrable_domain, with_helo
 from tests.fixtures_dns import DnsServer, ptr_name
 
 CLIENT = "192.0.2.10"
@@ -202,6 +202,45 @@ def test_an_admin_exception_reaches_the_classifier(dns_server: DnsServer) -> Non
 ])
 def test_registrable_domain(name: str, domain: str) -> None:
     assert registrable_domain(name) == domain
+
+
+# -- the HELO stage: with_helo() (issue 14) ------------------------------------------
+
+def test_with_helo_revises_a_confirmed_name_given_as_helo(dns_server: DnsServer) -> None:
+    dns_server.set_ptr(CLIENT, ["static1-res.company.test."])
+    dns_server.set("static1-res.company.test", "A", [CLIENT])
+    fact = run(gather(CLIENT, resolver(dns_server)))
+    assert fact.rdns == "confirmed" and fact.generic is True          # two pool words: score 3
+    same = with_helo(fact, CLIENT, "Static1-RES.company.test.")
+    assert same.generic is False and "helo-is-name" in same.reasons
+    assert (same.rdns, same.name, same.domain, same.names) == (fact.rdns, fact.name, fact.domain, fact.names)
+    assert with_helo(same, CLIENT, "mail.other.test") == fact           # a later EHLO with another name
+    assert with_helo(fact, CLIENT, None) is fact and with_helo(fact, CLIENT, "") is fact
+
+
+def test_with_helo_keeps_the_admin_exceptions(dns_server: DnsServer) -> None:
+    dns_server.set_ptr(CLIENT, ["dyn-192-0-2-10.isp.test."])
+    dns_server.set("dyn-192-0-2-10.isp.test", "A", [CLIENT])
+    settings = RdnsSettings.from_mapping({"generic_exceptions": [".isp.test"]})
+    fact = run(gather(CLIENT, resolver(dns_server), settings))
+    assert fact.generic is False
+    assert with_helo(fact, CLIENT, "other.test", settings).generic is False
+    assert with_helo(fact, CLIENT, "other.test").generic is True     # without them: the address and "dyn"
+
+
+@pytest.mark.parametrize("fact", [
+    pytest.param(RdnsFact("none"), id="no PTR"),
+    pytest.param(RdnsFact("unknown", generic="unknown", error="timeout"), id="lookup failed"),
+    pytest.param(RdnsFact("unconfirmed", "static1-res.company.test", "company.test", True, ("static1-res.company.test",),
+                          ("chosen-name",)), id="unconfirmed: the HELO weighs nothing"),
+])
+def test_with_helo_leaves_facts_without_a_confirmed_name_alone(fact: RdnsFact) -> None:
+    assert with_helo(fact, CLIENT, fact.name or "x.test") is fact
+
+
+def test_with_helo_on_a_bad_address_changes_nothing() -> None:
+    fact = RdnsFact("confirmed", "static1-res.company.test", "company.test", True)
+    assert with_helo(fact, "not-an-ip", "static1-res.company.test") is fact
 
 
 # -- settings ---------------------------------------------------------------------------

@@ -19,6 +19,11 @@ Output:
       run time; private entries such as `compute-1.amazonaws.com` are left
       out so that a hoster's default names share one domain);
     * `rdns_generic`: core/rdns.py's verdict; `unknown` when rdns is unknown.
+      Gathered at connect, before the client has named itself; at the HELO
+      stage `with_helo()` classifies a forward-confirmed name again with the
+      HELO name (core/rdns.py: a confirmed name that is also the HELO name
+      was chosen by its operator and needs one more piece of evidence), so
+      rules at helo, mail and rcpt see the HELO-aware verdict.
 Failure modes:
     every failed lookup (timeout, SERVFAIL, the budget running out) is a
     value: `unknown`, with the resolver's reason in `error`; nothing raises.
@@ -42,7 +47,7 @@ import asyncio
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Protocol
 
 from publicsuffixlist import PublicSuffixList
@@ -61,7 +66,7 @@ from smtpguard.core.rdns import (
 )
 from smtpguard.errors import ConfigError
 
-__all__ = ["RdnsFact", "RdnsSettings", "gather", "identity_domain", "registrable_domain"]
+__all__ = ["RdnsFact", "RdnsSettings", "gather", "identity_domain", "registrable_domain", "with_helo"]
 
 # RFC 7208 §4.6.4: at most 10 PTR names are looked at.
 DEFAULT_MAX_PTR_NAMES = 10
@@ -263,3 +268,26 @@ async def gather(ip: str, resolver: ResolverLike, settings: RdnsSettings = RdnsS
                        extra_patterns=settings.generic_patterns, exceptions=settings.generic_exceptions)
     state = RDNS_CONFIRMED if confirmed is not None else RDNS_UNCONFIRMED
     return RdnsFact(state, name, domain, verdict.generic, names, verdict.reasons)
+
+
+def with_helo(fact: RdnsFact, ip: str, helo: str | None, settings: RdnsSettings = RdnsSettings()) -> RdnsFact:
+    """The connect-stage fact classified again now that the HELO name is known.
+
+    Pure (no lookups). Only a forward-confirmed name can change: the HELO
+    weighs nothing for an unconfirmed name, and `none`/`unknown` facts have
+    no verdict to revise. The name is classified from scratch each time, so
+    a client that sends EHLO again with another name gets the verdict of
+    its latest HELO, never a leftover of an earlier one. `helo` is only
+    compared with the name (case and a trailing dot ignored), never stored.
+    """
+    if fact.rdns != RDNS_CONFIRMED or not fact.name:
+        return fact
+    client = _address(ip)
+    if client is None:
+        return fact
+    verdict = classify(fact.name, client.compressed, confirmed=True, domain=fact.domain or None,
+                       extra_patterns=settings.generic_patterns, exceptions=settings.generic_exceptions,
+                       helo=helo or None)
+    if verdict.generic == fact.generic and verdict.reasons == fact.reasons:
+        return fact
+    return replace(fact, generic=verdict.generic, reasons=verdict.reasons)
