@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
+from typing import Mapping, Protocol, Union
 
 # The three answers every lookup can give (DESIGN.md: a failed lookup is a
 # fact value, not an exception).
@@ -79,6 +79,62 @@ FACTS: dict[str, Kind] = {
     # the screen (issue: the screen)
     "pregreet": Kind.BOOL,           # talked before the greeting's last line; unknown when not tested
 }
+
+
+@dataclass(frozen=True, slots=True)
+class FactSpec:
+    """One fact a rule may name: its kind and, when enumerated, its values."""
+
+    name: str
+    kind: Kind
+    # An enumerated TEXT fact's values, so that a misspelt value in a rule is
+    # an error ("unknown" is always allowed); empty: any text.
+    values: frozenset[str] = frozenset()
+    # The earliest stage the fact is known at; "" for a source's facts,
+    # which are known from the stage their source runs at.
+    stage: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """A fact source's declaration: what it provides, when, from which settings.
+
+    Each module of smtpguard/sources/ starts with one (`SOURCE = SourceSpec(...)`)
+    and defines `async def gather(ctx)`; sources/registry.py lists the
+    modules, and the fact table, the config areas and the stage loop are
+    derived from the list (docs/adding-a-fact.md)."""
+
+    name: str                        # the source's name: services.run, metrics, the log
+    stage: str                       # the stage its gather runs at (core.tables.STAGES)
+    facts: tuple[FactSpec, ...]      # the facts its result's as_facts() returns
+    area: str = ""                   # its config table ([geo]); "" when it has no settings
+    # Sources whose results its gather reads (helo reads rdns): they run
+    # whenever this one does, at their own stage, which is not a later one.
+    needs: tuple[str, ...] = ()
+    # Runs whether or not a rule reads its facts (dkim: the MTA always gets
+    # an Authentication-Results header).
+    always: bool = False
+    # Its gather keeps the stage budget itself and returns what it knew by
+    # then (helo's syntax facts, dkim's per-signature results): the stage
+    # loop does not cancel it at the deadline.
+    own_deadline: bool = False
+    # No gather in the stage loop: the session asks for it (graylist, per
+    # recipient); its facts are still declared here.
+    on_demand: bool = False
+    # A later stage at which the module's `revise(ctx, result)` revises the
+    # result from what the session learnt since, without lookups (rdns: the
+    # HELO name, issue 14), and the facts that may change then.
+    revise_at: str = ""
+    revises: tuple[str, ...] = ()
+
+    def fact_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.facts)
+
+
+class Gathered(Protocol):
+    """What a source's gather returns: a frozen result flattened by as_facts()."""
+
+    def as_facts(self) -> Mapping[str, FactValue]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,9 +21,10 @@ Defaults and why:
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
 
-from smtpguard.core.facts import FactValue, Kind
+from smtpguard.core.facts import FactSpec, FactValue, Kind, SourceSpec
 
 # SMTP order (RFC 5321 §3.3); data is the end of DATA.
 STAGES: tuple[str, ...] = ("connect", "helo", "mail", "rcpt", "data")
@@ -113,6 +114,93 @@ FACT_STAGE: dict[str, str] = {
     "from_domain": "data", "dkim_aligned": "data",
     "pregreet": "connect",
 }
+
+
+# The session's own facts, known without a source: the connection, the
+# HELO name as sent, the envelope, the screen's pregreet test. A source's
+# facts are declared in its module (smtpguard/sources/, SourceSpec) and
+# joined with these by fact_table(). Each is known from its stage on
+# (DESIGN.md: the envelope at mail and rcpt).
+CORE_FACTS: tuple[FactSpec, ...] = (
+    FactSpec("ip", Kind.IP, stage="connect"),
+    FactSpec("port", Kind.NUMBER, stage="connect"),
+    FactSpec("tls", Kind.BOOL, stage="connect"),
+    # RFC 5321 §4.1.4: a mismatch alone is never grounds to reject (the helo source's facts)
+    FactSpec("helo", Kind.TEXT, stage="helo"),
+    FactSpec("sender", Kind.TEXT, stage="mail"),
+    FactSpec("sender_domain", Kind.TEXT, stage="mail"),
+    FactSpec("rcpt", Kind.TEXT, stage="rcpt"),
+    FactSpec("rcpt_domain", Kind.TEXT, stage="rcpt"),
+    # the screen: talked before the greeting's last line; unknown when not tested
+    FactSpec("pregreet", Kind.BOOL, stage="connect"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FactTable:
+    """Every fact a rule may name, from the core's and the sources' declarations.
+
+    Built once by fact_table() (sources/registry.py for the shipped
+    sources); core.rules checks rules against it. Read-only mappings."""
+
+    kinds: Mapping[str, Kind]              # fact -> kind (FACTS)
+    stages: Mapping[str, str]              # fact -> earliest stage it is known at (FACT_STAGE)
+    values: Mapping[str, frozenset[str]]   # enumerated fact -> its values (ENUM_VALUES)
+    sources: Mapping[str, frozenset[str]]  # source -> the facts it provides (SOURCE_FACTS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.kinds
+
+
+def fact_table(sources: Iterable[SourceSpec], core: Iterable[FactSpec] = CORE_FACTS) -> FactTable:
+    """Join the core's facts and the sources' declarations into one table.
+
+    A declaration that contradicts another (a fact or source named twice,
+    an unknown stage, a need of a later or unknown source, values on a
+    fact that is not TEXT) raises ValueError: a programming error, found by
+    the registry's import and its tests, never by an admin."""
+    kinds: dict[str, Kind] = {}
+    stages: dict[str, str] = {}
+    values: dict[str, frozenset[str]] = {}
+    provides: dict[str, frozenset[str]] = {}
+    specs = list(sources)
+
+    def add(fact: FactSpec, stage: str, owner: str) -> None:
+        if fact.name in kinds or fact.name in DERIVED_FACTS:
+            raise ValueError(f"{owner}: fact {fact.name!r} is declared twice")
+        if stage not in STAGE_INDEX:
+            raise ValueError(f"{owner}: fact {fact.name!r} has unknown stage {stage!r}")
+        if fact.values and fact.kind is not Kind.TEXT:
+            raise ValueError(f"{owner}: fact {fact.name!r} has values but is not a text fact")
+        kinds[fact.name] = fact.kind
+        stages[fact.name] = stage
+        if fact.values:
+            values[fact.name] = frozenset(fact.values)
+
+    for fact in core:
+        add(fact, fact.stage, "core")
+    by_name: dict[str, SourceSpec] = {}
+    for spec in specs:
+        if spec.name in by_name:
+            raise ValueError(f"source {spec.name!r} is declared twice")
+        if spec.stage not in STAGE_INDEX:
+            raise ValueError(f"source {spec.name!r}: unknown stage {spec.stage!r}")
+        by_name[spec.name] = spec
+        for fact in spec.facts:
+            add(fact, fact.stage or spec.stage, f"source {spec.name!r}")
+        provides[spec.name] = spec.fact_names()
+    for spec in specs:
+        if spec.revise_at and (spec.revise_at not in STAGE_INDEX
+                               or STAGE_INDEX[spec.revise_at] <= STAGE_INDEX[spec.stage]):
+            raise ValueError(f"source {spec.name!r}: revise_at {spec.revise_at!r} is not a later stage")
+        if not set(spec.revises) <= spec.fact_names():
+            raise ValueError(f"source {spec.name!r} revises facts it does not provide")
+        for need in spec.needs:
+            other = by_name.get(need)
+            if other is None or STAGE_INDEX[other.stage] > STAGE_INDEX[spec.stage]:
+                raise ValueError(f"source {spec.name!r} needs {need!r}, which is not a source "
+                                 "of its stage or an earlier one")
+    return FactTable(kinds=kinds, stages=stages, values=values, sources=provides)
 
 
 def _local_part(value: FactValue) -> FactValue:

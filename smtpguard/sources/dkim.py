@@ -68,6 +68,28 @@ from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
 from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
+from smtpguard.core.facts import FactSpec, Kind, SourceSpec
+from smtpguard.observe.log import event
+from smtpguard.sources import Context, table
+
+# The source's declaration (sources/registry.py; docs/adding-a-fact.md):
+# settings DkimSettings from [dkim] (read_settings), entry point
+# gather_facts. Always run: the MTA behind gets the results in an
+# Authentication-Results header (RFC 8601), rules or not; it keeps the stage
+# budget itself (each signature's result stands on its own).
+SOURCE = SourceSpec(
+    name="dkim",
+    stage="data",
+    area="dkim",
+    facts=(
+        FactSpec("dkim", Kind.TEXT, values=frozenset({"pass", "fail", "none"})),
+        FactSpec("dkim_domains", Kind.LIST),     # d= of the signatures that verify
+        FactSpec("from_domain", Kind.TEXT),      # RFC 5322 From: domain ("" unless exactly one)
+        FactSpec("dkim_aligned", Kind.BOOL),     # a passing d= aligned with from_domain (RFC 7489 §3.1.1 relaxed)
+    ),
+    always=True,
+    own_deadline=True,
+)
 
 # RFC 6376 §6.1 allows a limit (see the module docstring).
 MAX_SIGNATURES = 10
@@ -487,3 +509,21 @@ async def gather(message: bytes, resolver: Any, budget: float,
         why = error or f"key lookup failed: {', '.join(failed)}"
         return DkimFact(UNKNOWN, UNKNOWN, (), why, author, UNKNOWN if author else False, results)
     return DkimFact(OK, "fail", (), error, author, False, results)
+
+
+# --- the registry's entry points (smtpguard/sources/__init__.py) -------------
+
+def read_settings(raw: Any) -> DkimSettings:
+    """`[dkim]` from the TOML document (None when absent)."""
+    return from_mapping(table(raw, "dkim"))
+
+
+async def gather_facts(ctx: Context) -> DkimFact | None:
+    """The message's DKIM facts (gather); nothing without a message. An
+    error (a message dkimpy cannot split) is logged with the session id."""
+    if ctx.message is None:
+        return None
+    fact = await gather(ctx.message, ctx.resolver, ctx.budget, ctx.settings)
+    if fact.error:
+        event("dkim.error", session=ctx.client.session_id, ip=ctx.client.ip, error=fact.error)
+    return fact

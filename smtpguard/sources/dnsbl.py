@@ -54,6 +54,22 @@ from smtpguard.core.facts import NONE, UNKNOWN
 from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.errors import ConfigError
 from smtpguard.observe.log import event
+from smtpguard.core.facts import FactSpec, Kind, SourceSpec
+from smtpguard.sources import Context
+
+# The source's declaration (sources/registry.py; docs/adding-a-fact.md):
+# settings DnsblSettings from the [[dnsbl]] array (read_settings), entry
+# point gather_facts.
+SOURCE = SourceSpec(
+    name="dnsbl",
+    stage="connect",
+    area="dnsbl",
+    facts=(
+        FactSpec("dnsbl", Kind.TEXT, values=frozenset({"listed", "none"})),  # unknown: a list could not answer
+        FactSpec("dnsbl_score", Kind.NUMBER),
+        FactSpec("dnsbl_hits", Kind.LIST),
+    ),
+)
 
 log = logging.getLogger("smtpguard.dnsbl")
 
@@ -156,3 +172,17 @@ class DnsblSettings:
     def from_list(cls, value: Any, prefix: str = "dnsbl") -> "DnsblSettings":
         """From the TOML value of `dnsbl` (an array of tables)."""
         return cls(parse_lists(value, prefix))
+
+
+# --- the registry's entry points (smtpguard/sources/__init__.py) -------------
+
+def read_settings(raw: Any) -> DnsblSettings:
+    """The `[[dnsbl]]` array from the TOML document (None when absent)."""
+    return DnsblSettings.from_list([] if raw is None else raw)
+
+
+async def gather_facts(ctx: Context) -> DnsblFact | None:
+    """Every configured list asked at once (gather); nothing when no list is configured."""
+    if not ctx.settings.lists:
+        return None
+    return await gather(ctx.client.ip, ctx.settings.lists, ctx.resolver, ctx.budget)

@@ -46,6 +46,25 @@ from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.fingerprint import UNKNOWN_OS, OsFact, SignatureSet, classify, load_signatures
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
+from smtpguard.core.facts import FactSpec, Kind, SourceSpec
+from smtpguard.sources import Context, table
+
+# The source's declaration (sources/registry.py; docs/adding-a-fact.md):
+# settings FingerprintSettings from [fingerprint] (read_settings), entry
+# point gather_facts.
+SOURCE = SourceSpec(
+    name="fingerprint",
+    stage="connect",
+    area="fingerprint",
+    facts=(
+        # the families of core/fingerprint.FAMILIES ("unknown" is every fact's)
+        FactSpec("os", Kind.TEXT, values=frozenset(
+            {"windows", "linux", "macos", "ios", "android", "freebsd", "openbsd", "other"})),
+        FactSpec("os_name", Kind.TEXT),
+        FactSpec("os_distance", Kind.NUMBER),
+        FactSpec("os_match", Kind.TEXT, values=frozenset({"exact", "fuzzy", "generic", "none"})),
+    ),
+)
 
 # include/uapi/linux/tcp.h (Linux 4.2, commit cd8ae85299d5 "tcp: provide SYN
 # headers for passive connections"); Python's socket module does not name them.
@@ -185,3 +204,15 @@ async def gather(client: ClientInfo, settings: FingerprintSettings, sigs: Signat
     if settings.p0f_socket:
         return await query_p0f(settings.p0f_socket, client.ip, settings.p0f_timeout, client.session_id)
     return UNKNOWN_OS
+
+
+# --- the registry's entry points (smtpguard/sources/__init__.py) -------------
+
+def read_settings(raw: Any) -> FingerprintSettings:
+    """`[fingerprint]` from the TOML document (None when absent)."""
+    return from_mapping(table(raw, "fingerprint"))
+
+
+async def gather_facts(ctx: Context) -> OsFact:
+    """The client's OS fact (gather), with the signatures loaded at start."""
+    return await gather(ctx.client, ctx.settings, ctx.signatures)

@@ -37,6 +37,19 @@ from smtpguard.core.geo import LOCAL, is_country_code, parse_address
 from smtpguard.core.geo import UNKNOWN as UNKNOWN_COUNTRY
 from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.errors import ConfigError
+from smtpguard.core.facts import FactSpec, Kind, SourceSpec
+from smtpguard.sources import Context, table
+
+# The source's declaration (sources/registry.py; docs/adding-a-fact.md):
+# settings GeoSettings from [geo] (read_settings), entry point gather_facts.
+SOURCE = SourceSpec(
+    name="geo",
+    stage="connect",
+    area="geo",
+    facts=(
+        FactSpec("country", Kind.TEXT),   # ISO 3166 alpha-2, "local" or "unknown"
+    ),
+)
 
 # `unknown` setting: what the policy does with a client no data places.
 UNKNOWN_ACTIONS: tuple[str, ...] = ("deny", "allow")
@@ -154,3 +167,18 @@ def _codes(value: Any, key: str) -> tuple[str, ...]:
         if norm not in out:
             out.append(norm)
     return tuple(out)
+
+
+# --- the registry's entry points (smtpguard/sources/__init__.py) -------------
+
+def read_settings(raw: Any) -> GeoSettings:
+    """`[geo]` from the TOML document (None when absent)."""
+    return GeoSettings.from_mapping(table(raw, "geo"))
+
+
+async def gather_facts(ctx: Context) -> GeoFact | None:
+    """The client's country; nothing without country data (a rule on
+    country is then a config error, so no rule waits for it)."""
+    if ctx.geodb is None:
+        return None
+    return gather(ctx.client.ip, ctx.geodb)

@@ -50,6 +50,21 @@ from smtpguard.core.facts import OK, UNKNOWN, FactValue
 from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError, StoreError
+from smtpguard.core.facts import FactSpec, Kind, SourceSpec
+from smtpguard.sources import table
+
+# The source's declaration (sources/registry.py; docs/adding-a-fact.md):
+# settings GraylistSettings from [graylist] (read_settings). Asked by the
+# session per recipient (services.graylist, on_demand), not by the stage loop.
+SOURCE = SourceSpec(
+    name="graylist",
+    stage="rcpt",
+    area="graylist",
+    facts=(
+        FactSpec("graylist", Kind.TEXT, values=frozenset({"new", "deferred", "passed", "allowed", "trapped"})),
+    ),
+    on_demand=True,
+)
 
 ON_ERROR = ("tempfail", "accept")
 DEFAULT_ON_ERROR = "tempfail"  # see GraylistSettings.on_error
@@ -339,3 +354,10 @@ async def allowed(store: Store, *, now: float) -> AsyncIterator[tuple[str, float
         for entry in g.decode_bucket(item.value):
             if entry.expires_at > now:
                 yield entry.network, entry.expires_at, entry.added
+
+
+# --- the registry's entry point (smtpguard/sources/__init__.py) --------------
+
+def read_settings(raw: Any) -> GraylistSettings:
+    """`[graylist]` from the TOML document (None when absent)."""
+    return GraylistSettings.from_mapping(table(raw, "graylist"))

@@ -49,6 +49,22 @@ from smtpguard.core.helo import (
 )
 from smtpguard.core.rdns import RdnsFact
 from smtpguard.sources.rdns import ResolverLike, address_match
+from smtpguard.core.facts import FactSpec, Kind, SourceSpec
+from smtpguard.sources import Context
+
+# The source's declaration (sources/registry.py; docs/adding-a-fact.md): no
+# settings; it reads the rdns result (needs), and bounds its one lookup by
+# the stage budget itself, so that the syntax facts survive a slow DNS.
+# The `helo` fact itself (the name as sent) is the session's (core.tables).
+SOURCE = SourceSpec(
+    name="helo",
+    stage="helo",
+    facts=tuple(FactSpec(name, Kind.BOOL) for name in (
+        "helo_valid", "helo_bare_ip", "helo_literal_matches", "helo_is_us",
+        "helo_resolves", "helo_matches_ip", "helo_matches_rdns")),
+    needs=("rdns",),
+    own_deadline=True,
+)
 
 __all__ = ["HeloFact", "OurIdentity", "gather", "identity"]
 
@@ -95,3 +111,13 @@ async def gather(
                         reason="incomplete answer")
     return HeloFact(fact_status(syntax, answer.status), sent, syntax, resolves, match, by_rdns,
                     addresses=answer.values if resolves else ())
+
+
+# --- the registry's entry point (smtpguard/sources/__init__.py) --------------
+
+async def gather_facts(ctx: Context) -> HeloFact:
+    """The HELO facts of the session's HELO name, against the rdns result
+    gathered at connect (revised with the HELO name) and who we are at the
+    address the client connected to."""
+    return await gather(ctx.helo, ctx.client.ip, ctx.results.get("rdns"), ctx.resolver,
+                        us=ctx.us, budget=ctx.budget)

@@ -65,6 +65,25 @@ from smtpguard.core.rdns import (
     compile_rules,
 )
 from smtpguard.errors import ConfigError
+from smtpguard.core.facts import FactSpec, Kind, SourceSpec
+from smtpguard.sources import Context, table
+
+# The source's declaration (sources/registry.py; docs/adding-a-fact.md):
+# settings RdnsSettings from [rdns] (read_settings), entry point
+# gather_facts; at the helo stage `revise` weighs the HELO name (with_helo).
+SOURCE = SourceSpec(
+    name="rdns",
+    stage="connect",
+    area="rdns",
+    facts=(
+        FactSpec("rdns", Kind.TEXT, values=frozenset({"none", "unconfirmed", "confirmed"})),
+        FactSpec("rdns_name", Kind.TEXT),
+        FactSpec("rdns_domain", Kind.TEXT),
+        FactSpec("rdns_generic", Kind.BOOL),
+    ),
+    revise_at="helo",
+    revises=("rdns_generic",),
+)
 
 __all__ = ["RdnsFact", "RdnsSettings", "gather", "identity_domain", "registrable_domain", "with_helo"]
 
@@ -291,3 +310,20 @@ def with_helo(fact: RdnsFact, ip: str, helo: str | None, settings: RdnsSettings 
     if verdict.generic == fact.generic and verdict.reasons == fact.reasons:
         return fact
     return replace(fact, generic=verdict.generic, reasons=verdict.reasons)
+
+
+# --- the registry's entry points (smtpguard/sources/__init__.py) -------------
+
+def read_settings(raw: Any) -> RdnsSettings:
+    """`[rdns]` from the TOML document (None when absent)."""
+    return RdnsSettings.from_mapping(table(raw, "rdns"))
+
+
+async def gather_facts(ctx: Context) -> RdnsFact:
+    """The client's rDNS fact (gather); the stage loop bounds it by the stage budget."""
+    return await gather(ctx.client.ip, ctx.resolver, ctx.settings)
+
+
+def revise(ctx: Context, fact: RdnsFact) -> RdnsFact:
+    """At the helo stage: the fact classified again with the HELO name (with_helo, issue 14)."""
+    return with_helo(fact, ctx.client.ip, ctx.helo, ctx.settings)
