@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpguard.core.facts import FACTS, NONE, OK, UNKNOWN
+from smtpguard.core.facts import NONE, OK, UNKNOWN
 from smtpguard.core import fingerprint as syn_module
 from smtpguard.core.fingerprint import (
     FAMILIES,
@@ -28,6 +28,7 @@ from smtpguard.core.fingerprint import (
     load_signatures,
     parse_syn,
 )
+from smtpguard.sources.registry import FACTS
 
 P0F_FP = Path("/etc/p0f/p0f.fp")
 needs_p0f = pytest.mark.skipif(not P0F_FP.exists(), reason="p0f's /etc/p0f/p0f.fp is not installed")
@@ -132,8 +133,8 @@ FAMILY_CASES = [
                  "windows", "exact", "Windows 10/11", 9,
                  id="Windows 10 over IPv6 (MSS 1440, 45 segments) is windows"),
     pytest.param(dict(ttl=128, window=64240, layout=WINDOWS_OPTS, ws=8, df=False),
-                 "unknown", "none", "unknown", 0,
-                 id="Windows 10 whose DF bit a NAT cleared is unknown: Windows signatures need DF"),
+                 "windows", "fuzzy", "Windows 10", 0,
+                 id="Windows 10 whose DF bit a NAT cleared is a fuzzy windows: never refused by the shipped rules"),
     pytest.param(dict(ttl=121, window=8192, layout=WINDOWS_OPTS, ws=2),
                  "windows", "exact", "Windows 7", 7,
                  id="Windows 7 (8192, shift 2) is windows 7"),
@@ -235,6 +236,10 @@ NO_MATCH_CASES = [
                  id="a TTL-128 device without DF in Windows XP's option order is not windows"),
     pytest.param(dict(ttl=120, window=8192, layout=WINDOWS_OPTS, ws=2, df=False, ip_id=0),
                  id="a TTL-128 device without DF and IP ID 0 in Windows 7's layout is not windows"),
+    pytest.param(dict(ttl=125, window=12345, layout=WINDOWS_OPTS, ws=8, df=False),
+                 id="without DF, Windows' layout with a window no Windows announces is not windows (generic needs DF)"),
+    pytest.param(dict(ttl=125, window=65535, layout=WINDOWS_XP_OPTS, df=False),
+                 id="without DF, XP's unscaled 65535 (printers, IP phones) is not windows"),
     pytest.param(dict(ttl=64, window=64240, layout=LINUX_OPTS, ws=7, ip_options=b"\x01\x01\x01\x00"),
                  id="IPv4 options no stack sends make a SYN unknown"),
 ]
@@ -257,6 +262,9 @@ OTHER_CASES = [
      "Solaris 8 (MSS written last) is other"),
     ("4:58:0:1460:65535,1:mss,nop,ws,nop,nop,ts,nop,nop,sok:df,id+:0", "AIX", "exact", "AIX 5.3 is other"),
     ("4:61:0:1460:32768,0:mss,ws,nop:df,id+:0", "HP-UX", "exact", "HP-UX 11 is other"),
+    ("4:62:0:1460:16384,0:mss,nop,ws,nop,nop,ts:ts1-:0", "QNX", "exact", "QNX 6 (zero TSval) is other"),
+    ("4:60:0:1460:16384,0:mss,nop,ws,nop,nop,ts,nop,nop,?12:df,id+:0", "RISC OS", "exact",
+     "RISC OS 4 (option 12) is other"),
     ("4:120:0:1460:3000,0:mss,nop,ws::0", "OpenVMS", "exact", "OpenVMS 8 (TTL 128, no DF) is other, not windows"),
     ("4:59:0:1460:32768,0:mss,nop,ws:df,id+:0", "Tru64", "exact", "Tru64 is other"),
     ("4:118:0:1452:65535,0:mss,nop,nop,sok,nop,nop,ts::0", "BlackBerry", "exact",

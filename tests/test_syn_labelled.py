@@ -25,8 +25,6 @@ FAMILIES = ("windows", "linux", "android", "macos", "ios", "freebsd", "openbsd",
 
 # (set, what) -> why the matcher cannot get it right.
 KNOWN_MISSES: dict[tuple[str, str], str] = {
-    ("eval", "Windows 10 behind a router that clears DF"):
-        "deliberate: Windows signatures need DF, so that no TTL-128 device without DF is called Windows",
     ("eval", "Linux 6.18 with SO_RCVBUF 64 KB (scale 1)"):
         "an application's small receive buffer gives Android's scale of 1; the SYN is identical",
     ("eval", "Android 13 (kernel 5.15) on Wi-Fi"):
@@ -39,12 +37,11 @@ KNOWN_MISSES: dict[tuple[str, str], str] = {
     # second round (P0F2X): evaluated once, then moved to the tuning set; still missed
     ("tune", "Windows Server 2003 with initial TTL 64"):
         "a Windows layout at TTL 64 is never called windows without Windows' own window",
-    ("tune", "Windows XP behind WinRoute (no DF)"): "deliberate: Windows signatures need DF",
+    ("tune", "Windows XP behind WinRoute (no DF)"):
+        "deliberate: without DF only Windows' own scaled window matches; XP's unscaled layout is printers' too",
     ("tune", "Windows CE 3 (TTL 32, MSS only)"): "an MSS-only SYN is a generic other",
     ("tune", "iPhone OS 3.1.3 without window scaling"): "MSS,SACK at 65535 is iPhone OS 3 or FreeBSD 7: no guess",
     ("tune", "FreeBSD 7.0, MSS and SACK only"): "MSS,SACK at 65535 is iPhone OS 3 or FreeBSD 7: no guess",
-    ("tune", "QNX 6 (no DF, zero timestamp)"): "a zero TSval (ts1-) is in no signature",
-    ("tune", "RISC OS 4 (option 12)"): "no signature for RISC OS",
 }
 
 
@@ -81,7 +78,7 @@ def test_every_row_is_well_formed_with_its_provenance() -> None:
     assert len({(r.set, r.what) for r in ROWS}) == len(ROWS), "duplicate rows"
     for r in ROWS:
         assert r.set in SETS and r.os in FAMILIES, r
-        assert r.source.split(":")[0] in ("CAP", "P0F3", "P0F2", "P0F2X", "PUB"), r
+        assert r.source.split(":")[0] in ("CAP", "P0F3", "P0F2", "P0F2X", "PUB", "TRU", "SAT"), r
         assert len(r.data()) >= 40
     assert set(KNOWN_MISSES) <= {(r.set, r.what) for r in ROWS}
 

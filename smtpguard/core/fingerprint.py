@@ -40,13 +40,21 @@ Deliberate departures from p0f, and why:
     signature already ignores window and scale, and with the TTL relaxed too
     only the option layout would be left, which stacks share (Solaris 10
     writes Windows' MSS,NOP,WS,NOP,NOP,SACK order with TTL 64).
-  * A Windows signature (class `win`) never matches an IPv4 SYN without
-    DF, not even fuzzily. Every Windows since NT 4 sets DF (path MTU
-    discovery, EnablePMTUDiscovery=1 by default), while printers, consoles,
-    OpenVMS and other TTL-128 stacks without DF share its option layouts; the
-    shipped policy refuses on `os = windows`, so a Windows SYN whose DF a
-    router cleared comes out `unknown` rather than anything else coming out
-    Windows (STRICT_DF_CLASSES).
+  * A Windows signature (class `win`) matches an IPv4 SYN without DF only
+    fuzzily, and only a specific signature whose layout has the window-scale
+    option (Vista and newer: the window, the scale and the option order must
+    all be Windows' own); a generic Windows signature or an XP-style layout
+    without window scaling never matches without DF, nor does a SYN without
+    DF whose IP ID is zero (Windows numbers every datagram; a router that
+    clears DF leaves the ID alone). Every Windows since
+    NT 4 sets DF (path MTU discovery, EnablePMTUDiscovery=1 by default), so
+    a Windows SYN arrives without it only when a router or VPN cleared it
+    (real traffic has a few: MSS-clamped Windows 10 SYNs in the Trustable
+    p0f data, see tests/data/syn_labelled.tsv), while printers, IP phones,
+    consoles, OpenVMS and other TTL-128 stacks without DF share XP's
+    MSS,NOP,NOP,SACK layout. The shipped policy refuses only on an exact or
+    generic Windows match, so such a SYN is graylisted, never refused
+    (STRICT_DF_CLASSES).
   * The IPv6 `flow` quirk may appear or vanish as a fuzzy difference: flow
     labels (RFC 6437) are a per-host policy that stacks switched on over the
     years (Linux auto_flowlabels since 3.17), not a property of the stack.
@@ -727,8 +735,10 @@ def _matches(sig: Signature, f: SynFields, by_mss: frozenset[int], by_mtu: froze
         appeared = f.quirk_bits & ~ref
         if vanished & ~_MAY_VANISH or appeared & ~_MAY_APPEAR:
             return None
-        if vanished & QUIRKS["df"] and sig.label.cls in STRICT_DF_CLASSES:
-            return None          # a Windows SYN always has DF (module docstring)
+        if vanished & QUIRKS["df"] and sig.label.cls in STRICT_DF_CLASSES and (
+                sig.label.generic or sig.win_kind == WIN_ANY or "ws" not in sig.layout
+                or f.quirk_bits & QUIRKS["id-"]):
+            return None          # without DF only Windows' own scaled window (module docstring)
         fuzzy = True
 
     if f.ttl > sig.ittl:         # TTLs only go down (see the module docstring)

@@ -110,6 +110,22 @@ sig   = *:64:0:*:65535,4:mss,sok,ts,nop,ws:df,id+,flow:0
 sig   = *:64:0:*:65535,5:mss,sok,ts,nop,ws:df,id+,flow:0
 sig   = *:64:0:*:65535,6:mss,sok,ts,nop,ws:df,id+,flow:0
 
+; Android 10 and newer: the same 65535 window (Android's own tcp_rmem and
+; init_rwnd settings, not mainline's whole-segment rounding) with the larger
+; shifts of today's buffers, 7 to 12. Source: the Trustable p0f data (real
+; traffic labelled by User-Agent, in biandratti/huginn-net's p0f.fp, LGPL):
+; about a hundred Android SYNs, almost all 65535 with shift 8, 9 or 10,
+; while its desktop Linux SYNs are 44 segments (mss*44). Desktop Linux
+; announces 65535 only when 44 segments exceed it (MSS above 1489: jumbo
+; frames, loopback), which a mail server on the Internet rarely sees.
+label = s:unix:Android:10 or newer
+sig   = *:64:0:*:65535,7:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,8:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,9:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,10:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,11:mss,sok,ts,nop,ws:df,id+,flow:0
+sig   = *:64:0:*:65535,12:mss,sok,ts,nop,ws:df,id+,flow:0
+
 ; ======================================================================
 ; Linux: initial TTL 64 (net.ipv4.ip_default_ttl). Options MSS, SACK-
 ; permitted, TS, NOP, WS (net/ipv4/tcp_output.c writes them in that order
@@ -177,6 +193,10 @@ sig   = *:64:0:*:*,*:mss,nop,nop,sok,nop,ws:df,id+,flow:0
 label = s:unix:macOS:11 or newer (or iOS 14+)
 sig   = *:64:0:*:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
 sig   = *:64:0:*:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ecn,flow:0
+; The same with an IP ID of zero under DF (RFC 6864 §4.1 allows it for
+; atomic datagrams): most of the Trustable p0f data's macOS and iOS SYNs.
+sig   = *:64:0:*:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:df,flow:0
+sig   = *:64:0:*:65535,6:mss,nop,ws,nop,nop,ts,sok,eol+1:df,ecn,flow:0
 
 label = s:unix:macOS:10.x
 sig   = *:64:0:*:65535,3:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
@@ -184,6 +204,9 @@ sig   = *:64:0:*:65535,4:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
 sig   = *:64:0:*:65535,5:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,flow:0
 sig   = *:64:0:*:65535,4:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ecn,flow:0
 sig   = *:64:0:*:65535,5:mss,nop,ws,nop,nop,ts,sok,eol+1:df,id+,ecn,flow:0
+; IP ID zero under DF, as above (Trustable p0f data, shift 5).
+sig   = *:64:0:*:65535,5:mss,nop,ws,nop,nop,ts,sok,eol+1:df,flow:0
+sig   = *:64:0:*:65535,5:mss,nop,ws,nop,nop,ts,sok,eol+1:df,ecn,flow:0
 
 ; Older iPhones and iPads used the smaller shift of 2 (published p0f v3
 ; observations of iOS devices).
@@ -360,6 +383,12 @@ sig   = *:64:0:*:*,*:mss,ws,nop:df,id+:0
 sig   = *:255:0:*:*,*:mss,ws,nop::0
 sig   = *:255:0:*:*,*:mss,nop,ws::0
 sig   = *:255:0:*:*,*:nop,ws,mss:df,id+:0
+
+; QNX 6 sends a zero TSval (quirk ts1-), RISC OS 4 an option 12 (P0F2X).
+label = s:other:QNX:6
+sig   = *:64:0:*:16384,0:mss,nop,ws,nop,nop,ts:ts1-:0
+label = s:other:RISC OS:4
+sig   = *:64:0:*:16384,0:mss,nop,ws,nop,nop,ts,nop,nop,?12:df,id+:0
 
 label = g:other:Unix:timestamps without SACK (OS/400, QNX, UnixWare)
 sig   = *:64:0:*:*,*:mss,nop,ws,nop,nop,ts:df,id+:0
