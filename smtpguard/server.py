@@ -450,6 +450,7 @@ class Server:
             timeout=s.idle_timeout,
             auth_require_tls=True,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            loop=asyncio.get_running_loop(),   # saves aiosmtpd looking it up through a deprecated path
         )
 
     def hand_over(self, transport: asyncio.BaseTransport, handler: ClientSession, buffered: bytes,

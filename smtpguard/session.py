@@ -596,8 +596,21 @@ class ClientSession:
         for_clause = f"\r\n\tfor <{replies.clean(rcpts[0], 256)}>" if len(rcpts) == 1 else ""
         header = (f"Received: from {helo or literal} ({host} {literal}{note}){tls}\r\n"
                   f"\tby {self.config.server.hostname} (smtpguard) with {proto} id {self.client.session_id}"
-                  f"{for_clause};\r\n\t{formatdate(localtime=True)}\r\n")
+                  f"{for_clause};\r\n\t{trace_date()}\r\n")
         return header.encode("utf-8", "surrogateescape") if utf8 else header.encode("ascii", "replace")
+
+
+_DATE: list[Any] = [None, ""]   # the second and its RFC 5322 date-time
+
+
+def trace_date(now: float | None = None) -> str:
+    """The Received: date in local time (RFC 5322 §3.3), formatted once per
+    second: time-zone arithmetic is a measurable part of a relayed message's
+    CPU (issue 15)."""
+    second = int(time.time() if now is None else now)
+    if _DATE[0] != second:
+        _DATE[0], _DATE[1] = second, formatdate(second, localtime=True)
+    return str(_DATE[1])
 
 
 # aiosmtpd inspects handle_EHLO's signature on every connection (to tell its

@@ -182,3 +182,15 @@ def test_utf8_local_parts_never_open_the_relay(local: str, domain: str) -> None:
     if isinstance(checked, Recipient):
         assert checked.domain in ("example.test", "münchen.example", "xn--mnchen-3ya.example")
         assert not any(c in checked.local for c in "%!@")
+
+
+def test_the_trace_date_is_the_local_rfc5322_date_of_its_second() -> None:
+    # formatted once per second (issue 15); it must stay the date of that second
+    from email.utils import formatdate, parsedate_to_datetime
+
+    from smtpguard.session import trace_date
+
+    a, b, c = trace_date(1_700_000_000.1), trace_date(1_700_000_000.9), trace_date(1_700_000_001.0)
+    assert a == b == formatdate(1_700_000_000, localtime=True)
+    assert c == formatdate(1_700_000_001, localtime=True)
+    assert parsedate_to_datetime(c).timestamp() == 1_700_000_001
