@@ -18,7 +18,7 @@ import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Union
 
 from smtpguard.adapters.dns import DnsSettings
@@ -28,6 +28,7 @@ from smtpguard.core.units import parse_duration, parse_size
 from smtpguard.errors import ConfigError
 from smtpguard.observe.http import HttpSettings
 from smtpguard.sources.dnsbl import DnsblSettings
+from smtpguard.sources.registry import REGISTRY, Registry
 from smtpguard.sources.geo import GeoSettings
 from smtpguard.sources.graylist import GraylistSettings, StateSettings
 from smtpguard.sources.fingerprint import FingerprintSettings
@@ -192,6 +193,21 @@ class Config:
     # [state] url was written (file, flag or environment): the screen's pass
     # cache and rate counters then live there, else in the process.
     state_given: bool = False
+    # The fact sources (sources/registry.py) the policy was checked against
+    # and the services run; the settings of a source without a field above
+    # (a newly added one), by its config area (`area()` reads either).
+    registry: Registry = field(default=REGISTRY, compare=False, repr=False)
+    sources: Mapping[str, Any] = field(default_factory=dict)
+
+    def area(self, name: str) -> Any:
+        """A source's settings by its config area ([geo] -> GeoSettings)."""
+        if name in _FIELDS:
+            return getattr(self, name)
+        return self.sources.get(name)
+
+
+# Config's fields: a source's area with a field of its own is stored there.
+_FIELDS = frozenset(f.name for f in fields(Config))
 
 
 # --- value parsers: each takes (key, value) and returns the typed value ---
@@ -417,10 +433,10 @@ LOG_KEYS: dict[str, Parser] = {
     "format": lambda k, v: _choice(k, v, LOG_FORMATS),
     "level": lambda k, v: _choice(k, v, LOG_LEVELS),
 }
-# Tables read by the other areas' own `from_mapping`; listed so that an
+# Tables read by the other areas' own `from_mapping` (each fact source's
+# table comes from the registry: Registry.areas()); listed so that an
 # unknown top-level table is an error.
-OTHER_TABLES = ("dns", "geo", "fingerprint", "rdns", "dnsbl", "graylist", "state",
-                "policy", "lists", "rule", "http", "dkim")
+OTHER_TABLES = ("dns", "state", "policy", "lists", "rule", "http")
 
 # flag dest -> (table, key): every flag has a key in the file.
 FLAG_KEYS: dict[str, tuple[str, str]] = {
@@ -505,10 +521,15 @@ def _machine_fqdn() -> str:
     return name if "." in name else socket.gethostname()
 
 
-def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str = "") -> Config:
-    """Validate a TOML document (with flags merged in) into a Config."""
+def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str = "",
+          registry: Registry = REGISTRY) -> Config:
+    """Validate a TOML document (with flags merged in) into a Config.
+
+    `registry`: the fact sources whose tables are read and whose facts the
+    rules may name (a test or an embedding program passes one with more)."""
     origin = merge_flags(doc, flags or {})
-    known = {"server", "upstream", "log", "pregreet", "limits", *OTHER_TABLES}
+    known = {"server", "upstream", "log", "pregreet", "limits", *OTHER_TABLES,
+             *(s.spec.area for s in registry.areas())}
     for table in doc:
         if table not in known:
             raise ConfigError(table, f"unknown table; known: {', '.join(sorted(known))}")
@@ -523,7 +544,7 @@ def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str
                           "(flag --proxy-trusted); a PROXY header from anyone else would let any "
                           "client claim any address")
     try:
-        areas = _areas(doc)
+        areas = _areas(doc, registry)
         areas["http"] = HttpSettings.from_mapping(_table(doc, "http"), areas["policy"])
     except ConfigError as e:
         # A value that came from a flag is reported under the flag's name.
@@ -592,24 +613,25 @@ def _table(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value
 
 
-def _areas(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """The other areas' settings, each validated by its own code."""
-    geo = GeoSettings.from_mapping(_table(doc, "geo"))
-    implicit = geo_rules(geo.allow, geo.deny, geo.unknown) if (geo.allow or geo.deny) else ()
-    dnsbl = doc.get("dnsbl", [])
-    return {
-        "dns": DnsSettings.from_mapping(_table(doc, "dns")),
-        "geo": geo,
-        "fingerprint": FingerprintSettings.from_mapping(_table(doc, "fingerprint")),
-        "dkim": DkimSettings.from_mapping(_table(doc, "dkim")),
-        "rdns": RdnsSettings.from_mapping(_table(doc, "rdns")),
-        "dnsbl": DnsblSettings.from_list(dnsbl),
-        "graylist": GraylistSettings.from_mapping(_table(doc, "graylist")),
-        "state": StateSettings.from_mapping(_table(doc, "state")),
-        "policy": parse_policy(doc, implicit),
-    }
+def _areas(doc: Mapping[str, Any], registry: Registry = REGISTRY) -> dict[str, Any]:
+    """The other areas' settings, each validated by its own code: every fact
+    source's table by its read_settings (the registry), then the policy,
+    checked against the registry's facts."""
+    areas: dict[str, Any] = {"dns": DnsSettings.from_mapping(_table(doc, "dns"))}
+    extra: dict[str, Any] = {}
+    for source in registry.areas():
+        area = source.spec.area
+        settings = source.read_settings(doc.get(area)) if source.read_settings else None
+        (areas if area in _FIELDS else extra)[area] = settings
+    geo = areas["geo"]
+    implicit = geo_rules(geo.allow, geo.deny, geo.unknown, facts=registry.table) if (geo.allow or geo.deny) else ()
+    areas["state"] = StateSettings.from_mapping(_table(doc, "state"))
+    areas["policy"] = parse_policy(doc, implicit, facts=registry.table)
+    areas["registry"] = registry
+    areas["sources"] = extra
+    return areas
 
 
-def load(path: str | None, flags: Mapping[str, Any] | None = None) -> Config:
+def load(path: str | None, flags: Mapping[str, Any] | None = None, registry: Registry = REGISTRY) -> Config:
     doc = read_toml(path) if path else {}
-    return build(doc, flags, path or "")
+    return build(doc, flags, path or "", registry)

@@ -1,18 +1,29 @@
 """The per-process composition root: config, upstream pool, fact sources, policy.
 
 Built once at start (and again on SIGHUP); a session reaches every shared
-part through it. It owns which sources run at which stage and the one
-deadline they share (`[dns] stage_budget`): the cost of a stage is its
-slowest lookup, not the sum. A source runs only when a rule reads one of its
-facts (as postscreen runs only the tests that are enabled), or when the
-relay itself needs it (the confirmed rDNS name for XCLIENT and the trace,
-the rDNS domain for graylist identities).
+part through it. It runs the stage loop: at each stage, the sources the
+registry (sources/registry.py, `config.registry`) declares for that stage
+run concurrently under the one deadline they share (`[dns] stage_budget`),
+so the cost of a stage is its slowest lookup, not the sum; a source that
+has not finished by then gives `unknown` for each of its facts. A source
+runs only when a rule reads one of its facts (as postscreen runs only the
+tests that are enabled), when a running source reads its result (helo reads
+rdns), when it is always needed (dkim, for the Authentication-Results
+header), or when the relay itself needs it (the confirmed rDNS name for
+XCLIENT and the trace, the rDNS domain for graylist identities).
+
+The sources' results of a session are kept in one dict by source name
+(`session.source_results`, which later sources read as `ctx.results`); the
+session still reads some of them under their own names, set here
+(`_publish`: session.rdns, session.dnsbl_text, session.dkim_fact).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Awaitable
 
 from smtpguard.adapters.dns import Resolver, SessionResolver, within
@@ -25,21 +36,19 @@ from smtpguard.core.helo import OurIdentity, identity
 from smtpguard.errors import ConfigError, StoreError
 from smtpguard.observe.log import event
 from smtpguard.observe.metrics import observe_facts, observe_graylist, observe_pregreet
-from smtpguard.sources import dkim, dnsbl, fingerprint, geo, graylist, helo, rdns
+from smtpguard.sources import Context, fingerprint, graylist, rdns
+from smtpguard.sources.registry import Source
 
 if TYPE_CHECKING:
     from smtpguard.session import ClientSession
 
-# Which source provides which facts (the policy says which facts it reads).
-SOURCE_FACTS: dict[str, frozenset[str]] = {
-    "geo": frozenset({"country"}),
-    "fingerprint": frozenset({"os", "os_name", "os_distance", "os_match"}),
-    "rdns": frozenset({"rdns", "rdns_name", "rdns_domain", "rdns_generic"}),
-    "dnsbl": frozenset({"dnsbl", "dnsbl_score", "dnsbl_hits"}),
-    "dkim": frozenset({"dkim", "dkim_domains", "from_domain", "dkim_aligned"}),
-    "helo": frozenset({"helo_valid", "helo_bare_ip", "helo_literal_matches", "helo_is_us",
-                       "helo_resolves", "helo_matches_ip", "helo_matches_rdns"}),
-}
+# SOURCE_FACTS (imported from sources/registry.py): which source provides
+# which facts; the policy says which facts it reads.
+# A source the stage loop cut at the deadline (its facts become `unknown`).
+_UNFINISHED = object()
+# Sources that keep the stage budget themselves (SourceSpec.own_deadline)
+# are not cut by the loop; this bound only guards against a bug in one.
+_OWN_DEADLINE = 3600.0
 # A host has a handful of addresses; the bound only guards against surprises.
 MAX_LOCAL_ADDRESSES = 256
 # The screen's rate limit counts new sessions in fixed one-minute windows
@@ -96,13 +105,11 @@ class Services:
     def _configure(self, config: Config) -> None:
         self.config = config
         self.policy = config.policy
-        wanted = self.policy.facts()
-        self.run = {name: bool(facts & wanted) for name, facts in SOURCE_FACTS.items()}
+        self.registry = config.registry
         # The relay itself uses the confirmed rDNS name (XCLIENT NAME, the
         # Received header) and the graylist keys on the rDNS domain.
-        self.run["rdns"] = self.run["rdns"] or config.upstream.xclient or uses_graylist(config) \
-            or self.run["helo"]
-        self.run["geo"] = self.run["geo"] and self.geodb is not None
+        relay = frozenset({"rdns"}) if config.upstream.xclient or uses_graylist(config) else frozenset()
+        self.run: dict[str, bool] = self.registry.wanted(self.policy.facts(), relay)
         listen_ips = [h for h, _ in config.server.listen if h not in ("0.0.0.0", "::", "")]
         self.us: OurIdentity = identity([config.server.hostname], config.server.domains, listen_ips)
         self._us_by_local: dict[str, OurIdentity] = {}
@@ -121,58 +128,71 @@ class Services:
         return got
 
     async def _stage_facts(self, stage: str, session: "ClientSession") -> dict[str, FactValue]:
-        if stage == "connect":
-            return await self._connect_facts(session)
-        if stage == "helo":
-            return await self._helo_facts(session)
-        if stage == "data" and session.content is not None:
-            # Always verified: the MTA behind gets the results in an
-            # Authentication-Results header (RFC 8601), rules or not.
-            fact = await dkim.gather(session.content, self._dns(session), self.config.dns.stage_budget,
-                                     self.config.dkim)
+        """The stage loop: revise earlier results (rdns with the HELO name),
+        then run the stage's wanted sources concurrently within the budget."""
+        results = self._results(session)
+        out: dict[str, FactValue] = {}
+        revising = [s for s in self.registry.revised_at(stage) if s.spec.name in results]
+        sources = [s for s in self.registry.at(stage) if s.spec.always or self.run.get(s.spec.name)]
+        if not revising and not sources:
+            return out
+        ctx = Context(client=session.client, stage=stage, resolver=self._dns(session),
+                      budget=self.config.dns.stage_budget, results=results, helo=session.helo or "",
+                      message=session.content if stage == "data" else None, config=self.config,
+                      geodb=self.geodb, signatures=self.signatures,
+                      us=self._us_at(session.client.local_ip) if stage != "connect" else self.us)
+        for source in revising:   # issue 14: rdns_generic from the helo stage on weighs the HELO name
+            assert source.revise is not None
+            fact = results[source.spec.name] = source.revise(self._ctx(ctx, source), results[source.spec.name])
+            out.update({k: v for k, v in fact.as_facts().items() if k in source.spec.revises})
+            self._publish(session, source.spec.name, fact)
+        if not sources:
+            return out
+        cut: dict[str, Awaitable[Any]] = {s.spec.name: s.gather(self._ctx(ctx, s))
+                                          for s in sources if not s.spec.own_deadline and s.gather}
+        kept: dict[str, Awaitable[Any]] = {s.spec.name: s.gather(self._ctx(ctx, s))
+                                           for s in sources if s.spec.own_deadline and s.gather}
+        got_cut, got_kept = await asyncio.gather(
+            within(self.config.dns.stage_budget, cut, lambda _k: _UNFINISHED),
+            within(_OWN_DEADLINE, kept, lambda _k: _UNFINISHED))
+        for name, fact in {**got_cut, **got_kept}.items():
+            if fact is _UNFINISHED:
+                out.update(self.registry.unknown_facts(name))
+                continue
+            if fact is None:   # nothing to say for this client (no country data, no list, no message)
+                continue
+            results[name] = fact
+            out.update(fact.as_facts())
+            self._publish(session, name, fact)
+        return out
+
+    def _ctx(self, ctx: Context, source: Source) -> Context:
+        return replace(ctx, settings=self.config.area(source.spec.area) if source.spec.area else None)
+
+    @staticmethod
+    def _results(session: Any) -> dict[str, Any]:
+        """The session's source results by source name (made at its first stage)."""
+        results: dict[str, Any] | None = getattr(session, "source_results", None)
+        if results is None:
+            results = {}
+            try:
+                session.source_results = results
+            except AttributeError:  # a session object without a __dict__: per stage, then
+                pass
+        return results
+
+    @staticmethod
+    def _publish(session: Any, name: str, fact: Any) -> None:
+        """What the session reads today under its own names (until it reads
+        source_results): the rDNS result (XCLIENT NAME, Received, graylist
+        identity), the DNS lists' text for the reply, the DKIM result for the
+        Authentication-Results header."""
+        if name == "rdns":
+            session.rdns = fact
+        elif name == "dnsbl" and fact.text:
+            session.dnsbl_text = fact.text
+        elif name == "dkim":
             session.dkim_fact = fact
-            if fact.error:
-                event("dkim.error", session=session.client.session_id, ip=session.client.ip, error=fact.error)
-            return fact.as_facts()
-        return {}
-
-    async def _connect_facts(self, session: "ClientSession") -> dict[str, FactValue]:
-        client = session.client
-        out: dict[str, FactValue] = {}
-        if self.run["geo"]:
-            fact = geo.gather(client.ip, self.geodb)
-            out.update(fact.as_facts())
-        lookups: dict[str, Awaitable[Any]] = {}
-        if self.run["fingerprint"]:
-            lookups["fingerprint"] = fingerprint.gather(client, self.config.fingerprint, self.signatures)
-        if self.run["rdns"]:
-            lookups["rdns"] = rdns.gather(client.ip, self._dns(session), self.config.rdns)
-        if self.run["dnsbl"] and self.config.dnsbl.lists:
-            lookups["dnsbl"] = dnsbl.gather(client.ip, self.config.dnsbl.lists, self._dns(session),
-                                            self.config.dns.stage_budget)
-        if lookups:
-            got = await within(self.config.dns.stage_budget, lookups, lambda _k: None)
-            for name, fact in got.items():
-                if fact is None:
-                    out.update({k: UNKNOWN for k in SOURCE_FACTS[name]})
-                    continue
-                out.update(fact.as_facts())
-                if name == "rdns":
-                    session.rdns = fact
-                elif name == "dnsbl" and fact.text:
-                    session.dnsbl_text = fact.text
-        return out
-
-    async def _helo_facts(self, session: "ClientSession") -> dict[str, FactValue]:
-        out: dict[str, FactValue] = {}
-        if session.rdns is not None:   # issue 14: rdns_generic from here on weighs the HELO name
-            session.rdns = rdns.with_helo(session.rdns, session.client.ip, session.helo, self.config.rdns)
-            out["rdns_generic"] = session.rdns.generic
-        if self.run["helo"]:
-            fact = await helo.gather(session.helo, session.client.ip, session.rdns, self._dns(session),
-                                     us=self._us_at(session.client.local_ip), budget=self.config.dns.stage_budget)
-            out.update(fact.as_facts())
-        return out
 
     def _dns(self, session: Any) -> SessionResolver:
         """The resolver as this session sees it: its lookups spend the
@@ -397,7 +417,7 @@ class Services:
         compiles the zone cache, and this thread only opens the compiled
         cache (a hit). Should the child fail, the thread builds the zones
         itself, reporting the same errors."""
-        config = load(path, self._flags)
+        config = load(path, self._flags, self.config.registry)
         if config.geo.zones:
             compile_zones_in_child(path, self._flags)
         return config, open_geo(config), fingerprint.signature_set(config.fingerprint)

@@ -19,9 +19,10 @@ from smtpguard.core.dnsbl import (
     parse_zone,
     query_name,
 )
-from smtpguard.core.facts import FACTS, NONE, OK, UNKNOWN
+from smtpguard.core.facts import NONE, OK, UNKNOWN
 from smtpguard.errors import ConfigError
 from smtpguard.sources.dnsbl import DnsblSettings, gather, parse_lists
+from smtpguard.sources.registry import FACTS
 from tests.fixtures_dns import DnsServer
 
 # -- query names ---------------------------------------------------------------

@@ -13,6 +13,7 @@ from smtpguard.adapters.dns import Resolver
 from smtpguard.core import policy as pol
 from smtpguard.core.dnsbl import DnsblList, parse_code, query_name
 from smtpguard.sources.dnsbl import gather
+from smtpguard.sources.registry import FACT_TABLE
 from tests.fixtures_dns import DnsServer
 
 CLIENT = "192.0.2.99"
@@ -48,7 +49,7 @@ def test_an_allowlist_outage_makes_the_score_unknown_not_higher(
     got = score(dns_server, (BLOCK, allow))
     assert got == "unknown"     # was 3, and `dnsbl_score_ge = 3` gave 550 [DNSBL]
     policy = pol.parse_policy({"rule": [{"name": "dnsbl", "stage": "connect", "when": {"dnsbl_score_ge": 3},
-                                         "action": "reject", "reason": "DNSBL"}]})
+                                         "action": "reject", "reason": "DNSBL"}]}, facts=FACT_TABLE)
     assert pol.decide(policy, "connect", {"dnsbl_score": got}).action != "reject"
 
 

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from smtpguard.adapters.store import MemoryStore, Store, open_store
-from smtpguard.core.facts import FACTS, OK, UNKNOWN
+from smtpguard.core.facts import OK, UNKNOWN
 from smtpguard.errors import ConfigError
 from smtpguard.sources import graylist as source
 from smtpguard.sources.graylist import GraylistFact, GraylistSettings, StateSettings
+from smtpguard.sources.registry import FACTS
 from tests.fixtures_redis import free_port
 
 T0 = 1_900_000_000.0  # an injected clock, in the future so redis TTLs stay positive

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from smtpguard.core.facts import FACTS, Kind
+from smtpguard.core import policy as core_policy
+from smtpguard.core.facts import Kind
 from smtpguard.core.policy import (
     ACTIONS,
     DEFAULT_TARPIT_DELAY,
@@ -21,14 +22,22 @@ from smtpguard.core.policy import (
     Rule,
     decide,
     explain,
-    geo_rules,
-    parse_policy,
     reply_code,
 )
 from smtpguard.errors import ConfigError
+from smtpguard.sources.registry import FACT_TABLE, FACTS
 from tests.fixtures_policy import default_rules_toml
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "smtpguard.toml"
+
+
+def parse_policy(doc: Any, implicit: Any = ()) -> Policy:
+    """The rule parser with the shipped sources' facts, as config.build calls it."""
+    return core_policy.parse_policy(doc, implicit, facts=FACT_TABLE)
+
+
+def geo_rules(*args: Any, **kwargs: Any) -> tuple[Rule, ...]:
+    return core_policy.geo_rules(*args, facts=FACT_TABLE, **kwargs)
 
 
 def one_rule(when: dict[str, Any], stage: str = "rcpt", lists: dict[str, Any] | None = None) -> Rule:
@@ -725,7 +734,7 @@ def test_the_built_in_postmaster_rule_is_what_the_parser_compiles() -> None:
     # stay what the rule language gives for the same table
     from smtpguard.core.rules import _rule
     parsed = _rule(0, {"name": "postmaster", "stage": "rcpt", "action": "accept", "reason": "POSTMASTER",
-                       "when": {"rcpt_local_in": ["postmaster", "abuse"]}}, {}, builtin=True)
+                       "when": {"rcpt_local_in": ["postmaster", "abuse"]}}, {}, FACT_TABLE, builtin=True)
     assert parsed == POSTMASTER_RULE
 
 

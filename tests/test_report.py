@@ -294,7 +294,7 @@ def test_the_facts_of_check_are_those_of_the_live_session(traffic: dict[str, Any
 def _same_facts(checked: dict[str, Any], live: dict[str, Any], g: Any) -> None:
     """Every fact the live session saw, check saw with the same value; check,
     a diagnostic, may also show the facts of sources no live rule needed."""
-    from smtpguard.services import SOURCE_FACTS
+    from smtpguard.sources.registry import SOURCE_FACTS
 
     assert {k: checked.get(k) for k in live} == live
     not_run = set().union(*(facts for name, facts in SOURCE_FACTS.items() if not g.services.run.get(name)))
@@ -510,6 +510,7 @@ def test_any_json_in_the_log_is_counted_or_skipped_never_a_crash() -> None:
 
     from smtpguard.core.policy import parse_policy
     from smtpguard.observe.replay import Replay
+    from smtpguard.sources.registry import FACT_TABLE
 
     scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8) \
         | st.sampled_from(["connect", "helo", "mail", "rcpt", "data", "reject", "graylist", "tempfail", "drop"])
@@ -521,7 +522,8 @@ def test_any_json_in_the_log_is_counted_or_skipped_never_a_crash() -> None:
         "seen": values, "steps": st.lists(values, max_size=4), "messages": values, "refusals": values,
         "ts": values, "ip": values, "facts": values, "reason": values})
     policy = parse_policy({"rule": [{"name": "graylist", "action": "graylist"},
-                                    {"name": "cn", "stage": "connect", "when": {"country": "CN"}, "action": "reject"}]})
+                                    {"name": "cn", "stage": "connect", "when": {"country": "CN"}, "action": "reject"}]},
+                          facts=FACT_TABLE)
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(records, max_size=5))

@@ -84,8 +84,10 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
     services = build_services(config, with_store=False)
     policy_runs = dict(services.run)
     if not only_policy:
+        # every registered source (one without its data, as geo without
+        # country data, says nothing)
         for name in services.run:
-            services.run[name] = name != "geo" or services.geodb is not None
+            services.run[name] = True
     session = ClientSession(services, ClientInfo("check", ip, 0, syn=syn))
     session.helo, session.esmtp = helo, True
     result: dict[str, Any] = {"ip": ip, "stages": [], "reply": "250 (delivered to the MTA, whose answer decides)",

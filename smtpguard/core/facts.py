@@ -5,8 +5,12 @@ Every fact source returns a frozen result type with a `status` and an
 that mapping. `None` never means "the lookup failed": a failed lookup is the
 value UNKNOWN, so rules can tempfail on a DNS outage instead of rejecting.
 
-FACTS is the table of every name a rule may use and its kind; the config
-loader refuses a rule that names anything else (issue: policy).
+Every name a rule may use is declared once, as a FactSpec: the session's
+own facts (ip, helo, sender ...) in core.tables.CORE_FACTS, each source's
+in its SourceSpec at the top of its module. core.tables.fact_table joins
+them into the FactTable the rule parser checks rules against (the config
+loader refuses a rule that names anything else); sources/registry.py
+builds the table of the shipped sources (FACTS, FACT_STAGE, ENUM_VALUES).
 """
 
 from __future__ import annotations
@@ -32,53 +36,6 @@ class Kind(enum.Enum):
     NUMBER = "number"  # numeric comparison: _gt, _ge, _lt, _le
     LIST = "list"      # membership of any element
     IP = "ip"          # the client address: CIDR membership
-
-
-FACTS: dict[str, Kind] = {
-    # connection
-    "ip": Kind.IP,
-    "port": Kind.NUMBER,
-    "tls": Kind.BOOL,
-    # geo (issue: policy)
-    "country": Kind.TEXT,            # ISO 3166 alpha-2, "local" or "unknown"
-    # passive OS fingerprint (issue: fingerprinting)
-    "os": Kind.TEXT,                 # windows linux macos ios android freebsd openbsd other unknown
-    "os_name": Kind.TEXT,
-    "os_distance": Kind.NUMBER,
-    "os_match": Kind.TEXT,           # exact fuzzy generic none
-    # reverse DNS (issue: DNS facts)
-    "rdns": Kind.TEXT,               # none unconfirmed confirmed unknown
-    "rdns_name": Kind.TEXT,
-    "rdns_domain": Kind.TEXT,
-    "rdns_generic": Kind.BOOL,
-    # HELO (RFC 5321 §4.1.4: a mismatch alone is never grounds to reject)
-    "helo": Kind.TEXT,
-    "helo_valid": Kind.BOOL,
-    "helo_bare_ip": Kind.BOOL,
-    "helo_literal_matches": Kind.BOOL,
-    "helo_is_us": Kind.BOOL,
-    "helo_resolves": Kind.BOOL,
-    "helo_matches_ip": Kind.BOOL,
-    "helo_matches_rdns": Kind.BOOL,
-    # DNS lists
-    "dnsbl": Kind.TEXT,              # listed none unknown (a list could not answer)
-    "dnsbl_score": Kind.NUMBER,
-    "dnsbl_hits": Kind.LIST,
-    # graylisting (issue: graylisting)
-    "graylist": Kind.TEXT,           # new deferred passed allowed trapped unknown
-    # envelope
-    "sender": Kind.TEXT,
-    "sender_domain": Kind.TEXT,
-    "rcpt": Kind.TEXT,
-    "rcpt_domain": Kind.TEXT,
-    # content
-    "dkim": Kind.TEXT,               # pass fail none unknown
-    "dkim_domains": Kind.LIST,       # d= of the signatures that verify
-    "from_domain": Kind.TEXT,        # RFC 5322 From: domain ("" unless exactly one)
-    "dkim_aligned": Kind.BOOL,       # a passing d= aligned with from_domain (RFC 7489 §3.1.1 relaxed)
-    # the screen (issue: the screen)
-    "pregreet": Kind.BOOL,           # talked before the greeting's last line; unknown when not tested
-}
 
 
 @dataclass(frozen=True, slots=True)

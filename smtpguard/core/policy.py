@@ -51,7 +51,7 @@ Defaults and why:
       initiation, 2 minutes).
 
 This module is the evaluator. Its neighbours, one job each: core.tables
-(stages, actions, reply codes, FACT_STAGE, ENUM_VALUES ...), core.rules
+(stages, actions, reply codes, CORE_FACTS, fact_table ...), core.rules
 (the TOML rule language and its validation), core.ruleset (Condition,
 Rule, Policy: whether a rule matches facts). Every public name of those
 is re-exported here, so `from smtpguard.core.policy import X` keeps working.
@@ -67,7 +67,7 @@ what rdns_name is without a PTR, where domain entries never match it.
 Stages: each rule runs only at its stage; first match wins among the rules
 of that stage. Facts of earlier stages remain known later, so a check that
 needs both (country and recipient) is written at the later stage. A rule
-naming a fact not yet known at its stage (FACT_STAGE) is a configuration
+naming a fact not yet known at its stage (the FactTable's stages) is a configuration
 error: it could only ever see UNKNOWN.
 
 Actions:
@@ -127,9 +127,8 @@ from smtpguard.core.tables import (
     DEFAULT_TEXTS,
     DEFERRABLE_STAGES,
     DERIVED_FACTS,
+    CORE_FACTS,
     DOMAIN_FACTS,
-    ENUM_VALUES,
-    FACT_STAGE,
     GEO_UNKNOWN_ACTIONS,
     GRAYLIST_PASSED,
     IMMEDIATE,
@@ -143,6 +142,8 @@ from smtpguard.core.tables import (
     STAGE_INDEX,
     STAGES,
     STICKY_SCOPES,
+    FactTable,
+    fact_table,
 )
 
 __all__ = [
@@ -155,7 +156,7 @@ __all__ = [
     # core.tables
     "ACCEPT_SCOPE", "ACTIONS", "CONNECT_REPLY_CODES", "COUNTRY_SPECIAL", "DEFAULT_REASONS",
     "DEFAULT_STAGE", "DEFAULT_TARPIT_DELAY", "DEFAULT_TEXTS", "DEFERRABLE_STAGES",
-    "DERIVED_FACTS", "DOMAIN_FACTS", "ENUM_VALUES", "FACT_STAGE", "GEO_UNKNOWN_ACTIONS",
+    "CORE_FACTS", "DERIVED_FACTS", "DOMAIN_FACTS", "FactTable", "fact_table", "GEO_UNKNOWN_ACTIONS",
     "GRAYLIST_PASSED", "IMMEDIATE", "MAX_TARPIT_DELAY", "OPERATORS", "POLICY_KEYS", "REFUSALS",
     "REJECT_AT", "REPLY_CODES", "RULE_KEYS", "STAGE_INDEX", "STAGES", "STICKY_SCOPES",
 ]

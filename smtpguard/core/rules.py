@@ -5,10 +5,13 @@ Decides:
     and condition checked against the tables (core.tables) so that a typo
     is an error at start rather than a rule that never matches.
 Inputs:
-    `parse_policy(doc, implicit)`: the whole TOML document as a mapping
-    ([policy], [lists] and the [[rule]] array); `implicit` rules run after
-    the written connect-stage accepts. `geo_rules(allow, deny, unknown)`
-    compiles the [geo] shorthand into such implicit rules.
+    `parse_policy(doc, implicit, facts=...)`: the whole TOML document as a
+    mapping ([policy], [lists] and the [[rule]] array); `implicit` rules run
+    after the written connect-stage accepts. `geo_rules(allow, deny,
+    unknown, facts=...)` compiles the [geo] shorthand into such implicit
+    rules. `facts` is the FactTable (core.tables.fact_table) of the facts a
+    rule may name: the composition passes the registry's
+    (sources/registry.FACT_TABLE), since the core never imports a source.
 Output:
     `Policy` (core.ruleset) for core.policy.decide; `geo_rules` a tuple of
     `Rule`.
@@ -39,7 +42,7 @@ The rule language
     delay = "10s"                 # tarpit only
 
 Conditions (`when`), all ANDed; a rule without `when` matches every session.
-For a fact `f` of FACTS (or a derived fact of DERIVED_FACTS):
+For a fact `f` of the FactTable (or a derived fact of DERIVED_FACTS):
 
     f = value          equal (text: case-insensitive; list fact: contains it)
     f_in = [..]        equal to one of them (list fact: contains one of them)
@@ -55,7 +58,7 @@ rdns_name, rdns_domain, helo, sender_domain, rcpt_domain) follow the served
 domain rule of the project: `example.com` is that name exactly and
 `.example.com` is any name below it (list both for both). `country` values
 are ISO 3166-1 alpha-2 codes, `local` or `unknown`; enumerated facts
-(ENUM_VALUES) accept only their values, so that a typo is an error rather
+(a FactSpec's `values`) accept only their values, so that a typo is an error rather
 than a rule that never matches.
 
 Named lists: a string `"$name"` stands for the list `name` of [lists]:
@@ -70,7 +73,7 @@ import ipaddress
 import re
 from typing import Any, Mapping, Sequence, Union
 
-from smtpguard.core.facts import FACTS, UNKNOWN, Kind
+from smtpguard.core.facts import UNKNOWN, Kind
 from smtpguard.core.reply import REASONS
 from smtpguard.core.ruleset import POSTMASTER_RULE, Condition, Policy, Rule
 from smtpguard.core.tables import (
@@ -82,8 +85,6 @@ from smtpguard.core.tables import (
     DEFAULT_TEXTS,
     DERIVED_FACTS,
     DOMAIN_FACTS,
-    ENUM_VALUES,
-    FACT_STAGE,
     GEO_UNKNOWN_ACTIONS,
     MAX_TARPIT_DELAY,
     OPERATORS,
@@ -92,6 +93,7 @@ from smtpguard.core.tables import (
     RULE_KEYS,
     STAGE_INDEX,
     STAGES,
+    FactTable,
 )
 from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
@@ -111,9 +113,9 @@ _TWO_LETTERS = re.compile(r"[A-Za-z]{2}\Z")
 Scalar = Union[str, int, float, bool]
 
 
-def _kind(fact: str) -> Kind:
+def _kind(fact: str, facts: FactTable) -> Kind:
     derived = DERIVED_FACTS.get(fact)
-    return derived[1] if derived else FACTS[fact]
+    return derived[1] if derived else facts.kinds[fact]
 
 
 def _rule_key(index: int, name: str | None) -> str:
@@ -144,7 +146,7 @@ def _describe(value: Any) -> str:
     return repr(value) if not isinstance(value, bool) else str(value).lower()
 
 
-def _scalar(key: str, fact: str, kind: Kind, value: Any) -> Scalar:
+def _scalar(key: str, fact: str, kind: Kind, value: Any, enum: frozenset[str] = frozenset()) -> Scalar:
     """Check one value against the fact's kind; return it normalised."""
     if isinstance(value, str) and value == UNKNOWN:
         return UNKNOWN
@@ -156,9 +158,9 @@ def _scalar(key: str, fact: str, kind: Kind, value: Any) -> Scalar:
             if text not in COUNTRY_SPECIAL and not _is_country(value):
                 raise ConfigError(key, f"{value!r} is not an ISO 3166-1 alpha-2 country code "
                                        "(or \"local\", \"unknown\")")
-        elif fact in ENUM_VALUES and text not in ENUM_VALUES[fact]:
+        elif enum and text not in enum:
             raise ConfigError(key, f"{value!r} is not a value of {fact}; values: "
-                                   f"{', '.join(sorted(ENUM_VALUES[fact]))}, unknown")
+                                   f"{', '.join(sorted(enum))}, unknown")
         elif fact in DOMAIN_FACTS:
             text = text.rstrip(".") if text != "." else text
             if text in ("", ".") or any(ch.isspace() for ch in text) or ".." in text:
@@ -214,8 +216,8 @@ def _values(key: str, name: str, takes: str, raw: Any,
 
 
 def _condition(key: str, name: str, raw: Any, stage: str,
-               lists: Mapping[str, tuple[Any, ...]]) -> Condition:
-    known = [*FACTS, *DERIVED_FACTS]
+               lists: Mapping[str, tuple[Any, ...]], facts: FactTable) -> Condition:
+    known = [*facts.kinds, *DERIVED_FACTS]
     split = _split_key(name, known)
     if split is None:
         for fact in sorted(known, key=len, reverse=True):
@@ -226,10 +228,10 @@ def _condition(key: str, name: str, raw: Any, stage: str,
         raise ConfigError(key, f"unknown fact; known facts: {', '.join(known)}")
     fact, suffix = split
     op, takes = OPERATORS[suffix]
-    kind = _kind(fact)
+    kind = _kind(fact, facts)
     source = DERIVED_FACTS[fact][0] if fact in DERIVED_FACTS else fact
-    if STAGE_INDEX[FACT_STAGE[source]] > STAGE_INDEX[stage]:
-        raise ConfigError(key, f"{fact} is known from stage {FACT_STAGE[source]} on; "
+    if STAGE_INDEX[facts.stages[source]] > STAGE_INDEX[stage]:
+        raise ConfigError(key, f"{fact} is known from stage {facts.stages[source]} on; "
                                f"this rule runs at stage {stage}")
     if takes == "number":
         if kind is not Kind.NUMBER:
@@ -237,7 +239,8 @@ def _condition(key: str, name: str, raw: Any, stage: str,
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise ConfigError(key, f"expected a number, got {_describe(raw)}")
         return Condition(key=name, fact=fact, op=op, kind=kind, numbers=(float(raw),))
-    values = [_scalar(key, fact, kind, v) for v in _values(key, name, takes, raw, lists)]
+    enum = facts.values.get(fact, frozenset())
+    values = [_scalar(key, fact, kind, v, enum) for v in _values(key, name, takes, raw, lists)]
     unknown = any(isinstance(v, str) and v == UNKNOWN for v in values)
     concrete = [v for v in values if not (isinstance(v, str) and v == UNKNOWN)]
     if kind in (Kind.TEXT, Kind.LIST):
@@ -266,7 +269,7 @@ def _bool(key: str, value: Any) -> bool:
     return value
 
 
-def _rule(index: int, table: Any, lists: Mapping[str, tuple[Any, ...]],
+def _rule(index: int, table: Any, lists: Mapping[str, tuple[Any, ...]], facts: FactTable,
           builtin: bool = False) -> Rule:
     if not isinstance(table, dict):
         raise ConfigError(_rule_key(index, None), "expected a table: write [[rule]] "
@@ -335,7 +338,7 @@ def _rule(index: int, table: Any, lists: Mapping[str, tuple[Any, ...]],
     if not isinstance(when, dict):
         raise ConfigError(f"{where}.when", "expected a table of conditions, like "
                                            "when = { os = \"windows\" }")
-    conditions = tuple(_condition(f"{where}.when.{key}", key, value, stage, lists)
+    conditions = tuple(_condition(f"{where}.when.{key}", key, value, stage, lists, facts)
                        for key, value in when.items())
     return Rule(name=name, stage=stage, action=action, when=conditions, reason=reason,
                 text=text, observe=observe, strict=strict, delay=delay, builtin=builtin)
@@ -360,8 +363,9 @@ def _lists(raw: Any) -> dict[str, tuple[Any, ...]]:
     return out
 
 
-def parse_policy(doc: Mapping[str, Any], implicit: Sequence[Rule] = ()) -> Policy:
-    """The policy of a whole TOML document.
+def parse_policy(doc: Mapping[str, Any], implicit: Sequence[Rule] = (), *, facts: FactTable) -> Policy:
+    """The policy of a whole TOML document, its conditions checked against
+    `facts` (the registry's table: sources/registry.FACT_TABLE).
 
     `implicit` rules (geo_rules) run after the last written `accept` rule
     of the connect stage; otherwise the written order holds."""
@@ -388,7 +392,7 @@ def parse_policy(doc: Mapping[str, Any], implicit: Sequence[Rule] = ()) -> Polic
         seen[POSTMASTER_RULE.name] = "the built-in postmaster allowlist"
     written: list[Rule] = []
     for index, table in enumerate(raw_rules, start=1):
-        rule = _rule(index, table, lists)
+        rule = _rule(index, table, lists, facts)
         if rule.name in seen:
             raise ConfigError(f"{_rule_key(index, rule.name)}.name",
                               f"duplicate name, already used by {seen[rule.name]}")
@@ -405,7 +409,7 @@ def parse_policy(doc: Mapping[str, Any], implicit: Sequence[Rule] = ()) -> Polic
 
 
 def geo_rules(allow: Sequence[str], deny: Sequence[str] = (), unknown_action: str = "continue",
-              prefix: str = "geo") -> tuple[Rule, ...]:
+              prefix: str = "geo", *, facts: FactTable) -> tuple[Rule, ...]:
     """The [geo] shorthand as connect-stage rules, reason GEO, to pass as `implicit`.
 
     `allow`: only these countries (plus local addresses, never blocked);
@@ -438,4 +442,4 @@ def geo_rules(allow: Sequence[str], deny: Sequence[str] = (), unknown_action: st
                        "reason": "GEO", "when": {"country": "unknown"},
                        "text": "the country of the client address could not be determined"
                        + (", try again later" if unknown == "tempfail" else "")})
-    return tuple(_rule(0, t, {}) for t in tables)
+    return tuple(_rule(0, t, {}, facts) for t in tables)

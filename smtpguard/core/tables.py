@@ -5,15 +5,18 @@ Decides:
     language and the evaluator agree on (core.rules parses against these
     tables, core.policy decides with them): the SMTP stages and their order,
     the actions, the reply code of each refusal, the reason and text a rule
-    gets when it names none, what an accept covers, the earliest stage each
-    fact is known at, the values of enumerated facts, the operators.
+    gets when it names none, what an accept covers, the session's own facts
+    (CORE_FACTS), the operators; and `fact_table`, which joins CORE_FACTS
+    with the sources' declarations into the FactTable rules are checked
+    against (each fact's kind, earliest stage and enumerated values).
 Inputs:
-    none: constants, and `FACTS`/`Kind` of core.facts for the derived facts.
+    none: constants; `fact_table(sources)` takes the sources' SourceSpecs
+    (sources/registry.py passes them in: the core never imports a source).
 Output:
     read-only tables (tuples, frozensets, dicts nobody mutates).
 Failure modes:
-    none at run time; a fact missing from FACT_STAGE is a KeyError the
-    policy tests catch.
+    none at run time; `fact_table` raises ValueError for contradictory
+    declarations (a fact declared twice), at import of the registry.
 Defaults and why:
     each value carries its reason beside it (RFC 5321, RFC 3463, RFC 7504,
     spamd(8), Postfix's smtpd_delay_reject and postscreen).
@@ -95,26 +98,6 @@ GRAYLIST_PASSED: frozenset[str] = frozenset({"passed", "allowed"})
 DEFAULT_TARPIT_DELAY = 10.0
 # Below RFC 5321 §4.5.3.2's shortest client timeout (DATA initiation: 2 min).
 MAX_TARPIT_DELAY = 119.0
-
-# Earliest stage at which each fact is known (DESIGN.md: sources gather at
-# connect; HELO at helo; the envelope at mail and rcpt; DKIM after DATA).
-FACT_STAGE: dict[str, str] = {
-    "ip": "connect", "port": "connect", "tls": "connect",
-    "country": "connect",
-    "os": "connect", "os_name": "connect", "os_distance": "connect", "os_match": "connect",
-    "rdns": "connect", "rdns_name": "connect", "rdns_domain": "connect", "rdns_generic": "connect",
-    "helo": "helo", "helo_valid": "helo", "helo_bare_ip": "helo",
-    "helo_literal_matches": "helo", "helo_is_us": "helo", "helo_resolves": "helo",
-    "helo_matches_ip": "helo", "helo_matches_rdns": "helo",
-    "dnsbl": "connect", "dnsbl_score": "connect", "dnsbl_hits": "connect",
-    "graylist": "rcpt",
-    "sender": "mail", "sender_domain": "mail",
-    "rcpt": "rcpt", "rcpt_domain": "rcpt",
-    "dkim": "data", "dkim_domains": "data",
-    "from_domain": "data", "dkim_aligned": "data",
-    "pregreet": "connect",
-}
-
 
 # The session's own facts, known without a source: the connection, the
 # HELO name as sent, the envelope, the screen's pregreet test. A source's
@@ -221,16 +204,6 @@ DERIVED_FACTS: dict[str, tuple[str, Kind, Callable[[FactValue], FactValue]]] = {
 DOMAIN_FACTS: frozenset[str] = frozenset(
     {"rdns_name", "rdns_domain", "helo", "sender_domain", "rcpt_domain", "from_domain"})
 
-# Enumerated TEXT facts: the values their sources produce (facts.py), so a
-# misspelt value is an error. "unknown" is always allowed.
-ENUM_VALUES: dict[str, frozenset[str]] = {
-    "os": frozenset({"windows", "linux", "macos", "ios", "android", "freebsd", "openbsd", "other"}),
-    "os_match": frozenset({"exact", "fuzzy", "generic", "none"}),
-    "rdns": frozenset({"none", "unconfirmed", "confirmed"}),
-    "graylist": frozenset({"new", "deferred", "passed", "allowed", "trapped"}),
-    "dnsbl": frozenset({"listed", "none"}),
-    "dkim": frozenset({"pass", "fail", "none"}),
-}
 COUNTRY_SPECIAL: frozenset[str] = frozenset({"local", "unknown"})
 
 # Operator suffix -> (operator, what it takes). Longest suffix first when

@@ -46,8 +46,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from smtpguard.core.facts import FactValue
-from smtpguard.core.policy import ACCEPT_SCOPE, FACT_STAGE, STAGE_INDEX, Policy, Verdict, decide
+from smtpguard.core.policy import ACCEPT_SCOPE, STAGE_INDEX, Policy, Verdict, decide
 from smtpguard.observe.log import LOGGER, MAX_VALUE, JsonFormatter
+from smtpguard.sources.registry import FACT_STAGE
 
 # Decisions kept per session (see the module docstring).
 MAX_STEPS = 256
