@@ -142,6 +142,9 @@ WORD_TIERS: dict[str, frozenset[str]] = {
         "sub", "user", "users", "res", "residential", "home", "static",
         "staticip", "abo", "fbx", "access", "members", "fixed", "laajakaista",
         "hfc", "bras", "triband", "pools", "xdslb",
+        # NTT FLET'S access lines as OCN names them (p<port>-ipngn<id><city>,
+        # p<port>-ipbf<id><city>): the line type, not a host name
+        "ipngn", "ipbf",
     }),
     "word:hosting": frozenset({
         "vps", "vm", "compute", "instances", "instance", "cloud", "dedicated",
