@@ -89,8 +89,9 @@ sig   = *:128:0:*:*,0:mss,nop,nop,sok:df,id+:0
 ; SYN window reach 64 KB (44 x 1460) while mainline Linux announced 10 or 20
 ; segments, and Android's per-network tcp_rmem maxima (110208 bytes on
 ; UMTS, about 1-2.5 MB on HSPA/Wi-Fi/LTE) give shifts of 1 to 6, below
-; mainline's 7. Android on a 4.19+ kernel sends the same SYN as desktop
-; Linux and is reported as linux: a SYN cannot tell them apart.
+; mainline's 7. An Android whose window is in whole segments sends the same
+; SYN as desktop Linux and is reported as linux: a SYN cannot tell them
+; apart. Most Android 10+ phones announce 65535 instead (see below).
 ; ======================================================================
 
 label = s:unix:Android:4.x-9
