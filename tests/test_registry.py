@@ -33,6 +33,7 @@ import pytest
 from smtpguard import config as cfg
 from smtpguard.commands.check import evaluate
 from smtpguard.core.facts import NONE, OK, FactSpec, FactValue, Kind, SourceSpec
+from smtpguard.core.settings import reject_unknown_keys
 from smtpguard.core.tables import CORE_FACTS, STAGES, fact_table
 from smtpguard.errors import ConfigError
 from smtpguard.sources import Context, table
@@ -72,14 +73,12 @@ class AsnFact:
 
 def _asn_settings(raw: Any) -> AsnSettings:
     got = table(raw, "asn")
-    for key in got:
-        if key != "networks":
-            raise ConfigError(f"asn.{key}", "unknown key; known keys: networks")
-    networks = got.get("networks", {})
-    if not isinstance(networks, dict):
+    reject_unknown_keys(got, "asn", ("networks",))
+    raw_networks = got.get("networks", {})
+    if not isinstance(raw_networks, dict):
         raise ConfigError("asn.networks", "expected a table of CIDR = AS number")
     out = []
-    for cidr, number in networks.items():
+    for cidr, number in raw_networks.items():
         try:
             net = ipaddress.ip_network(cidr)
         except ValueError:
@@ -152,9 +151,11 @@ def test_config_reads_every_source_table_and_refuses_a_table_nobody_owns(dns_ser
     assert err.value.key == "asn" and "unknown table" in err.value.message
     config = cfg.build({"asn": {"networks": {"192.0.2.0/24": 64500}}}, _flags(dns_server), registry=ASN_REGISTRY)
     assert config.area("asn") == AsnSettings(((ipaddress.ip_network("192.0.2.0/24"), 64500),))
-    with pytest.raises(ConfigError) as err:
-        cfg.build({"asn": {"networks": {"192.0.2.0/24": "x"}}}, _flags(dns_server), registry=ASN_REGISTRY)
-    assert err.value.key == "asn.networks"
+    for bad, key in (({"networks": {"192.0.2.0/24": "x"}}, "asn.networks"), ({"netwroks": {}}, "asn.netwroks"),
+                     ("192.0.2.0/24", "asn")):
+        with pytest.raises(ConfigError) as err:
+            cfg.build({"asn": bad}, _flags(dns_server), registry=ASN_REGISTRY)
+        assert err.value.key == key
 
 
 def _spec(name: str, stage: str = "connect", facts: tuple[FactSpec, ...] | None = None, **kw: Any) -> SourceSpec:
