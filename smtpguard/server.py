@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from asyncio import sslproto
 import errno
+import inspect
 import itertools
 import logging
 import os
@@ -101,11 +102,94 @@ def _bad_command_line(line: bytes) -> bool:
     return not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\x00" in line
 
 
+class Hooks:
+    """aiosmtpd's handler: adapts its hook calls (server, session, envelope
+    objects) to the session's commands-in, replies-out methods, and keeps
+    aiosmtpd's envelope and session state in step with what was accepted."""
+
+    __slots__ = ("guard",)
+
+    def __init__(self, guard: ClientSession) -> None:
+        self.guard = guard
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd reflects over its handler on every connection, looking for
+        # handle_* and auth_* names only (see GuardSMTP.__dir__).
+        return _HOOK_NAMES
+
+    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
+        refused = await self.guard.screen_helo(hostname, esmtp=False)
+        if refused:
+            return refused
+        session.host_name = hostname
+        return f"250 {self.guard.config.server.hostname}"
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        refused = await self.guard.screen_helo(hostname, esmtp=True)
+        if refused:
+            return [refused]
+        session.host_name = hostname
+        return [ehlo_reply(responses, self.guard.services.upstream)]
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                          mail_options: list[str]) -> str:
+        reply = await self.guard.mail(address, mail_options)
+        if reply.startswith("250"):
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+        return reply
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        told = len(self.guard.accepted)
+        reply = await self.guard.rcpt(address, rcpt_options)
+        if len(self.guard.accepted) > told:   # the MTA took it: aiosmtpd's DATA checks rcpt_tos
+            envelope.rcpt_tos.append(address)
+        return reply
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        return await self.guard.rset()
+
+    async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+        return "250 2.0.0 OK"
+
+    async def handle_VRFY(self, server: Any, session: Any, envelope: Any, address: str) -> str:
+        return self.guard.vrfy(address)
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        return await self.guard.quit()
+
+
+_HOOK_NAMES = [n for n in vars(Hooks) if n.startswith("handle_")]
+# aiosmtpd inspects handle_EHLO's signature on every connection (to tell its
+# old and new hook forms apart): computed once here, inspect.signature then
+# returns it at once.
+Hooks.handle_EHLO.__signature__ = inspect.signature(Hooks.handle_EHLO)  # type: ignore[attr-defined]
+
+
+def ehlo_reply(responses: list[str], upstream: Any) -> str:
+    """The EHLO reply, in one write (aiosmtpd pushes each item on its own).
+
+    No AUTH on an inbound port-25 front (aiosmtpd would offer it after
+    STARTTLS); PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034) are
+    what every reply here honours. Extensions of the MTA behind are mirrored
+    where the proxy carries them (SMTPUTF8 and SIZE are set on the protocol
+    by the server; 8BITMIME and DSN here)."""
+    known = upstream.capabilities is not None
+    lines = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")
+             and not (r[4:].upper() == "8BITMIME" and known and not upstream.offers("8BITMIME"))]
+    if upstream.offers("DSN"):
+        lines.append("250-DSN")
+    lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+    return "\r\n".join(lines)
+
+
 class GuardSMTP(SMTP):
     """aiosmtpd's SMTP with the connect stage, SYN capture and our reply rules."""
 
     def __init__(self, handler: ClientSession, server: "Server", **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+        super().__init__(Hooks(handler), **kwargs)
         self.guard = handler
         self.server = server
         self.errors = 0
@@ -208,7 +292,7 @@ class GuardSMTP(SMTP):
             event("tls.failed", logging.WARNING, session=self.guard.client.session_id, ip=self.guard.client.ip,
                   error=str(error.__cause__ or error))
             return self.guard.render(replies.make("INTERNAL", "TLS handshake failed"))
-        return await self.guard.handle_exception(error)
+        return await self.guard.internal_error(error)
 
     # -- commands -----------------------------------------------------------
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import inspect
 import logging
 import re
 import time
 from email.utils import formatdate
-from typing import Any, Awaitable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from smtpguard.adapters.spool import MessageSpool
 from smtpguard.adapters.upstream import ClientIdentity, Transaction, Upstream, UpstreamReply
@@ -57,9 +56,6 @@ UTF8_WITHOUT_SMTPUTF8 = replies.Reply(553, "5.6.7", "NO-SMTPUTF8",
                                       "a UTF-8 address needs the SMTPUTF8 parameter on MAIL FROM")
 
 
-_HOOKS: dict[type, list[str]] = {}
-
-
 class TransactionLost(Exception):
     """The upstream transaction failed and the accepted recipients could not be carried over."""
 
@@ -79,16 +75,9 @@ class Services(Protocol):
 
 
 class ClientSession:
-    """The aiosmtpd handler of one connection (a new one per connection)."""
-
-    def __dir__(self) -> list[str]:
-        # aiosmtpd reflects over its handler on every connection, looking for
-        # handle_* and auth_* names only (see GuardSMTP.__dir__).
-        cls = type(self)
-        names = _HOOKS.get(cls)
-        if names is None:
-            names = _HOOKS[cls] = [n for n in object.__dir__(self) if n.startswith(("handle_", "auth_"))]
-        return names
+    """One connection's decisions and relay, in SMTP's terms only: commands
+    in, reply lines out (server.py adapts aiosmtpd to it; `smtpguard check`
+    drives the same stage methods without a socket)."""
 
     def __init__(self, services: Services, client: ClientInfo) -> None:
         self.services = services
@@ -127,6 +116,9 @@ class ClientSession:
         self.refusals = 0
         self.last_reason = ""
         self.verbatim: str | None = None  # the upstream reply being forwarded as is
+        # Every (stage, verdict) decided, when a list: `smtpguard check` reads them.
+        self.decisions: list[tuple[str, Verdict]] | None = None
+        self.pause: Callable[[float], Awaitable[None]] = asyncio.sleep  # the tarpit's; check waits for nothing
 
     @property
     def content(self) -> bytes | None:
@@ -168,6 +160,8 @@ class ClientSession:
 
     def decide(self, stage: str) -> Verdict:
         verdict = self.services.decide(stage, self.facts, self.pending)
+        if self.decisions is not None:
+            self.decisions.append((stage, verdict))
         # Every fact this decision saw, for the close line (report and replay).
         from smtpguard.observe.replay import Trail
         trail = getattr(self, "trail", None)
@@ -206,9 +200,12 @@ class ClientSession:
 
     async def slow(self) -> None:
         if self.tarpit:
-            await asyncio.sleep(self.tarpit)  # spamd-style stuttering: a deliberate delay, not synchronisation
+            await self.pause(self.tarpit)  # spamd-style stuttering: a deliberate delay, not synchronisation
 
-    # --- stages (aiosmtpd hooks) -----------------------------------------
+    # --- stages ---------------------------------------------------------
+    # Each `screen_*` runs one stage's facts and policy and says whether the
+    # command may go on (None, or the recipient) or what the client is told;
+    # a live session and `smtpguard check` run exactly these.
 
     async def on_connect(self, pregreet: "bool | Awaitable[bool] | None" = None) -> str | None:
         """The connect stage, run by the screen before the greeting's last line.
@@ -242,7 +239,8 @@ class ClientSession:
         r = self.banner_refusal
         return self.render(replies.Reply(503, "5.5.1", r.reason, r.text))
 
-    async def _helo(self, hostname: str, esmtp: bool) -> str | None:
+    async def screen_helo(self, hostname: str, esmtp: bool) -> str | None:
+        """HELO/EHLO: a refusal line, or None and the greeting stands."""
         refused = self.refused_session()
         if refused:
             return refused
@@ -260,41 +258,14 @@ class ClientSession:
             return self.refuse("helo", self.verdict_reply(verdict, "helo"), rule=verdict.rule, action=verdict.action)
         return None
 
-    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
-        refused = await self._helo(hostname, esmtp=False)
-        if refused:
-            return refused
-        session.host_name = hostname
-        return f"250 {self.config.server.hostname}"
-
-    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
-                          responses: list[str]) -> list[str]:
-        refused = await self._helo(hostname, esmtp=True)
-        if refused:
-            return [refused]
-        session.host_name = hostname
-        # No AUTH on an inbound port-25 front (aiosmtpd would offer it after
-        # STARTTLS); PIPELINING (RFC 2920) and ENHANCEDSTATUSCODES (RFC 2034)
-        # are what every reply here honours.
-        # Extensions of the MTA behind are mirrored where the proxy carries
-        # them (SMTPUTF8 and SIZE are set on the protocol by the server).
-        upstream = self.services.upstream
-        known = upstream.capabilities is not None
-        lines = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")
-                 and not (r[4:].upper() == "8BITMIME" and known and not upstream.offers("8BITMIME"))]
-        if upstream.offers("DSN"):
-            lines.append("250-DSN")
-        lines += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
-        # one write for the whole reply: aiosmtpd pushes each item on its own
-        return ["\r\n".join(lines)]
-
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
-                          mail_options: list[str]) -> str:
+    async def screen_mail(self, address: str, options: list[str]) -> str | None:
+        """MAIL: a refusal line, or None and the sender is taken (nothing goes
+        upstream before the first accepted recipient)."""
         refused = self.refused_session()
         if refused:
             return refused
         await self._reset_transaction()
-        options = list(mail_options) + self.dsn_params
+        options = list(options) + self.dsn_params
         self.dsn_params = []
         if has_control(address) or any(has_control(o) for o in options):
             return self.refuse("mail", replies.for_recipient("BAD-ADDRESS", code=501))
@@ -311,16 +282,17 @@ class ClientSession:
             assert verdict is not None
             self.sender = None
             return self.refuse("mail", self.verdict_reply(verdict, "mail"), rule=verdict.rule, action=verdict.action)
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
+        return None
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def mail(self, address: str, options: list[str]) -> str:
+        return await self.screen_mail(address, options) or "250 2.1.0 OK"
+
+    async def screen_rcpt(self, address: str, options: list[str]) -> str | tuple[Recipient, list[str]]:
+        """RCPT: a refusal line, or the recipient and its options, to be relayed."""
         refused = self.refused_session()
         if refused:
             return refused
-        rcpt_options = list(rcpt_options) + self.dsn_params
+        options = list(options) + self.dsn_params
         self.dsn_params = []
         if not address.isascii() and "SMTPUTF8" not in self.mail_options:
             return self.refuse("rcpt", UTF8_WITHOUT_SMTPUTF8, address)
@@ -331,7 +303,7 @@ class ClientSession:
         if isinstance(checked, Refused):
             return self.refuse("rcpt", replies.for_recipient(checked.reason, checked.domain, checked.code),
                                address, rule=checked.reason.lower())
-        if any(has_control(o) for o in rcpt_options):
+        if any(has_control(o) for o in options):
             return self.refuse("rcpt", replies.for_recipient("BAD-ADDRESS", code=501), address)
         self.facts["rcpt"] = checked.address
         self.facts["rcpt_domain"] = checked.domain
@@ -356,7 +328,14 @@ class ClientSession:
                 self.facts.update(await self.services.trap(self, checked.address))
                 if self.facts.get("graylist") == "trapped":
                     return self.refuse("rcpt", replies.make("TRAP"), address, rule="trap")
-        return await self.relay_rcpt(envelope, address, list(rcpt_options))
+        return checked, options
+
+    async def rcpt(self, address: str, options: list[str]) -> str:
+        """RCPT: our refusal, or the MTA's reply to the recipient (relayed in real time)."""
+        screened = await self.screen_rcpt(address, options)
+        if isinstance(screened, str):
+            return screened
+        return await self.relay_rcpt(address, screened[1])
 
     def graylisted(self, verdict: Verdict, rcpt: Recipient) -> str | None:
         """The reply for a recipient the graylist has not passed (postgrey/spamd semantics)."""
@@ -429,7 +408,7 @@ class ClientSession:
               rcpts=len(self.accepted))
         return self.refuse(stage, replies.make("UPSTREAM", LOST_TEXT), rcpt)
 
-    async def relay_rcpt(self, envelope: Any, address: str, options: list[str]) -> str:
+    async def relay_rcpt(self, address: str, options: list[str]) -> str:
         """Mirror the RCPT on the upstream and forward its reply (DESIGN.md: relay in real time)."""
         if self.lost:
             return self.refuse("rcpt", replies.make("UPSTREAM", LOST_TEXT), address)
@@ -447,7 +426,6 @@ class ClientSession:
             return self.refuse("rcpt", replies.make(e.reason), address)
         if r.ok:
             self.accepted.append((address, options))
-            envelope.rcpt_tos.append(address)
         else:
             event("relay.rcpt_refused", session=self.client.session_id, ip=self.client.ip,
                   sender=self.sender, rcpt=address, code=r.code, text=r.text)
@@ -519,25 +497,20 @@ class ClientSession:
                   seconds=round(time.monotonic() - relay_started, 4))
         return self.forward(r)
 
-    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+    async def rset(self) -> str:
         await self._reset_transaction()
         return "250 2.0.0 OK"
 
-    async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
-        return "250 2.0.0 OK"
-
-    async def handle_VRFY(self, server: Any, session: Any, envelope: Any, address: str) -> str:
+    @staticmethod
+    def vrfy(address: str) -> str:
         # RFC 5321 §3.5.3: 252 when the server will not verify; never a callout.
         return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
 
-    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+    async def quit(self) -> str:
         await self._reset_transaction()
         return "221 2.0.0 Bye"
 
-    async def handle_PROXY(self, server: Any, session: Any, envelope: Any, proxy_data: Any) -> bool:
-        return True
-
-    async def handle_exception(self, error: Exception) -> str:
+    async def internal_error(self, error: Exception) -> str:
         # No exception text ever reaches a client (DESIGN.md).
         event("internal_error", logging.ERROR, exc_info=True, session=self.client.session_id,
               ip=self.client.ip, error=type(error).__name__)
@@ -612,8 +585,3 @@ def trace_date(now: float | None = None) -> str:
         _DATE[0], _DATE[1] = second, formatdate(second, localtime=True)
     return str(_DATE[1])
 
-
-# aiosmtpd inspects handle_EHLO's signature on every connection (to tell its
-# old and new hook forms apart): computed once here, inspect.signature then
-# returns it at once.
-ClientSession.handle_EHLO.__signature__ = inspect.signature(ClientSession.handle_EHLO)  # type: ignore[attr-defined]
