@@ -68,14 +68,16 @@ class Postfix:
         path = self.root / "maillog"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """`postfix -c <this instance> ARGS`, bounded in time."""
-        return subprocess.run([POSTFIX, "-c", str(self.etc), *args], capture_output=True, text=True,
+    def run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`PROGRAM -c <this instance> ARGS`, bounded in time."""
+        return subprocess.run([program, "-c", str(self.etc), *args], capture_output=True, text=True,
                               timeout=COMMAND_TIMEOUT)
 
+    def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(POSTFIX, *args)
+
     def postconf(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([POSTCONF, "-c", str(self.etc), *args], capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT)
+        return self.run(POSTCONF, *args)
 
     def delivered(self, mailbox: str) -> list[bytes]:
         """Messages in a virtual mailbox (Maildir), oldest first."""
