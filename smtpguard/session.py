@@ -116,8 +116,8 @@ class ClientSession:
         self.refusals = 0
         self.last_reason = ""
         self.verbatim: str | None = None  # the upstream reply being forwarded as is
-        # Every (stage, verdict) decided, when a list: `smtpguard check` reads them.
-        self.decisions: list[tuple[str, Verdict]] | None = None
+        # Every decision with the facts it saw, when a list: `smtpguard check` reads them.
+        self.decisions: list[tuple[str, Verdict, dict[str, FactValue]]] | None = None
         self.pause: Callable[[float], Awaitable[None]] = asyncio.sleep  # the tarpit's; check waits for nothing
 
     @property
@@ -161,7 +161,7 @@ class ClientSession:
     def decide(self, stage: str) -> Verdict:
         verdict = self.services.decide(stage, self.facts, self.pending)
         if self.decisions is not None:
-            self.decisions.append((stage, verdict))
+            self.decisions.append((stage, verdict, dict(self.facts)))
         # Every fact this decision saw, for the close line (report and replay).
         from smtpguard.observe.replay import Trail
         trail = getattr(self, "trail", None)

@@ -164,3 +164,42 @@ def test_checks_reply_is_the_live_reply_byte_for_byte_for_every_reason_code(
         assert f"[{code}]" in live, (code, live)
         assert result["reply"].replace("\r\n" + str(live_code) + "-", "\r\n" + str(live_code) + " ") == live \
             or result["reply"] == live, (code, result["reply"], live)
+
+
+def test_check_runs_the_sessions_own_stages_helo_and_mail_refusals_and_tarpits_included(
+        tmp_path: Path, dns_server: DnsServer, guard_factory: Any, recorder: Any) -> None:
+    """check drives the live session's stage methods (issue 16): a refusal at
+    HELO or MAIL (reject_at = "connect" refuses where the rule fires) is the
+    live line byte for byte, the stages after it are not run, and a tarpit
+    is reported without being waited out."""
+    import asyncio
+    import smtplib
+    import time
+
+    from smtpguard.commands.check import evaluate
+
+    cases = [
+        ("helo", {"helo_in": ["bad.client.test"]}, "HELO-FORGED"),
+        ("mail", {"sender_domain_in": ["spam.test"]}, "POLICY"),
+    ]
+    for stage, when, reason in cases:
+        doc = {"policy": {"reject_at": "connect"},
+               "rule": [{"name": f"r-{stage}", "stage": stage, "action": "reject", "reason": reason, "when": when}]}
+        g = guard_factory(doc, upstream=recorder.address)
+        with smtplib.SMTP(g.host, g.port, timeout=10, source_address=("127.0.0.5", 0)) as s:
+            code, text = s.ehlo("bad.client.test")
+            if stage == "mail":
+                assert code == 250
+                code, text = s.mail("a@spam.test")
+        live = f"{code} {text.decode()}"
+        result = asyncio.run(evaluate(g.config, "127.0.0.5", "bad.client.test", "a@spam.test", "user@example.test"))
+        assert f"[{reason}]" in live and result["reply"] == live, (stage, result["reply"], live)
+        assert [s["stage"] for s in result["stages"]][-1] == stage   # nothing ran after the refusal
+    doc = {"rule": [{"name": "slow", "stage": "mail", "action": "tarpit", "delay": "30s",
+                     "when": {"ip_in": ["127.0.0.0/8"]}}]}
+    g = guard_factory(doc, upstream=recorder.address)
+    started = time.monotonic()
+    result = asyncio.run(evaluate(g.config, "127.0.0.5", "client.test", "a@sender.test", "user@example.test"))
+    assert time.monotonic() - started < 20     # the 30 s delay was not slept
+    assert [s.get("tarpit") for s in result["stages"] if s["stage"] == "mail"] == [30]
+    assert result["reply"].startswith("250")

@@ -18,10 +18,8 @@ from typing import Any
 
 from smtpguard import config as cfg
 from smtpguard.commands.serve import add_common_config_flags
-from smtpguard.core import reply as replies
-from smtpguard.core.address import Recipient, Refused, check_recipient
 from smtpguard.core.facts import ClientInfo
-from smtpguard.core.policy import STAGES, explain
+from smtpguard.core.policy import explain
 from smtpguard.errors import ConfigError
 from smtpguard.observe import log
 
@@ -88,8 +86,8 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
         # country data, says nothing)
         for name in services.run:
             services.run[name] = True
-    session = ClientSession(services, ClientInfo("check", ip, 0, syn=syn))
-    session.helo, session.esmtp = helo, True
+    session = ClientSession(_Preview(services, policy_runs), ClientInfo("check", ip, 0, syn=syn))  # type: ignore[arg-type]
+    session.pause = _no_pause
     result: dict[str, Any] = {"ip": ip, "stages": [], "reply": "250 (delivered to the MTA, whose answer decides)",
                               "policy_facts": sorted(services.policy.facts())}
     if not rcpt:
@@ -97,58 +95,77 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
         result["rcpt_assumed"] = rcpt
         if config.policy.default_postmaster:
             result["note"] = "postmaster@ and abuse@ of the served domains stay reachable (policy.default_postmaster)"
-    envelope = {
-        "helo": {"helo": helo},
-        "mail": {"sender": sender, "sender_domain": sender.rpartition("@")[2].lower() if "@" in sender else ""},
-        "rcpt": {},
-    }
+    # The live session's own stage methods, in SMTP order: the facts, the
+    # decisions and the reply are the ones a client would get (issue 16).
+    session.decisions = []
+    reply = None
     try:
-        for stage in STAGES[:4]:
-            session.facts.update(envelope.get(stage, {}))
-            if stage == "helo" and not helo:
-                continue
-            if stage == "mail":
-                session.sender = sender
-            if stage == "rcpt":
-                checked = check_recipient(rcpt, config.server.served)
-                if isinstance(checked, Refused):
-                    # the same reply as a live session's, byte for byte
-                    reply = session.render(replies.for_recipient(checked.reason, checked.domain, checked.code), rcpt)
-                    result["stages"].append({"stage": "rcpt", "action": "reject", "rule": None,
-                                             "reason": checked.reason, "note": "not a served domain"})
-                    result["reply"] = reply
-                    break
-                session.facts.update(rcpt=checked.address, rcpt_domain=checked.domain)
-            session.facts.update(await services.facts(stage, session))
-            if not policy_runs.get("dnsbl"):
-                session.dnsbl_text = ""   # a live session has no list text when no rule reads the lists
-            verdict = session.decide(stage)
-            entry: dict[str, Any] = {
-                "stage": stage, "action": verdict.action, "rule": verdict.rule, "reason": verdict.reason or None,
-                "deferred_to": verdict.deferred_to, "observed": [list(o) for o in verdict.observed],
-                "rules": [{"rule": r, "matched": m, "failed": f or None}
-                          for r, m, f in explain(services.policy, stage, session.facts)],
-            }
-            if verdict.action == "graylist" or "graylist" in verdict.needs:
-                entry["action"] = "graylist"
-                entry["note"] = ("graylisted" + (" (strict)" if verdict.strict else "")
-                                 + ": the first attempt of a new triplet is deferred; check does not read the store")
-                result["stages"].append(entry)
-                # the live session's own reply for a new triplet, byte for byte
-                session.facts.update(graylist="new", graylist_wait=math.ceil(config.graylist.policy.delay))
-                assert isinstance(checked, Recipient)   # a refused recipient ended the loop above
-                result["reply"] = session.graylisted(verdict, checked) or result["reply"]
-                break
-            result["stages"].append(entry)
-            if session.refuses_now(verdict):
-                result["reply"] = session.render(session.verdict_reply(verdict, stage), rcpt)
-                break
-            if verdict.action == "accept" and stage == "rcpt":
-                break
+        reply = await session.on_connect()
+        if reply is None and helo:
+            reply = await session.screen_helo(helo, esmtp=True)
+        if reply is None:
+            reply = await session.screen_mail(sender or "<>", [])
+        if reply is None:
+            screened = await session.screen_rcpt(rcpt, [])
+            reply = screened if isinstance(screened, str) else None
     finally:
         await services.close()
+    stages: dict[str, dict[str, Any]] = {}
+    for stage, verdict, facts in session.decisions:   # the last decision of a stage is its verdict
+        stages[stage] = _entry(services.policy, stage, verdict, facts)
+        if stage == "rcpt" and verdict.action == "graylist":
+            stages[stage]["note"] = ("graylisted" + (" (strict)" if verdict.strict else "")
+                                     + ": the first attempt of a new triplet is deferred; check does not read "
+                                     "the store")
+    if reply is not None and "rcpt" not in stages and session.facts.get("rcpt") is None and session.sender is not None:
+        # refused for the address itself, before any rule ran
+        stages["rcpt"] = {"stage": "rcpt", "action": "reject", "rule": None, "reason": session.last_reason,
+                          "note": "refused for the address itself (not a served domain, or not a plain address)"}
+    result["stages"] = list(stages.values())
+    if reply is not None:
+        result["reply"] = reply
     result["facts"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in session.facts.items() if k != "port"}
     return result
+
+
+class _Preview:
+    """The live services for `check`: the same facts and policy, but the
+    graylist store is neither read nor written (a recipient that a graylist
+    rule covers is a new triplet, deferred as its first attempt would be),
+    and the DNS-list text reaches the reply only when a rule reads the lists,
+    as in a live session (check gathers every fact to show it)."""
+
+    def __init__(self, services: Any, policy_runs: dict[str, bool]) -> None:
+        self._services = services
+        self._lists_read = bool(policy_runs.get("dnsbl"))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._services, name)
+
+    async def facts(self, stage: str, session: Any) -> dict[str, Any]:
+        got: dict[str, Any] = await self._services.facts(stage, session)
+        if not self._lists_read:
+            session.dnsbl_text = ""
+        return got
+
+    async def graylist(self, session: Any, rcpt: str, strict: bool) -> dict[str, Any]:
+        return {"graylist": "new", "graylist_wait": math.ceil(self._services.config.graylist.policy.delay)}
+
+    async def trap(self, session: Any, rcpt: str) -> dict[str, Any]:
+        return {}
+
+
+def _entry(policy: Any, stage: str, verdict: Any, facts: dict[str, Any]) -> dict[str, Any]:
+    entry = {"stage": stage, "action": verdict.action, "rule": verdict.rule, "reason": verdict.reason or None,
+             "deferred_to": verdict.deferred_to, "observed": [list(o) for o in verdict.observed],
+             "rules": [{"rule": r, "matched": m, "failed": f or None} for r, m, f in explain(policy, stage, facts)]}
+    if verdict.delay:
+        entry["tarpit"] = verdict.delay   # seconds a live session waits before its reply
+    return entry
+
+
+async def _no_pause(_seconds: float) -> None:
+    """check reports a tarpit's delay; it does not wait it out."""
 
 
 async def message_facts(config: cfg.Config, data: bytes) -> dict[str, Any]:
@@ -195,6 +212,8 @@ def _text(result: dict[str, Any]) -> str:
             head += f" [{st['reason']}]"
         if st.get("deferred_to"):
             head += f", held back until {st['deferred_to']}"
+        if st.get("tarpit"):
+            head += f", the reply delayed {st['tarpit']:g} s (tarpit)"
         lines.append(head)
         for r in st.get("rules", []):
             mark = "matched" if r["matched"] else f"no ({r['failed']})"
