@@ -75,6 +75,7 @@ import asyncio
 import collections
 import contextvars
 import dataclasses
+import functools
 import ipaddress
 import logging
 import socket
@@ -464,12 +465,11 @@ class Resolver:
         """One (name, type): from the cache, a query in flight, or the servers
         (the last only while `budget`, if given, lasts)."""
         self._lookups += 1
-        try:
-            qname = dns.name.from_text(name)  # absolute: no search list
-            rtype = dns.rdatatype.to_text(dns.rdatatype.from_text(rdtype))
-        except (dns.exception.DNSException, ValueError):
+        parsed = _question(name, rdtype)
+        if parsed is None:
             return Answer(NONE, reason=REASON_INVALID)
-        key = (qname.to_text().lower(), rtype)
+        qname, key = parsed
+        rtype = key[1]
 
         cached = self._cache.get(key)
         if cached is not None:
@@ -510,8 +510,7 @@ class Resolver:
         except ValueError:
             self._lookups += 1
             return Answer(NONE, reason=REASON_INVALID)
-        return await self.query(dns.reversename.from_address(unmapped(addr).compressed).to_text(), "PTR",
-                                budget=budget)
+        return await self.query(_reverse_name(unmapped(addr).compressed), "PTR", budget=budget)
 
     async def addresses(self, name: str, *, budget: LookupBudget | None = None) -> Answer:
         """A and AAAA at once, merged: OK if either has data, NONE if both have
@@ -656,6 +655,30 @@ class SessionResolver:
     @property
     def errors(self) -> RateLimitedLog:
         return self.resolver.errors
+
+
+# Names and addresses repeat (one client's several sessions, its HELO name):
+# their parsed forms are kept, a bounded number (issue 15: parsing showed in
+# the per-message profile).
+PARSED_NAMES = 4096
+
+
+@functools.lru_cache(maxsize=PARSED_NAMES)
+def _question(name: str, rdtype: str) -> tuple[dns.name.Name, tuple[str, str]] | None:
+    """The absolute query name (no search list) and the cache key of a
+    (name, type); None when either is invalid."""
+    try:
+        qname = dns.name.from_text(name)
+        rtype = dns.rdatatype.to_text(dns.rdatatype.from_text(rdtype))
+    except (dns.exception.DNSException, ValueError):
+        return None
+    return qname, (qname.to_text().lower(), rtype)
+
+
+@functools.lru_cache(maxsize=PARSED_NAMES)
+def _reverse_name(ip: str) -> str:
+    """The PTR owner name of a valid address (in-addr.arpa / ip6.arpa)."""
+    return str(dns.reversename.from_address(ip).to_text())
 
 
 async def within(
