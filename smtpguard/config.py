@@ -197,13 +197,13 @@ class Config:
     # and the services run; the settings of a source without a field above
     # (a newly added one), by its config area (`area()` reads either).
     registry: Registry = field(default=REGISTRY, compare=False, repr=False)
-    sources: Mapping[str, Any] = field(default_factory=dict)
+    source_settings: Mapping[str, Any] = field(default_factory=dict)
 
     def area(self, name: str) -> Any:
         """A source's settings by its config area ([geo] -> GeoSettings)."""
         if name in _FIELDS:
             return getattr(self, name)
-        return self.sources.get(name)
+        return self.source_settings.get(name)
 
 
 # Config's fields: a source's area with a field of its own is stored there.
@@ -628,7 +628,7 @@ def _areas(doc: Mapping[str, Any], registry: Registry = REGISTRY) -> dict[str, A
     areas["state"] = StateSettings.from_mapping(_table(doc, "state"))
     areas["policy"] = parse_policy(doc, implicit, facts=registry.table)
     areas["registry"] = registry
-    areas["sources"] = extra
+    areas["source_settings"] = extra
     return areas
 
 
