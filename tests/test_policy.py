@@ -612,7 +612,7 @@ DEFAULT_CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("a Windows host whose name does not resolve back is refused", "connect",
      {"country": "US", "os": "windows", "os_match": "generic", "rdns": "unconfirmed"},
      dict(action="reject", rule="windows-no-rdns")),
-    ("a Windows host with a dynamic-pool name is refused", "connect",
+    ("a Windows host with a dynamic-pool name is refused, at HELO (the name is weighed with the HELO)", "helo",
      {"country": "US", "os": "windows", "os_match": "exact", "rdns": "confirmed", "rdns_generic": True},
      dict(action="reject", rule="windows-generic-rdns", reason="OS-RDNS")),
     ("a fuzzy Windows match without reverse DNS is not refused (issue 14: only a sure match)", "connect",
@@ -740,9 +740,8 @@ def test_the_built_in_postmaster_rule_is_what_the_parser_compiles() -> None:
 
 def test_policy_lists_the_facts_its_rules_read() -> None:
     policy = default_policy()
-    assert policy.facts("connect") == {"country", "os", "os_match", "rdns", "rdns_generic", "dnsbl_score",
-                                       "pregreet"}
-    assert policy.facts("helo") == {"helo_is_us"}
+    assert policy.facts("connect") == {"country", "os", "os_match", "rdns", "dnsbl_score", "pregreet"}
+    assert policy.facts("helo") == {"helo_is_us", "os", "os_match", "rdns_generic"}
     assert policy.facts("rcpt") == {"rcpt", "os"}  # the postmaster allowlist reads rcpt
 
 
