@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Awaitable
 
 from smtpguard.adapters.dns import Resolver, SessionResolver, within
@@ -136,11 +135,13 @@ class Services:
         sources = [s for s in self.registry.at(stage) if s.spec.always or self.run.get(s.spec.name)]
         if not revising and not sources:
             return out
-        ctx = Context(client=session.client, stage=stage, resolver=self._dns(session),
-                      budget=self.config.dns.stage_budget, results=results, helo=session.helo or "",
-                      message=session.content if stage == "data" else None, config=self.config,
-                      geodb=self.geodb, signatures=self.signatures,
-                      us=self._us_at(session.client.local_ip) if stage != "connect" else self.us)
+        # What every source of this stage is given; each gets its own settings (_ctx).
+        ctx: dict[str, Any] = {
+            "client": session.client, "stage": stage, "resolver": self._dns(session),
+            "budget": self.config.dns.stage_budget, "results": results, "helo": session.helo or "",
+            "message": session.content if stage == "data" else None, "config": self.config,
+            "geodb": self.geodb, "signatures": self.signatures,
+            "us": self._us_at(session.client.local_ip) if stage != "connect" else self.us}
         for source in revising:   # issue 14: rdns_generic from the helo stage on weighs the HELO name
             assert source.revise is not None
             fact = results[source.spec.name] = source.revise(self._ctx(ctx, source), results[source.spec.name])
@@ -174,8 +175,9 @@ class Services:
             self._publish(session, name, fact)
         return out
 
-    def _ctx(self, ctx: Context, source: Source) -> Context:
-        return replace(ctx, settings=self.config.area(source.spec.area) if source.spec.area else None)
+    def _ctx(self, shared: dict[str, Any], source: Source) -> Context:
+        """One source's context: the stage's, with this source's settings."""
+        return Context(settings=self.config.area(source.spec.area) if source.spec.area else None, **shared)
 
     @staticmethod
     def _results(session: Any) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from types import ModuleType
 from typing import Any, Awaitable, Callable
 
 from smtpguard.core.facts import UNKNOWN, FactValue, Gathered, Kind, SourceSpec
-from smtpguard.core.tables import FactTable, fact_table
+from smtpguard.core.tables import STAGES, FactTable, fact_table
 from smtpguard.sources import Context, dkim, dnsbl, fingerprint, geo, graylist, helo, rdns
 
 # The shipped sources, one line each; the fact table lists their facts in
@@ -93,6 +93,10 @@ class Registry:
 
     sources: tuple[Source, ...]
     table: FactTable
+    # stage -> the sources the stage loop runs there, and those it revises
+    # there (looked up at every stage of every session: built once)
+    by_stage: dict[str, tuple[Source, ...]]
+    revising: dict[str, tuple[Source, ...]]
 
     @classmethod
     def of(cls, *modules: ModuleType) -> Registry:
@@ -100,7 +104,11 @@ class Registry:
         areas = [s.spec.area for s in sources if s.spec.area]
         if len(areas) != len(set(areas)):
             raise ValueError(f"two sources share a config area: {sorted(areas)}")
-        return cls(sources=sources, table=fact_table(s.spec for s in sources))
+        table = fact_table(s.spec for s in sources)
+        return cls(sources=sources, table=table,
+                   by_stage={st: tuple(s for s in sources if s.spec.stage == st and s.gather is not None)
+                             for st in STAGES},
+                   revising={st: tuple(s for s in sources if s.spec.revise_at == st) for st in STAGES})
 
     def with_modules(self, *modules: ModuleType) -> Registry:
         """This registry with more sources (a test's, an embedding program's)."""
@@ -108,10 +116,11 @@ class Registry:
 
     def at(self, stage: str) -> tuple[Source, ...]:
         """The sources the stage loop runs at `stage` (not those asked on demand)."""
-        return tuple(s for s in self.sources if s.spec.stage == stage and s.gather is not None)
+        return self.by_stage.get(stage, ())
 
     def revised_at(self, stage: str) -> tuple[Source, ...]:
-        return tuple(s for s in self.sources if s.spec.revise_at == stage)
+        """The sources whose earlier result `revise` updates at `stage`."""
+        return self.revising.get(stage, ())
 
     def areas(self) -> tuple[Source, ...]:
         """The sources with a config table, each read by its read_settings."""
