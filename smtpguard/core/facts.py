@@ -1,7 +1,8 @@
 """What a session knows about its client: one flat, named mapping of facts.
 
 Every fact source returns a frozen result type with a `status` and an
-`as_facts()` that flattens it to the names below; the policy reads only
+`as_facts()` that flattens it to the names it declares (its SourceSpec,
+below); the policy reads only
 that mapping. `None` never means "the lookup failed": a failed lookup is the
 value UNKNOWN, so rules can tempfail on a DNS outage instead of rejecting.
 
