@@ -69,9 +69,23 @@ class Postfix:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
-        """`PROGRAM -c <this instance> ARGS`, bounded in time."""
-        return subprocess.run([program, "-c", str(self.etc), *args], capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT)
+        """`PROGRAM -c <this instance> ARGS`, bounded in time: past COMMAND_TIMEOUT the
+        command and the scripts it started (postfix-script, `master -t`) are killed
+        and TimeoutExpired is raised. (A started master leaves this process group:
+        it makes a session of its own.)"""
+        argv = [program, "-c", str(self.etc), *args]
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) as proc:
+            try:
+                out, err = proc.communicate(timeout=COMMAND_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    proc.communicate(timeout=5)
+                except subprocess.TimeoutExpired:   # a grandchild that left the group holds a pipe
+                    pass
+                raise
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run(POSTFIX, *args)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import re
 import smtplib
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+import tests.fixtures_postfix as fixture
 from tests.fixtures_postfix import EXAMPLE, HOSTNAME, Postfix, example_services, instance_master_cf, read_main_cf, stop
 from tests.fixtures_smtp import wait_for
 
@@ -139,3 +142,19 @@ def test_stopping_the_instance_is_bounded_and_leaves_no_master(postfix: Postfix)
     assert pid is not None
     assert stop(postfix) is None        # the master went away by itself, within the bound
     assert postfix.master_pid() is None and not Path(f"/proc/{pid}").exists()
+
+
+def test_a_hung_postfix_command_is_killed_with_its_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that hangs (as `postfix stop` waiting on `master -t` can) is killed, with
+    the scripts it started, after COMMAND_TIMEOUT; the caller gets TimeoutExpired."""
+    pids = tmp_path / "pids"
+    hang = tmp_path / "hang"
+    hang.write_text(f"#!/bin/sh\nsleep 600 &\necho $$ $! > {pids}\nwait\n")
+    hang.chmod(0o755)
+    monkeypatch.setattr(fixture, "COMMAND_TIMEOUT", 1)
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        Postfix(tmp_path, 0).run(str(hang), "stop")
+    assert time.monotonic() - started < 10
+    for pid in pids.read_text().split():
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text(), timeout=5)
