@@ -13,6 +13,7 @@ and log settings.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -123,7 +124,13 @@ class ServerSettings:
 
     @property
     def served(self) -> DomainSet:
-        return DomainSet.parse(self.domains)
+        return _served(self.domains)
+
+
+@functools.lru_cache(maxsize=8)
+def _served(domains: tuple[str, ...]) -> DomainSet:
+    """The served domains, parsed once per configuration (read at every RCPT)."""
+    return DomainSet.parse(domains)
 
 
 @dataclass(frozen=True, slots=True)

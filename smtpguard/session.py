@@ -31,6 +31,7 @@ from smtpguard.core.facts import ClientInfo, FactValue
 from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
+from smtpguard.observe.replay import Trail, close_fields
 from smtpguard.sources import dkim
 from smtpguard.sources.dkim import DkimFact
 
@@ -119,6 +120,7 @@ class ClientSession:
         # Every decision with the facts it saw, when a list: `smtpguard check` reads them.
         self.decisions: list[tuple[str, Verdict, dict[str, FactValue]]] | None = None
         self.pause: Callable[[float], Awaitable[None]] = asyncio.sleep  # the tarpit's; check waits for nothing
+        self.trail: Trail | None = None   # every decision's facts, for the close line (report and replay)
 
     @property
     def content(self) -> bytes | None:
@@ -163,8 +165,7 @@ class ClientSession:
         if self.decisions is not None:
             self.decisions.append((stage, verdict, dict(self.facts)))
         # Every fact this decision saw, for the close line (report and replay).
-        from smtpguard.observe.replay import Trail
-        trail = getattr(self, "trail", None)
+        trail = self.trail
         if trail is None:
             trail = self.trail = Trail()
         trail.record(stage, self.facts, verdict, [a for a, _ in self.accepted], self.messages)
@@ -534,8 +535,7 @@ class ClientSession:
                 pass
 
     async def on_close(self) -> None:
-        from smtpguard.observe.replay import close_fields
-        trail = getattr(self, "trail", None)
+        trail = self.trail
         if trail is not None:
             trail.settle("close", [a for a, _ in self.accepted], self.messages)
         await self._reset_transaction()
