@@ -103,65 +103,77 @@ def _bad_command_line(line: bytes) -> bool:
 
 
 class Hooks:
-    """aiosmtpd's handler: adapts its hook calls (server, session, envelope
-    objects) to the session's commands-in, replies-out methods, and keeps
-    aiosmtpd's envelope and session state in step with what was accepted."""
+    """aiosmtpd's handler: adapts its hook calls (protocol, session and
+    envelope objects) to the session's commands-in, replies-out methods, and
+    keeps aiosmtpd's envelope and session in step with what was accepted.
 
-    __slots__ = ("guard",)
+    One instance serves every connection: each hook finds the session
+    through the protocol aiosmtpd passes (`server.guard`). The hooks are
+    static, so aiosmtpd's per-connection reflection finds plain functions
+    (no bound methods to make, and handle_EHLO's signature read at once)."""
 
-    def __init__(self, guard: ClientSession) -> None:
-        self.guard = guard
+    __slots__ = ()
 
     def __dir__(self) -> list[str]:
         # aiosmtpd reflects over its handler on every connection, looking for
         # handle_* and auth_* names only (see GuardSMTP.__dir__).
         return _HOOK_NAMES
 
-    async def handle_HELO(self, server: Any, session: Any, envelope: Any, hostname: str) -> str:
-        refused = await self.guard.screen_helo(hostname, esmtp=False)
+    @staticmethod
+    async def handle_HELO(server: "GuardSMTP", session: Any, envelope: Any, hostname: str) -> str:
+        refused = await server.guard.screen_helo(hostname, esmtp=False)
         if refused:
             return refused
         session.host_name = hostname
-        return f"250 {self.guard.config.server.hostname}"
+        return f"250 {server.guard.config.server.hostname}"
 
-    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+    @staticmethod
+    async def handle_EHLO(server: "GuardSMTP", session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
-        refused = await self.guard.screen_helo(hostname, esmtp=True)
+        refused = await server.guard.screen_helo(hostname, esmtp=True)
         if refused:
             return [refused]
         session.host_name = hostname
-        return [ehlo_reply(responses, self.guard.services.upstream)]
+        return [ehlo_reply(responses, server.guard.services.upstream)]
 
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+    @staticmethod
+    async def handle_MAIL(server: "GuardSMTP", session: Any, envelope: Any, address: str,
                           mail_options: list[str]) -> str:
-        reply = await self.guard.mail(address, mail_options)
+        reply = await server.guard.mail(address, mail_options)
         if reply.startswith("250"):
             envelope.mail_from = address
             envelope.mail_options.extend(mail_options)
         return reply
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+    @staticmethod
+    async def handle_RCPT(server: "GuardSMTP", session: Any, envelope: Any, address: str,
                           rcpt_options: list[str]) -> str:
-        told = len(self.guard.accepted)
-        reply = await self.guard.rcpt(address, rcpt_options)
-        if len(self.guard.accepted) > told:   # the MTA took it: aiosmtpd's DATA checks rcpt_tos
+        guard = server.guard
+        told = len(guard.accepted)
+        reply = await guard.rcpt(address, rcpt_options)
+        if len(guard.accepted) > told:   # the MTA took it: aiosmtpd's DATA checks rcpt_tos
             envelope.rcpt_tos.append(address)
         return reply
 
-    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
-        return await self.guard.rset()
+    @staticmethod
+    async def handle_RSET(server: "GuardSMTP", session: Any, envelope: Any) -> str:
+        return await server.guard.rset()
 
-    async def handle_NOOP(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+    @staticmethod
+    async def handle_NOOP(server: "GuardSMTP", session: Any, envelope: Any, arg: str) -> str:
         return "250 2.0.0 OK"
 
-    async def handle_VRFY(self, server: Any, session: Any, envelope: Any, address: str) -> str:
-        return self.guard.vrfy(address)
+    @staticmethod
+    async def handle_VRFY(server: "GuardSMTP", session: Any, envelope: Any, address: str) -> str:
+        return server.guard.vrfy(address)
 
-    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
-        return await self.guard.quit()
+    @staticmethod
+    async def handle_QUIT(server: "GuardSMTP", session: Any, envelope: Any) -> str:
+        return await server.guard.quit()
 
 
 _HOOK_NAMES = [n for n in vars(Hooks) if n.startswith("handle_")]
+HOOKS = Hooks()
 # aiosmtpd inspects handle_EHLO's signature on every connection (to tell its
 # old and new hook forms apart): computed once here, inspect.signature then
 # returns it at once.
@@ -189,7 +201,7 @@ class GuardSMTP(SMTP):
     """aiosmtpd's SMTP with the connect stage, SYN capture and our reply rules."""
 
     def __init__(self, handler: ClientSession, server: "Server", **kwargs: Any) -> None:
-        super().__init__(Hooks(handler), **kwargs)
+        super().__init__(HOOKS, **kwargs)
         self.guard = handler
         self.server = server
         self.errors = 0
