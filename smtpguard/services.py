@@ -12,10 +12,10 @@ rdns), when it is always needed (dkim, for the Authentication-Results
 header), or when the relay itself needs it (the confirmed rDNS name for
 XCLIENT and the trace, the rDNS domain for graylist identities).
 
-The sources' results of a session are kept in one dict by source name
-(`session.source_results`, which later sources read as `ctx.results`); the
-session still reads some of them under their own names, set here
-(`_publish`: session.rdns, session.dnsbl_text, session.dkim_fact).
+The sources' results of a session are kept in the session's one dict by
+source name (`session.source_results`): later sources read it as
+`ctx.results`, the session for what it needs itself (the DNS lists' text in
+a DNSBL reply, the DKIM results for the Authentication-Results header).
 """
 
 from __future__ import annotations
@@ -146,7 +146,6 @@ class Services:
             assert source.revise is not None
             fact = results[source.spec.name] = source.revise(self._ctx(ctx, source), results[source.spec.name])
             out.update({k: v for k, v in fact.as_facts().items() if k in source.spec.revises})
-            self._publish(session, source.spec.name, fact)
         if not sources:
             return out
         cut: dict[str, Awaitable[Any]] = {s.spec.name: s.gather(self._ctx(ctx, s))
@@ -172,7 +171,6 @@ class Services:
                 continue
             results[name] = fact
             out.update(fact.as_facts())
-            self._publish(session, name, fact)
         return out
 
     def _ctx(self, shared: dict[str, Any], source: Source) -> Context:
@@ -190,19 +188,6 @@ class Services:
             except AttributeError:  # a session object without a __dict__: per stage, then
                 pass
         return results
-
-    @staticmethod
-    def _publish(session: Any, name: str, fact: Any) -> None:
-        """What the session reads today under its own names (until it reads
-        source_results): the rDNS result (XCLIENT NAME, Received, graylist
-        identity), the DNS lists' text for the reply, the DKIM result for the
-        Authentication-Results header."""
-        if name == "rdns":
-            session.rdns = fact
-        elif name == "dnsbl" and fact.text:
-            session.dnsbl_text = fact.text
-        elif name == "dkim":
-            session.dkim_fact = fact
 
     def _dns(self, session: Any) -> SessionResolver:
         """The resolver as this session sees it: its lookups spend the

@@ -89,8 +89,11 @@ class ClientSession:
         self.helo = ""
         self.esmtp = False
         self.tls_info = ""
-        self.rdns: Any = None                   # the RdnsFact, when gathered
-        self.dnsbl_text = ""                    # "listed by zen.spamhaus.org (127.0.0.2)"
+        # The fact sources' results by source name (services' stage loop fills
+        # it; later sources read it): the DNS lists' text for a DNSBL reply,
+        # the message's DKIM results for the Authentication-Results header.
+        self.source_results: dict[str, Any] = {}
+        self.dns_budget: Any = None             # services: this session's DNS lookups spend it
         # sticky policy state for the connection
         self.accepted_by: str | None = None     # a session-scoped `accept` rule: later rules skipped
         self.txn_accepted_by: str | None = None # a transaction-scoped one (MAIL stage)
@@ -111,7 +114,6 @@ class ClientSession:
         self.lost = False                       # the upstream transaction could not be rebuilt
         self.rebuilds = 0
         self.message: MessageSpool | None = None  # the message, during the data stage
-        self.dkim_fact: DkimFact | None = None  # its DKIM results, for the Authentication-Results header
         # counters for the summary line
         self.messages = 0
         self.refusals = 0
@@ -195,8 +197,9 @@ class ClientSession:
     def verdict_reply(self, verdict: Verdict, stage: str) -> replies.Reply:
         code, enhanced = reply_code(verdict.action, verdict.reason, stage) or (550, "5.7.1")
         text = verdict.text or replies.REASONS.get(verdict.reason, replies.REASONS["POLICY"])[2]
-        if verdict.reason == "DNSBL" and self.dnsbl_text:
-            text = f"{text}: {self.dnsbl_text}"
+        listed = getattr(self.source_results.get("dnsbl"), "text", "")
+        if verdict.reason == "DNSBL" and listed:
+            text = f"{text}: {listed}"     # "listed by zen.spamhaus.org (127.0.0.2)"
         return replies.Reply(code, enhanced, verdict.reason, text)
 
     async def slow(self) -> None:
@@ -445,7 +448,7 @@ class ClientSession:
             return await self._data(message)
         finally:
             self.message = None
-            self.dkim_fact = None
+            self.source_results.pop("dkim", None)   # the next message's own
             await self._reset_transaction()
 
     async def _data(self, message: MessageSpool) -> str:
@@ -478,8 +481,9 @@ class ClientSession:
         authserv = dkim.authserv(self.config.dkim, self.config.server.hostname)
         headers = dkim.strip_authentication_results(message.headers, authserv)
         trace = self.received_header(told)
-        if self.dkim_fact is not None:
-            trace += dkim.authentication_results(authserv, self.dkim_fact)
+        verified: DkimFact | None = self.source_results.get("dkim")
+        if verified is not None:
+            trace += dkim.authentication_results(authserv, verified)
         relay_started = time.monotonic()
         try:
             r = await txn.data(message.blocks(headers=headers, prefix=trace))

@@ -56,3 +56,21 @@ def test_an_unsigned_message_gets_dkim_none(recorder: Recorder, guard_factory: A
     g = guard_factory(upstream=recorder.address)
     relay(g, b"From: a@sender.test\r\nSubject: plain\r\n\r\nbody\r\n")
     assert b"Authentication-Results: mx.example.test;\r\n\tdkim=none" in headers_of(recorder)
+
+
+def test_each_message_of_a_session_carries_its_own_dkim_results(recorder: Recorder, guard_factory: Any,
+                                                                dns_server: DnsServer, key: Any,
+                                                                monkeypatch: Any) -> None:
+    # a signed message, then one too large to verify (no DKIM result of its
+    # own): the second must not carry the first one's pass
+    from smtpguard import session as session_module
+
+    monkeypatch.setattr(session_module, "CONTENT_LIMIT", 4000)   # the limit, small enough for a test
+    publish(dns_server, key)
+    g = guard_factory(upstream=recorder.address)
+    with smtplib.SMTP(g.host, g.port, timeout=10) as s:
+        s.sendmail("a@sender.test", ["b@example.test"], signed(key))
+        s.sendmail("a@sender.test", ["b@example.test"], b"From: a@sender.test\r\n\r\n" + (b"x" * 70 + b"\r\n") * 120 + b"\r\n")
+    first, second = (m.content.split(b"\r\n\r\n", 1)[0] for m in recorder.messages[-2:])
+    assert b"dkim=pass" in first
+    assert b"dkim=pass" not in second and b"header.d=sender.test" not in second, second

@@ -145,7 +145,7 @@ class _Preview:
     async def facts(self, stage: str, session: Any) -> dict[str, Any]:
         got: dict[str, Any] = await self._services.facts(stage, session)
         if not self._lists_read:
-            session.dnsbl_text = ""
+            session.source_results.pop("dnsbl", None)   # no list text in the reply
         return got
 
     async def graylist(self, session: Any, rcpt: str, strict: bool) -> dict[str, Any]:
