@@ -175,6 +175,7 @@ CONTRADICTIONS = [
     ("a need of no source", [_spec("a", needs=("nobody",))], "needs 'nobody'"),
     ("a revision at its own stage", [_spec("a", revise_at="connect", revises=("a",))], "not a later stage"),
     ("a revision of another's fact", [_spec("a", revise_at="helo", revises=("ip",))], "does not provide"),
+    ("a domain that is not text", [_spec("a", facts=(FactSpec("a", Kind.NUMBER, domain=True),))], "not a text fact"),
 ]
 
 
@@ -274,3 +275,20 @@ def test_a_source_that_does_not_finish_within_the_stage_budget_gives_unknown(dns
     assert got["facts"]["slow"] == "unknown" and got["facts"]["slow_name"] == "unknown"
     assert got["stages"][0]["rule"] == "slow-unknown"
     assert "asn" not in got["facts"]   # only the sources the rules read (--only-policy)
+
+
+def test_a_declared_domain_fact_takes_domain_rules() -> None:
+    # FactSpec(domain=True) is all it takes: `.example.test` matches the names
+    # below it, a trailing dot is ignored; a plain text fact compares exactly
+    from smtpguard.core.policy import decide, parse_policy
+
+    facts = (FactSpec("owner", Kind.TEXT, domain=True), FactSpec("label", Kind.TEXT))
+    table = fact_table([*(s.spec for s in REGISTRY.sources), _spec("whois", facts=facts)])
+    assert table.domains >= {"owner", "helo", "rdns_name", "from_domain"} and "label" not in table.domains
+    rules = [{"name": "d", "stage": "connect", "when": {"owner_in": [".example.test"]}, "action": "reject"},
+             {"name": "t", "stage": "connect", "when": {"label": ".x.test"}, "action": "reject"}]
+    policy = parse_policy({"rule": rules}, facts=table)
+    assert decide(policy, "connect", {"owner": "mx.Example.TEST."}).rule == "d"
+    assert decide(policy, "connect", {"owner": "example.test"}).rule is None   # not below itself
+    assert decide(policy, "connect", {"label": "a.x.test"}).rule is None       # text: exact only
+    assert decide(policy, "connect", {"label": ".x.test"}).rule == "t"

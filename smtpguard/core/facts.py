@@ -51,6 +51,9 @@ class FactSpec:
     # The earliest stage the fact is known at; "" for a source's facts,
     # which are known from the stage their source runs at.
     stage: str = ""
+    # A domain name (TEXT): compared without a trailing dot, and a rule's
+    # `.example.com` entry matches every name below example.com.
+    domain: bool = False
 
 
 @dataclass(frozen=True, slots=True)

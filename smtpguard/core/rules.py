@@ -53,8 +53,9 @@ For a fact `f` of the FactTable (or a derived fact of DERIVED_FACTS):
 Values by kind: TEXT strings; BOOL true/false; NUMBER numbers; IP an
 address or CIDR network (`ip_in = ["192.0.2.0/24", "2001:db8::/32"]`; an
 IPv4-mapped client address is matched as IPv4); LIST strings. Everywhere
-the string "unknown" stands for a failed lookup. Domain facts (DOMAIN_FACTS:
-rdns_name, rdns_domain, helo, sender_domain, rcpt_domain) follow the served
+the string "unknown" stands for a failed lookup. Domain facts (declared with
+`domain=True`: rdns_name, rdns_domain, helo, sender_domain, rcpt_domain,
+from_domain) follow the served
 domain rule of the project: `example.com` is that name exactly and
 `.example.com` is any name below it (list both for both). `country` values
 are ISO 3166-1 alpha-2 codes, `local` or `unknown`; enumerated facts
@@ -84,7 +85,6 @@ from smtpguard.core.tables import (
     DEFAULT_TARPIT_DELAY,
     DEFAULT_TEXTS,
     DERIVED_FACTS,
-    DOMAIN_FACTS,
     GEO_UNKNOWN_ACTIONS,
     MAX_TARPIT_DELAY,
     OPERATORS,
@@ -146,7 +146,8 @@ def _describe(value: Any) -> str:
     return repr(value) if not isinstance(value, bool) else str(value).lower()
 
 
-def _scalar(key: str, fact: str, kind: Kind, value: Any, enum: frozenset[str] = frozenset()) -> Scalar:
+def _scalar(key: str, fact: str, kind: Kind, value: Any, enum: frozenset[str] = frozenset(),
+            domain: bool = False) -> Scalar:
     """Check one value against the fact's kind; return it normalised."""
     if isinstance(value, str) and value == UNKNOWN:
         return UNKNOWN
@@ -161,7 +162,7 @@ def _scalar(key: str, fact: str, kind: Kind, value: Any, enum: frozenset[str] = 
         elif enum and text not in enum:
             raise ConfigError(key, f"{value!r} is not a value of {fact}; values: "
                                    f"{', '.join(sorted(enum))}, unknown")
-        elif fact in DOMAIN_FACTS:
+        elif domain:
             text = text.rstrip(".") if text != "." else text
             if text in ("", ".") or any(ch.isspace() for ch in text) or ".." in text:
                 raise ConfigError(key, f"{value!r} is not a domain name "
@@ -240,13 +241,14 @@ def _condition(key: str, name: str, raw: Any, stage: str,
             raise ConfigError(key, f"expected a number, got {_describe(raw)}")
         return Condition(key=name, fact=fact, op=op, kind=kind, numbers=(float(raw),))
     enum = facts.values.get(fact, frozenset())
-    values = [_scalar(key, fact, kind, v, enum) for v in _values(key, name, takes, raw, lists)]
+    domain = fact in facts.domains
+    values = [_scalar(key, fact, kind, v, enum, domain) for v in _values(key, name, takes, raw, lists)]
     unknown = any(isinstance(v, str) and v == UNKNOWN for v in values)
     concrete = [v for v in values if not (isinstance(v, str) and v == UNKNOWN)]
     if kind in (Kind.TEXT, Kind.LIST):
         texts = [str(v) for v in concrete]
-        if fact in DOMAIN_FACTS:
-            return Condition(key=name, fact=fact, op=op, kind=kind, unknown=unknown,
+        if domain:
+            return Condition(key=name, fact=fact, op=op, kind=kind, unknown=unknown, domain=True,
                              texts=frozenset(t for t in texts if not t.startswith(".")),
                              suffixes=tuple(t for t in texts if t.startswith(".")))
         return Condition(key=name, fact=fact, op=op, kind=kind, unknown=unknown,

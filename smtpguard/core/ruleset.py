@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Union
 
 from smtpguard.core.facts import UNKNOWN, FactValue, Kind
 from smtpguard.core.ip import unmapped
-from smtpguard.core.tables import DERIVED_FACTS, DOMAIN_FACTS, STAGES
+from smtpguard.core.tables import DERIVED_FACTS, STAGES
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -83,6 +83,7 @@ class Condition:
     bools: tuple[bool, ...] = ()
     networks: tuple[IPNetwork, ...] = ()
     unknown: bool = False                     # "unknown" is among the values
+    domain: bool = False                      # a domain fact: no trailing dot, `suffixes` apply
 
     # IP networks as (version, first, last) integers, derived from `networks`.
     ranges: tuple[tuple[int, int, int], ...] = field(default=(), compare=False, repr=False)
@@ -108,7 +109,7 @@ class Condition:
 
 def _text_member(c: Condition, value: FactValue) -> bool:
     text = str(value).lower()
-    if c.suffixes or c.fact in DOMAIN_FACTS:
+    if c.domain:
         text = text.rstrip(".")
         return text in c.texts or any(text.endswith(s) for s in c.suffixes)
     return text in c.texts

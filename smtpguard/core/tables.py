@@ -109,11 +109,11 @@ CORE_FACTS: tuple[FactSpec, ...] = (
     FactSpec("port", Kind.NUMBER, stage="connect"),
     FactSpec("tls", Kind.BOOL, stage="connect"),
     # RFC 5321 §4.1.4: a mismatch alone is never grounds to reject (the helo source's facts)
-    FactSpec("helo", Kind.TEXT, stage="helo"),
+    FactSpec("helo", Kind.TEXT, stage="helo", domain=True),
     FactSpec("sender", Kind.TEXT, stage="mail"),
-    FactSpec("sender_domain", Kind.TEXT, stage="mail"),
+    FactSpec("sender_domain", Kind.TEXT, stage="mail", domain=True),
     FactSpec("rcpt", Kind.TEXT, stage="rcpt"),
-    FactSpec("rcpt_domain", Kind.TEXT, stage="rcpt"),
+    FactSpec("rcpt_domain", Kind.TEXT, stage="rcpt", domain=True),
     # the screen: talked before the greeting's last line; unknown when not tested
     FactSpec("pregreet", Kind.BOOL, stage="connect"),
 )
@@ -130,6 +130,7 @@ class FactTable:
     stages: Mapping[str, str]              # fact -> earliest stage it is known at (FACT_STAGE)
     values: Mapping[str, frozenset[str]]   # enumerated fact -> its values (ENUM_VALUES)
     sources: Mapping[str, frozenset[str]]  # source -> the facts it provides (SOURCE_FACTS)
+    domains: frozenset[str] = frozenset()  # the domain-name facts (FactSpec.domain)
 
     def __contains__(self, name: object) -> bool:
         return name in self.kinds
@@ -146,6 +147,7 @@ def fact_table(sources: Iterable[SourceSpec], core: Iterable[FactSpec] = CORE_FA
     stages: dict[str, str] = {}
     values: dict[str, frozenset[str]] = {}
     provides: dict[str, frozenset[str]] = {}
+    domains: set[str] = set()
     specs = list(sources)
 
     def add(fact: FactSpec, stage: str, owner: str) -> None:
@@ -153,12 +155,14 @@ def fact_table(sources: Iterable[SourceSpec], core: Iterable[FactSpec] = CORE_FA
             raise ValueError(f"{owner}: fact {fact.name!r} is declared twice")
         if stage not in STAGE_INDEX:
             raise ValueError(f"{owner}: fact {fact.name!r} has unknown stage {stage!r}")
-        if fact.values and fact.kind is not Kind.TEXT:
-            raise ValueError(f"{owner}: fact {fact.name!r} has values but is not a text fact")
+        if (fact.values or fact.domain) and fact.kind is not Kind.TEXT:
+            raise ValueError(f"{owner}: fact {fact.name!r} has values or is a domain but is not a text fact")
         kinds[fact.name] = fact.kind
         stages[fact.name] = stage
         if fact.values:
             values[fact.name] = frozenset(fact.values)
+        if fact.domain:
+            domains.add(fact.name)
 
     for fact in core:
         add(fact, fact.stage, "core")
@@ -183,7 +187,7 @@ def fact_table(sources: Iterable[SourceSpec], core: Iterable[FactSpec] = CORE_FA
             if other is None or STAGE_INDEX[other.stage] > STAGE_INDEX[spec.stage]:
                 raise ValueError(f"source {spec.name!r} needs {need!r}, which is not a source "
                                  "of its stage or an earlier one")
-    return FactTable(kinds=kinds, stages=stages, values=values, sources=provides)
+    return FactTable(kinds=kinds, stages=stages, values=values, sources=provides, domains=frozenset(domains))
 
 
 def _local_part(value: FactValue) -> FactValue:
@@ -199,10 +203,6 @@ DERIVED_FACTS: dict[str, tuple[str, Kind, Callable[[FactValue], FactValue]]] = {
     "rcpt_local": ("rcpt", Kind.TEXT, _local_part),
     "sender_local": ("sender", Kind.TEXT, _local_part),
 }
-
-# Domain names: `.example.com` entries match names below example.com.
-DOMAIN_FACTS: frozenset[str] = frozenset(
-    {"rdns_name", "rdns_domain", "helo", "sender_domain", "rcpt_domain", "from_domain"})
 
 COUNTRY_SPECIAL: frozenset[str] = frozenset({"local", "unknown"})
 

@@ -84,7 +84,7 @@ SOURCE = SourceSpec(
     facts=(
         FactSpec("dkim", Kind.TEXT, values=frozenset({"pass", "fail", "none"})),
         FactSpec("dkim_domains", Kind.LIST),     # d= of the signatures that verify
-        FactSpec("from_domain", Kind.TEXT),      # RFC 5322 From: domain ("" unless exactly one)
+        FactSpec("from_domain", Kind.TEXT, domain=True),      # RFC 5322 From: domain ("" unless exactly one)
         FactSpec("dkim_aligned", Kind.BOOL),     # a passing d= aligned with from_domain (RFC 7489 §3.1.1 relaxed)
     ),
     always=True,

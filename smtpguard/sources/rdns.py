@@ -77,8 +77,8 @@ SOURCE = SourceSpec(
     area="rdns",
     facts=(
         FactSpec("rdns", Kind.TEXT, values=frozenset({"none", "unconfirmed", "confirmed"})),
-        FactSpec("rdns_name", Kind.TEXT),
-        FactSpec("rdns_domain", Kind.TEXT),
+        FactSpec("rdns_name", Kind.TEXT, domain=True),
+        FactSpec("rdns_domain", Kind.TEXT, domain=True),
         FactSpec("rdns_generic", Kind.BOOL),
     ),
     revise_at="helo",
