@@ -108,7 +108,8 @@ class Services:
         # The relay itself uses the confirmed rDNS name (XCLIENT NAME, the
         # Received header) and the graylist keys on the rDNS domain.
         relay = frozenset({"rdns"}) if config.upstream.xclient or uses_graylist(config) else frozenset()
-        self.run: dict[str, bool] = self.registry.wanted(self.policy.facts(), relay)
+        self.wanted: frozenset[str] | None = self.policy.facts()   # None: every fact (check)
+        self.run: dict[str, bool] = self.registry.wanted(self.wanted, relay)
         listen_ips = [h for h, _ in config.server.listen if h not in ("0.0.0.0", "::", "")]
         self.us: OurIdentity = identity([config.server.hostname], config.server.domains, listen_ips)
         self._us_by_local: dict[str, OurIdentity] = {}
@@ -140,7 +141,7 @@ class Services:
             "client": session.client, "stage": stage, "resolver": self._dns(session),
             "budget": self.config.dns.stage_budget, "results": results, "helo": session.helo or "",
             "message": session.content if stage == "data" else None, "config": self.config,
-            "geodb": self.geodb, "signatures": self.signatures,
+            "geodb": self.geodb, "signatures": self.signatures, "wanted": self.wanted,
             "us": self._us_at(session.client.local_ip) if stage != "connect" else self.us}
         for source in revising:   # issue 14: rdns_generic from the helo stage on weighs the HELO name
             assert source.revise is not None

@@ -221,3 +221,30 @@ def test_a_long_argument_is_truncated_in_the_fact(dns_server: DnsServer) -> None
 def test_a_prebuilt_identity_is_used(dns_server: DnsServer) -> None:
     fact = run(gather("[203.0.113.5]", CLIENT, None, resolver(dns_server), us=US))
     assert fact.as_facts()["helo_is_us"] is True
+
+
+@pytest.mark.parametrize("when, asked", [
+    ({"helo_is_us": True}, False),          # the shipped rule: no lookup of a stranger's name
+    ({"helo_resolves": False}, True),
+    ({"helo_matches_ip": False}, True),
+])
+def test_the_helo_name_is_looked_up_only_when_a_rule_reads_what_that_tells(
+        when: dict[str, Any], asked: bool, dns_server: DnsServer, guard_factory: Any, recorder: Any) -> None:
+    # issue 15: a lookup no rule needs is not made (postscreen runs only enabled tests)
+    import smtplib
+
+    from smtpguard.commands.check import evaluate
+
+    dns_server.set("name.client.test", "A", ["192.0.2.1"])
+    g = guard_factory({"rule": [{"name": "r", "stage": "helo", "action": "continue",
+                                 "when": when}]}, upstream=recorder.address)
+    with smtplib.SMTP(g.host, g.port, timeout=10) as s:
+        assert s.ehlo("name.client.test")[0] == 250
+        s.mail("a@sender.test")
+        assert s.rcpt("user@example.test")[0] == 250
+    looked = dns_server.queries("name.client.test", "A") + dns_server.queries("name.client.test", "AAAA")
+    assert (looked > 0) is asked
+    # check shows every fact, the lookup's too, whatever the rules read
+    import asyncio
+    result = asyncio.run(evaluate(g.config, "192.0.2.1", "name.client.test"))
+    assert result["facts"]["helo_matches_ip"] is True

@@ -86,6 +86,7 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
         # country data, says nothing)
         for name in services.run:
             services.run[name] = True
+        services.wanted = None   # and each source gathers every fact it can, read or not
     session = ClientSession(_Preview(services, policy_runs), ClientInfo("check", ip, 0, syn=syn))  # type: ignore[arg-type]
     session.pause = _no_pause
     result: dict[str, Any] = {"ip": ip, "stages": [], "reply": "250 (delivered to the MTA, whose answer decides)",

@@ -243,8 +243,15 @@ class HeloFact:
     matches_rdns: Tri = False     # the name equals the rDNS name
     addresses: tuple[str, ...] = ()
     reason: str = ""              # why a lookup is UNKNOWN (timeout, servfail...)
+    # False: the name's addresses were not looked up (no rule reads
+    # helo_resolves or helo_matches_ip), and those two facts are absent.
+    looked_up: bool = True
 
     def as_facts(self) -> dict[str, FactValue]:
+        if not self.looked_up:
+            return {"helo": self.helo, "helo_valid": self.syntax.valid, "helo_bare_ip": self.syntax.bare_ip,
+                    "helo_literal_matches": self.syntax.literal_matches, "helo_is_us": self.syntax.is_us,
+                    "helo_matches_rdns": self.matches_rdns}
         return {
             "helo": self.helo,
             "helo_valid": self.syntax.valid,

@@ -54,6 +54,9 @@ class Context:
     geodb: Any = None
     signatures: Any = None
     us: Any = None
+    # The facts the policy reads, so that a source can skip a lookup no rule
+    # needs (helo: the name's addresses); None: every fact (`smtpguard check`).
+    wanted: frozenset[str] | None = None
 
 
 def table(raw: Any, area: str) -> Mapping[str, Any]:

@@ -66,6 +66,10 @@ SOURCE = SourceSpec(
     own_deadline=True,
 )
 
+# The facts only the HELO name's A/AAAA lookup tells: without a rule that
+# reads one of them, the lookup is not made.
+LOOKUP_FACTS = frozenset({"helo_resolves", "helo_matches_ip"})
+
 __all__ = ["HeloFact", "OurIdentity", "gather", "identity"]
 
 
@@ -80,12 +84,14 @@ async def gather(
     our_ips: Iterable[str] = (),
     us: OurIdentity | None = None,
     budget: float | None = None,
+    lookup: bool = True,
 ) -> HeloFact:
     """The HELO facts of `helo` sent by `client_ip`.
 
     Pass `us` (built once with `identity()`) instead of the three `our_*`
     lists to skip parsing them per session; `budget` (seconds) bounds the
-    lookup."""
+    lookup; `lookup=False` skips it (no rule reads what it tells: a name
+    a stranger chose is not looked up for nothing)."""
     if us is None:
         us = identity(our_names, our_domains, our_ips)
     syntax = check(helo, client_ip, us)
@@ -96,10 +102,12 @@ async def gather(
         by_rdns = matches_rdns(syntax, rdns.rdns, rdns.name)
     if syntax.kind != FQDN:
         return HeloFact(fact_status(syntax, None), sent, syntax, matches_rdns=by_rdns)
+    if not lookup:
+        return HeloFact(fact_status(syntax, None), sent, syntax, matches_rdns=by_rdns, looked_up=False)
 
-    lookup = resolver.addresses(syntax.name)
+    query = resolver.addresses(syntax.name)
     try:
-        answer = await (lookup if budget is None else asyncio.wait_for(lookup, max(0.0, budget)))
+        answer = await (query if budget is None else asyncio.wait_for(query, max(0.0, budget)))
     except asyncio.TimeoutError:
         return HeloFact(UNKNOWN, sent, syntax, UNKNOWN, UNKNOWN, by_rdns, reason="deadline")
     if answer.status == UNKNOWN:
@@ -120,4 +128,5 @@ async def gather_facts(ctx: Context) -> HeloFact:
     gathered at connect (revised with the HELO name) and who we are at the
     address the client connected to."""
     return await gather(ctx.helo, ctx.client.ip, ctx.results.get("rdns"), ctx.resolver,
-                        us=ctx.us, budget=ctx.budget)
+                        us=ctx.us, budget=ctx.budget,
+                        lookup=ctx.wanted is None or bool(ctx.wanted & LOOKUP_FACTS))
