@@ -402,3 +402,30 @@ def test_resolver_from_settings_uses_the_servers(dns_server: DnsServer) -> None:
     settings = DnsSettings.from_mapping({"servers": [dns_server.address], "timeout": 1}, "dns")
     r = Resolver.from_settings(settings)
     assert run(r.query("a.example", "A")).values == ("192.0.2.1",)
+
+
+@pytest.mark.parametrize("count", [1, 2], ids=["one awaitable (awaited in place)", "several (tasks)"])
+def test_within_gives_each_key_its_result_or_the_fallback(count: int) -> None:
+    # the budget cuts what is slow, a raising awaitable is the fallback (and
+    # logged), never an exception out of the stage
+    import asyncio
+
+    from smtpguard.adapters.dns import within
+
+    async def value(v: str) -> str:
+        return v
+
+    async def never() -> str:
+        await asyncio.Event().wait()
+        return "late"
+
+    async def broken() -> str:
+        raise RuntimeError("a bug in a source")
+
+    async def run(make: Any) -> dict[str, str]:
+        keys = [f"k{i}" for i in range(count)]
+        return await within(0.05, {k: make() for k in keys}, lambda k: f"fallback {k}")
+
+    assert asyncio.run(run(lambda: value("ok"))) == {f"k{i}": "ok" for i in range(count)}
+    assert asyncio.run(run(never)) == {f"k{i}": f"fallback k{i}" for i in range(count)}
+    assert asyncio.run(run(broken)) == {f"k{i}": f"fallback k{i}" for i in range(count)}

@@ -691,6 +691,18 @@ async def within(
     Returns every key: the result, or `timed_out(key)` for what did not finish
     in time (cancelled) or raised (logged: a bug in a source, not a DNS fact).
     The stage costs its slowest awaitable, capped at the budget."""
+    if len(awaitables) == 1:
+        # One awaitable (most stages run one source): awaited in this task
+        # under a timeout, without a task and a wait of its own (issue 15).
+        [(key, aw)] = awaitables.items()
+        try:
+            async with asyncio.timeout(max(0.0, budget)):
+                return {key: await aw}
+        except TimeoutError:
+            return {key: timed_out(key)}
+        except Exception as e:  # a bug in a source, not a DNS fact
+            log.error("dns.gather_failed key=%s", key, exc_info=e)
+            return {key: timed_out(key)}
     tasks = {key: asyncio.ensure_future(aw) for key, aw in awaitables.items()}
     try:
         if tasks:
