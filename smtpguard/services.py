@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from smtpguard.adapters.dns import Resolver, SessionResolver, within
 from smtpguard.adapters.store import Store, open_store
@@ -39,6 +39,8 @@ from smtpguard.sources import Context, fingerprint, graylist, rdns
 from smtpguard.sources.registry import Source
 
 if TYPE_CHECKING:
+    from smtpguard.adapters.zones import GeoDB
+    from smtpguard.core.fingerprint import SignatureSet
     from smtpguard.session import ClientSession
 
 # SOURCE_FACTS (imported from sources/registry.py): which source provides
@@ -83,8 +85,8 @@ class ClientCounts:
 
 
 class Services:
-    def __init__(self, config: Config, geodb: Any = None, signatures: Any = None,
-                 store: Store | None = None, clock: Any = time.time,
+    def __init__(self, config: Config, geodb: "GeoDB | None" = None, signatures: "SignatureSet | None" = None,
+                 store: Store | None = None, clock: Callable[[], float] = time.time,
                  flags: dict[str, Any] | None = None) -> None:
         self.config = config
         self.clock = clock
@@ -96,7 +98,7 @@ class Services:
         self._flags = dict(flags or {})  # the command line, applied again on every reload
         self.clients = ClientCounts()    # the screen's session counts (this process)
         # Called after a reload is swapped in (server.py re-reads the certificate).
-        self.reload_hooks: list[Any] = []
+        self.reload_hooks: list[Callable[[], None]] = []
         self.own_workers = False         # one of `server.workers`: shares its listeners (workers.py)
         self._last_purge = 0.0
         self._configure(config)
@@ -216,7 +218,7 @@ class Services:
 
     # --- policy ----------------------------------------------------------------
 
-    def decide(self, stage: str, facts: dict[str, FactValue], pending: Any = None) -> pol.Verdict:
+    def decide(self, stage: str, facts: dict[str, FactValue], pending: pol.Verdict | None = None) -> pol.Verdict:
         if stage == "connect" and "pregreet" in facts:
             observe_pregreet(facts["pregreet"])   # issue 12: the screen's pregreet results in /metrics
         return pol.decide(self.policy, stage, facts, pending)
@@ -405,7 +407,7 @@ class Services:
               not_reloaded=",".join(stale),
               countries=getattr(getattr(geodb, "stats", None), "countries", 0))
 
-    def _prepare(self, path: str) -> tuple[Config, Any, Any]:
+    def _prepare(self, path: str) -> "tuple[Config, GeoDB | None, SignatureSet]":
         """The expensive part of a reload, run in a thread: nothing shared is touched.
 
         A zone rebuild is CPU-bound Python that holds the interpreter lock
@@ -488,7 +490,7 @@ def _compile_zones_main() -> None:
     open_geo(load(job["path"], job["flags"]))
 
 
-def open_geo(config: Config) -> Any:
+def open_geo(config: Config) -> "GeoDB | None":
     if not config.geo.enabled:
         return None
     from smtpguard.adapters.zones import GeoDB
