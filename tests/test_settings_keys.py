@@ -50,3 +50,19 @@ def test_known_keys_pass_and_the_first_unknown_one_is_named() -> None:
     with pytest.raises(ConfigError) as err:
         reject_unknown_keys({"a": 1, "x": 2, "y": 3}, "t", ("a", "b"), wording="unknown setting; known")
     assert (err.value.key, err.value.message) == ("t.x", "unknown setting; known: a, b")
+
+
+@pytest.mark.parametrize("raw, error", [
+    ("5s", None), (2, None), ("10s", None),
+    ("0s", "more than 0"), ("11s", "at most 10s"), ("soon", "duration"), (-1, "negative"),
+])
+def test_bounded_duration(raw: Any, error: str | None) -> None:
+    from smtpguard.core.settings import bounded_duration
+
+    if error is None:
+        assert bounded_duration({"t": raw}, "t", "area", 10.0, 1.0) > 0
+    else:
+        with pytest.raises(ConfigError, match=error) as info:
+            bounded_duration({"t": raw}, "t", "area", 10.0, 1.0)
+        assert info.value.key == "area.t"
+    assert bounded_duration({}, "t", "area", 10.0, 1.5) == 1.5    # absent: the default

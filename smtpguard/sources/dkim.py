@@ -65,8 +65,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value  # type: ignore[impor
 
 from smtpguard.adapters.dns import Answer, gather_within
 from smtpguard.core.facts import NONE, OK, UNKNOWN, FactValue
-from smtpguard.core.settings import reject_unknown_keys
-from smtpguard.core.units import parse_duration
+from smtpguard.core.settings import bounded_duration, reject_unknown_keys
 from smtpguard.errors import ConfigError
 from smtpguard.core.facts import FactSpec, Kind, SourceSpec
 from smtpguard.observe.log import event
@@ -166,16 +165,7 @@ def from_mapping(table: Mapping[str, Any], prefix: str = "dkim") -> DkimSettings
             raise ConfigError(f"{prefix}.max_signatures",
                               f"expected a whole number 1..{MAX_SIGNATURES_LIMIT}, got {value!r}")
         count = value
-    timeout = out.verify_timeout
-    if "verify_timeout" in table:
-        try:
-            timeout = parse_duration(table["verify_timeout"])
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}.verify_timeout", str(exc)) from None
-        if not 0 < timeout <= VERIFY_TIMEOUT_MAX:
-            raise ConfigError(f"{prefix}.verify_timeout",
-                              f"must be more than 0 and at most {VERIFY_TIMEOUT_MAX:g}s, "
-                              f"got {table['verify_timeout']!r}")
+    timeout = bounded_duration(table, "verify_timeout", prefix, VERIFY_TIMEOUT_MAX, out.verify_timeout)
     return DkimSettings(authserv_id=authserv, max_signatures=count, verify_timeout=timeout)
 
 

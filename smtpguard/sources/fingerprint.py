@@ -42,9 +42,8 @@ from typing import Any, Mapping
 
 from smtpguard.adapters.p0f import query_p0f
 from smtpguard.core.facts import ClientInfo
-from smtpguard.core.settings import reject_unknown_keys
+from smtpguard.core.settings import bounded_duration, reject_unknown_keys
 from smtpguard.core.fingerprint import UNKNOWN_OS, OsFact, SignatureSet, classify, load_signatures
-from smtpguard.core.units import parse_duration
 from smtpguard.errors import ConfigError
 from smtpguard.core.facts import FactSpec, Kind, SourceSpec
 from smtpguard.sources import Context, table
@@ -167,15 +166,7 @@ def from_mapping(table: Mapping[str, Any], prefix: str = "fingerprint") -> Finge
             if not isinstance(value, str):
                 raise ConfigError(f"{prefix}.{key}", f"expected a file path as a string, got {value!r}")
             values[key] = value.strip()
-    if "p0f_timeout" in table:
-        try:
-            timeout = parse_duration(table["p0f_timeout"])
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}.p0f_timeout", str(exc)) from None
-        if not 0 < timeout <= P0F_TIMEOUT_MAX:
-            raise ConfigError(f"{prefix}.p0f_timeout",
-                              f"must be more than 0 and at most {P0F_TIMEOUT_MAX:g}s, got {table['p0f_timeout']!r}")
-        values["p0f_timeout"] = timeout
+    values["p0f_timeout"] = bounded_duration(table, "p0f_timeout", prefix, P0F_TIMEOUT_MAX, defaults.p0f_timeout)
     return FingerprintSettings(
         signatures=values.get("signatures", defaults.signatures),
         p0f_socket=values.get("p0f_socket", defaults.p0f_socket),
