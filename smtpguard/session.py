@@ -588,4 +588,3 @@ def trace_date(now: float | None = None) -> str:
     if _DATE[0] != second:
         _DATE[0], _DATE[1] = second, formatdate(second, localtime=True)
     return str(_DATE[1])
-
