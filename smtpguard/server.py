@@ -32,6 +32,7 @@ from aiosmtpd.proxy_protocol import AF, PROTO, V2_CMD, get_proxy
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpguard.adapters.spool import MessageSpool
+from smtpguard.adapters.upstream import Upstream
 from smtpguard.core.dsn import DSN_MAIL, DSN_RCPT, split_dsn
 
 from smtpguard.config import Config
@@ -180,7 +181,7 @@ HOOKS = Hooks()
 Hooks.handle_EHLO.__signature__ = inspect.signature(Hooks.handle_EHLO)  # type: ignore[attr-defined]
 
 
-def ehlo_reply(responses: list[str], upstream: Any) -> str:
+def ehlo_reply(responses: list[str], upstream: Upstream) -> str:
     """The EHLO reply, in one write (aiosmtpd pushes each item on its own).
 
     No AUTH on an inbound port-25 front (aiosmtpd would offer it after
