@@ -429,3 +429,21 @@ def test_within_gives_each_key_its_result_or_the_fallback(count: int) -> None:
     assert asyncio.run(run(lambda: value("ok"))) == {f"k{i}": "ok" for i in range(count)}
     assert asyncio.run(run(never)) == {f"k{i}": f"fallback k{i}" for i in range(count)}
     assert asyncio.run(run(broken)) == {f"k{i}": f"fallback k{i}" for i in range(count)}
+
+
+def test_addresses_from_the_cache_are_the_same_answer_without_queries(dns_server: DnsServer) -> None:
+    # the cached fast path of addresses() (issue 15) merges as the network path does
+    dns_server.set("both.example", "A", ["192.0.2.1"])
+    dns_server.set("both.example", "AAAA", ["2001:db8::1"])
+    dns_server.set("v4only.example", "A", ["192.0.2.2"])
+    r = resolver(dns_server)
+
+    async def twice(name: str) -> tuple[Answer, Answer]:
+        return await r.addresses(name), await r.addresses(name)
+
+    for name in ("both.example", "v4only.example", "missing.example"):
+        first, second = run(twice(name))
+        asked = dns_server.queries(name, "A") + dns_server.queries(name, "AAAA")
+        assert (second.status, sorted(second.values), second.partial) == \
+               (first.status, sorted(first.values), first.partial), name
+        assert asked == 2, (name, asked)     # the second call asked nothing

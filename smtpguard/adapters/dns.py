@@ -471,16 +471,9 @@ class Resolver:
         qname, key = parsed
         rtype = key[1]
 
-        cached = self._cache.get(key)
-        if cached is not None:
-            expires, answer, size = cached
-            remaining = expires - self._clock()
-            if remaining > 0:
-                self._cache.move_to_end(key)
-                self._hits += 1
-                return dataclasses.replace(answer, ttl=int(remaining))
-            del self._cache[key]
-            self._cached_bytes -= size
+        hit = self._cached(key)
+        if hit is not None:
+            return hit
 
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
@@ -512,10 +505,31 @@ class Resolver:
             return Answer(NONE, reason=REASON_INVALID)
         return await self.query(_reverse_name(unmapped(addr).compressed), "PTR", budget=budget)
 
+    def _cached(self, key: tuple[str, str]) -> Answer | None:
+        """A live cache entry (with its remaining TTL), counted as a hit; an
+        expired one is dropped."""
+        cached = self._cache.get(key)
+        if cached is None:
+            return None
+        expires, answer, size = cached
+        remaining = expires - self._clock()
+        if remaining > 0:
+            self._cache.move_to_end(key)
+            self._hits += 1
+            return dataclasses.replace(answer, ttl=int(remaining))
+        del self._cache[key]
+        self._cached_bytes -= size
+        return None
+
     async def addresses(self, name: str, *, budget: LookupBudget | None = None) -> Answer:
         """A and AAAA at once, merged: OK if either has data, NONE if both have
         none, else UNKNOWN (one failed and the other had nothing). An OK
         answer names a failed family in `partial`."""
+        qa, qaaaa = _question(name, "A"), _question(name, "AAAA")
+        if qa is not None and qaaaa is not None and qa[1] in self._cache and qaaaa[1] in self._cache:
+            # both cached (a returning client's names): no tasks (issue 15)
+            a, aaaa = await self.query(name, "A", budget=budget), await self.query(name, "AAAA", budget=budget)
+            return merge_addresses(a, aaaa)
         a, aaaa = await asyncio.gather(self.query(name, "A", budget=budget),
                                        self.query(name, "AAAA", budget=budget))
         return merge_addresses(a, aaaa)

@@ -105,10 +105,10 @@ async def gather(
     if not lookup:
         return HeloFact(fact_status(syntax, None), sent, syntax, matches_rdns=by_rdns, looked_up=False)
 
-    query = resolver.addresses(syntax.name)
     try:
-        answer = await (query if budget is None else asyncio.wait_for(query, max(0.0, budget)))
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(None if budget is None else max(0.0, budget)):   # in this task, no task of its own
+            answer = await resolver.addresses(syntax.name)
+    except TimeoutError:
         return HeloFact(UNKNOWN, sent, syntax, UNKNOWN, UNKNOWN, by_rdns, reason="deadline")
     if answer.status == UNKNOWN:
         return HeloFact(UNKNOWN, sent, syntax, UNKNOWN, UNKNOWN, by_rdns, reason=answer.reason or "unknown")

@@ -235,10 +235,11 @@ async def _bounded(aw: Any, deadline: float | None) -> Any:
     when it is not done by then."""
     if deadline is None:
         return await aw
-    remaining = deadline - asyncio.get_running_loop().time()
     try:
-        return await asyncio.wait_for(aw, max(0.0, remaining))
-    except asyncio.TimeoutError:
+        # in this task, without one of its own (issue 15: a cache hit costs no task)
+        async with asyncio.timeout_at(deadline):
+            return await aw
+    except TimeoutError:
         return None
 
 
@@ -262,7 +263,11 @@ async def gather(ip: str, resolver: ResolverLike, settings: RdnsSettings = RdnsS
     if ptr.status != OK or not names:
         return RdnsFact(RDNS_NONE)
 
-    forward = await _bounded(asyncio.gather(*(resolver.addresses(n) for n in names)), deadline)
+    if len(names) == 1:   # the usual case: one name, no gather around it
+        one = await _bounded(resolver.addresses(names[0]), deadline)
+        forward = None if one is None else [one]
+    else:
+        forward = await _bounded(asyncio.gather(*(resolver.addresses(n) for n in names)), deadline)
     confirmed = unknown = None
     if forward is None:
         unknown = "deadline"
