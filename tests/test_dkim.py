@@ -438,3 +438,21 @@ def test_stripping_removes_exactly_the_fields_claiming_us(fields: list[bytes]) -
                                       and f.split(b":", 1)[1].replace(b"(c)", b"").split(b";")[0].split()[0]
                                       .lower().rstrip(b".") == b"mx.example.net")]
     assert out == b"".join(kept) + b"\r\n"
+
+
+def test_the_from_domain_is_read_only_when_a_rule_reads_it(dns_server: DnsServer, key: Any) -> None:
+    # issue 15: without a rule on from_domain or dkim_aligned, From: is not
+    # parsed and those facts are absent; the signature results are the same
+    publish(dns_server, key)
+    resolver = Resolver([dns_server.address], timeout=1.0)
+
+    async def both(message: bytes) -> tuple[dkim_source.DkimFact, dkim_source.DkimFact]:
+        return (await dkim_source.gather(message, resolver, 2.0),
+                await dkim_source.gather(message, resolver, 2.0, author_facts=False))
+
+    for message in (signed(key), b"From: a@sender.test\r\n\r\nbody\r\n"):
+        full, lean = asyncio.run(both(message))
+        assert full.as_facts()["from_domain"] == "sender.test"
+        assert lean.as_facts() == {k: v for k, v in full.as_facts().items()
+                                   if k not in ("from_domain", "dkim_aligned")}
+        assert lean.results == full.results

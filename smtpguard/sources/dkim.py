@@ -192,11 +192,15 @@ class DkimFact:
     dkim: str                         # pass fail none unknown
     domains: tuple[str, ...] = ()     # d= of the signatures that verify
     error: str = ""                   # for the log
-    from_domain: str = ""             # RFC 5322 From: domain, "" if none or several
+    # RFC 5322 From: domain, "" if none or several; None when not read (no
+    # rule reads from_domain or dkim_aligned), and both facts are then absent
+    from_domain: str | None = ""
     aligned: Tri = False              # dkim_aligned
     results: tuple[SignatureResult, ...] = ()
 
     def as_facts(self) -> dict[str, FactValue]:
+        if self.from_domain is None:
+            return {"dkim": self.dkim, "dkim_domains": self.domains}
         return {"dkim": self.dkim, "dkim_domains": self.domains,
                 "from_domain": self.from_domain, "dkim_aligned": self.aligned}
 
@@ -456,17 +460,22 @@ def _with_result(r: SignatureResult, result: str, reason: str) -> SignatureResul
 
 
 async def gather(message: bytes, resolver: Any, budget: float,
-                 settings: DkimSettings | None = None) -> DkimFact:
-    """The DKIM facts of one message (the bytes as the client sent them)."""
+                 settings: DkimSettings | None = None, *, author_facts: bool = True) -> DkimFact:
+    """The DKIM facts of one message (the bytes as the client sent them).
+
+    `author_facts=False`: the From: domain is not read (no rule reads
+    from_domain or dkim_aligned; the Authentication-Results header does not
+    need it), and those two facts are absent."""
     settings = settings or DkimSettings()
     block = header_block(message)
-    author = from_domain(block)
+    author = from_domain(block) if author_facts else None
     if not verifiable(block):
         return DkimFact(NONE, "none", from_domain=author)
     try:
         headers = dkim.DKIM(message).headers
     except Exception as e:  # a message dkimpy cannot even split into headers
-        return DkimFact(OK, "fail", error=f"unparsable message: {type(e).__name__}")
+        return DkimFact(OK, "fail", error=f"unparsable message: {type(e).__name__}",
+                        from_domain="" if author_facts else None)
     signatures = [v for k, v in headers if k.lower() == b"dkim-signature"][:settings.max_signatures]
     if not signatures:
         return DkimFact(NONE, "none", from_domain=author)
@@ -493,12 +502,16 @@ async def gather(message: bytes, resolver: Any, budget: float,
     passed = tuple(dict.fromkeys(r.domain for r in results if r.result == PASS and r.domain))
     temp = any(r.result == TEMPERROR for r in results)
     if passed:
-        return DkimFact(OK, "pass", passed, error, author, aligned(author, passed), results)
+        return DkimFact(OK, "pass", passed, error, author, aligned(author or "", passed), results)
     if temp:
         failed = [n for n, a in keys.items() if a.status == UNKNOWN]
         why = error or f"key lookup failed: {', '.join(failed)}"
         return DkimFact(UNKNOWN, UNKNOWN, (), why, author, UNKNOWN if author else False, results)
     return DkimFact(OK, "fail", (), error, author, False, results)
+
+
+# The facts only the From: domain tells: without a rule that reads one, From: is not parsed.
+AUTHOR_FACTS = frozenset({"from_domain", "dkim_aligned"})
 
 
 # --- the registry's entry points (smtpguard/sources/__init__.py) -------------
@@ -513,7 +526,8 @@ async def gather_facts(ctx: Context) -> DkimFact | None:
     error (a message dkimpy cannot split) is logged with the session id."""
     if ctx.message is None:
         return None
-    fact = await gather(ctx.message, ctx.resolver, ctx.budget, ctx.settings)
+    fact = await gather(ctx.message, ctx.resolver, ctx.budget, ctx.settings,
+                        author_facts=ctx.wanted is None or bool(ctx.wanted & AUTHOR_FACTS))
     if fact.error:
         event("dkim.error", session=ctx.client.session_id, ip=ctx.client.ip, error=fact.error)
     return fact
