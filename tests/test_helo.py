@@ -24,7 +24,7 @@ from smtpguard.core.helo import (
 )
 from smtpguard.core.rdns import RDNS_CONFIRMED, RDNS_NONE, RDNS_UNCONFIRMED, RDNS_UNKNOWN, RdnsFact
 from smtpguard.sources.helo import gather
-from tests.fixtures_dns import DnsServer
+from tests.fixtures_dns import DnsServer, ptr_name
 
 CLIENT = "192.0.2.10"
 US = identity(names=["mx.our.example"], domains=["our.example", ".sub.our.example"],
@@ -223,13 +223,15 @@ def test_a_prebuilt_identity_is_used(dns_server: DnsServer) -> None:
     assert fact.as_facts()["helo_is_us"] is True
 
 
-@pytest.mark.parametrize("when, asked", [
-    ({"helo_is_us": True}, False),          # the shipped rule: no lookup of a stranger's name
-    ({"helo_resolves": False}, True),
-    ({"helo_matches_ip": False}, True),
+@pytest.mark.parametrize("when, asked, ptr", [
+    ({"helo_is_us": True}, False, False),   # the shipped rule: no lookup of a stranger's name, no PTR
+    ({"helo_resolves": False}, True, False),
+    ({"helo_matches_ip": False}, True, False),
+    ({"helo_matches_rdns": False}, False, True),   # the one HELO fact that reads the rDNS result
 ])
 def test_the_helo_name_is_looked_up_only_when_a_rule_reads_what_that_tells(
-        when: dict[str, Any], asked: bool, dns_server: DnsServer, guard_factory: Any, recorder: Any) -> None:
+        when: dict[str, Any], asked: bool, ptr: bool, dns_server: DnsServer, guard_factory: Any,
+        recorder: Any) -> None:
     # issue 15: a lookup no rule needs is not made (postscreen runs only enabled tests)
     import smtplib
 
@@ -244,6 +246,7 @@ def test_the_helo_name_is_looked_up_only_when_a_rule_reads_what_that_tells(
         assert s.rcpt("user@example.test")[0] == 250
     looked = dns_server.queries("name.client.test", "A") + dns_server.queries("name.client.test", "AAAA")
     assert (looked > 0) is asked
+    assert (dns_server.queries(ptr_name("127.0.0.1"), "PTR") > 0) is ptr
     # check shows every fact, the lookup's too, whatever the rules read
     import asyncio
     result = asyncio.run(evaluate(g.config, "192.0.2.1", "name.client.test"))

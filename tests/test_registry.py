@@ -175,6 +175,9 @@ CONTRADICTIONS = [
     ("a need of no source", [_spec("a", needs=("nobody",))], "needs 'nobody'"),
     ("a revision at its own stage", [_spec("a", revise_at="connect", revises=("a",))], "not a later stage"),
     ("a revision of another's fact", [_spec("a", revise_at="helo", revises=("ip",))], "does not provide"),
+    ("needed_for a fact it does not provide", [_spec("a", needs=("b",), needed_for=("zz",)), _spec("b")],
+     "needed_for"),
+    ("needed_for without a need", [_spec("a", needed_for=("a",))], "needed_for"),
     ("a domain that is not text", [_spec("a", facts=(FactSpec("a", Kind.NUMBER, domain=True),))], "not a text fact"),
 ]
 
@@ -198,9 +201,11 @@ def test_a_module_missing_an_entry_point_its_declaration_needs_is_refused() -> N
 
 
 def test_a_source_runs_when_a_rule_reads_it_and_what_it_reads_runs_too() -> None:
-    run = REGISTRY.wanted(frozenset({"helo_resolves"}))
-    assert run["helo"] and run["rdns"]           # helo reads the rdns result
+    run = REGISTRY.wanted(frozenset({"helo_matches_rdns"}))
+    assert run["helo"] and run["rdns"]           # helo reads the rdns result for that fact
     assert not run["geo"] and not run["dnsbl"] and not run["dkim"]
+    run = REGISTRY.wanted(frozenset({"helo_is_us", "helo_resolves"}))
+    assert run["helo"] and not run["rdns"]       # no PTR lookups for facts that do not need them
     assert REGISTRY.wanted(frozenset(), frozenset({"rdns"}))["rdns"]   # the relay's own need
     assert [s.spec.name for s in REGISTRY.at("data")] == ["dkim"]
     assert "graylist" not in [s.spec.name for stage in STAGES for s in REGISTRY.at(stage)]  # asked per recipient

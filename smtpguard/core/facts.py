@@ -61,7 +61,7 @@ class SourceSpec:
     """A fact source's declaration: what it provides, when, from which settings.
 
     Each module of smtpguard/sources/ starts with one (`SOURCE = SourceSpec(...)`)
-    and defines `async def gather(ctx)`; sources/registry.py lists the
+    and defines `async def gather_facts(ctx)`; sources/registry.py lists the
     modules, and the fact table, the config areas and the stage loop are
     derived from the list (docs/adding-a-fact.md)."""
 
@@ -70,8 +70,11 @@ class SourceSpec:
     facts: tuple[FactSpec, ...]      # the facts its result's as_facts() returns
     area: str = ""                   # its config table ([geo]); "" when it has no settings
     # Sources whose results its gather reads (helo reads rdns): they run
-    # whenever this one does, at their own stage, which is not a later one.
+    # whenever this one does, at their own stage, which is not a later one;
+    # or, with `needed_for`, only when a rule reads one of those facts of
+    # this source (helo needs rdns for helo_matches_rdns alone).
     needs: tuple[str, ...] = ()
+    needed_for: tuple[str, ...] = ()
     # Runs whether or not a rule reads its facts (dkim: the MTA always gets
     # an Authentication-Results header).
     always: bool = False

@@ -182,6 +182,9 @@ def fact_table(sources: Iterable[SourceSpec], core: Iterable[FactSpec] = CORE_FA
             raise ValueError(f"source {spec.name!r}: revise_at {spec.revise_at!r} is not a later stage")
         if not set(spec.revises) <= spec.fact_names():
             raise ValueError(f"source {spec.name!r} revises facts it does not provide")
+        if not set(spec.needed_for) <= spec.fact_names() or (spec.needed_for and not spec.needs):
+            raise ValueError(f"source {spec.name!r}: needed_for names facts it does not provide, "
+                             "or no source it needs")
         for need in spec.needs:
             other = by_name.get(need)
             if other is None or STAGE_INDEX[other.stage] > STAGE_INDEX[spec.stage]:

@@ -63,6 +63,7 @@ SOURCE = SourceSpec(
         "helo_valid", "helo_bare_ip", "helo_literal_matches", "helo_is_us",
         "helo_resolves", "helo_matches_ip", "helo_matches_rdns")),
     needs=("rdns",),
+    needed_for=("helo_matches_rdns",),   # the only fact that reads the rdns result
     own_deadline=True,
 )
 

@@ -128,13 +128,14 @@ class Registry:
 
     def wanted(self, facts: frozenset[str], also: frozenset[str] = frozenset()) -> dict[str, bool]:
         """Which sources run: those providing a fact in `facts`, those named in
-        `also` (what the relay itself needs), and what those read (needs)."""
+        `also` (what the relay itself needs), and what those read (needs:
+        always, or only when `facts` has one of the `needed_for` facts)."""
         run = {s.spec.name: bool(s.spec.fact_names() & facts) or s.spec.name in also for s in self.sources}
         changed = True
         while changed:   # needs are few and shallow (helo -> rdns); a fixed point
             changed = False
             for s in self.sources:
-                if run[s.spec.name]:
+                if run[s.spec.name] and (not s.spec.needed_for or facts & set(s.spec.needed_for)):
                     for need in s.spec.needs:
                         if not run[need]:
                             run[need] = changed = True
