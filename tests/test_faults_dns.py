@@ -290,8 +290,10 @@ def test_a_live_session_over_its_budget_gets_unknown_helo_facts_and_goes_on(
     dns_server.set_ptr("127.0.0.1", ["client.good.t."])
     dns_server.set("client.good.t", "A", ["127.0.0.1"])
     dns_server.set("helo.hostile.t", "A", ["198.51.100.1"])  # `false` when asked
+    # a connect rule reads rdns, so the PTR and its forward lookups run first
     doc = {"dns": {"session_lookups": lookups},
-           "rule": [{"name": "helo-mismatch", "stage": "helo", "when": {"helo_matches_ip": False},
+           "rule": [{"name": "no-rdns", "stage": "connect", "when": {"rdns": "none"}, "action": "reject"},
+                    {"name": "helo-mismatch", "stage": "helo", "when": {"helo_matches_ip": False},
                      "action": "reject", "reason": "HELO"}]}
     g = guard_factory(doc, upstream=recorder.address)
     with smtplib.SMTP(g.host, g.port, timeout=10, local_hostname="helo.hostile.t") as s:
