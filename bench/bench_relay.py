@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import postfix_proxy  # noqa: E402
-from common import ROOT, cpu_seconds, free_port, tool, wait_port  # noqa: E402,F401  (others import them from here)
+from common import ROOT, cpu_seconds, free_port, guard_config, tool, wait_port  # noqa: E402,F401  (others import them from here)
 
 # Issue 15's targets.
 TARGET_CPU_MS = 0.6            # per relayed message, shipped policy, one per session
@@ -97,15 +97,7 @@ def _guard(ports: dict[Any, int], name: Any, sink_port: int, dns: str, tmp: str)
              "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{sink_port}", "--workers", str(workers),
              "--dns-server", dns, "--state", "memory://", "--log-level", "warning"],
             cwd=ROOT, stderr=subprocess.DEVNULL, text=True)
-    conf = Path(tmp) / f"bench{name}.toml"
-    conf.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-hostname = "mx.example.test"
-domains = ["example.test"]
-workers = {name}
-[upstream]
-address = "127.0.0.1:{sink_port}"
+    conf = guard_config(Path(tmp) / f"bench{name}.toml", port, sink_port, """
 [limits]
 # one load generator on loopback: the per-client limits and the early-talker
 # wait are the screen's job, measured by bench_screen.py, not here
@@ -113,7 +105,7 @@ exempt = ["127.0.0.0/8"]
 [log]
 level = "warning"
 """)
-    return subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "--config", str(conf)],
+    return subprocess.Popen([sys.executable, "-m", "smtpguard", "serve", "--config", str(conf), "--workers", str(name)],
                             cwd=ROOT, stderr=subprocess.DEVNULL, text=True)
 
 

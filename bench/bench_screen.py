@@ -37,6 +37,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import cpu_seconds, free_port, rss_kib, wait_port  # noqa: E402
+from common import guard_config as common_guard_config  # noqa: E402
 ROOT = HERE.parent
 
 
@@ -174,22 +175,13 @@ def bare_server(port: int) -> None:
 # --- smtpguard ----------------------------------------------------------------------
 
 def guard_config(tmp: str, name: str, port: int, upstream: int, extra: str) -> Path:
-    conf = Path(tmp) / f"{name}.toml"
-    conf.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-hostname = "mx.example.test"
-domains = ["example.test"]
-[upstream]
-address = "127.0.0.1:{upstream}"
+    return common_guard_config(Path(tmp) / f"{name}.toml", port, upstream, f"""
 [state]
 url = "memory://"
 [log]
 level = "info"
 format = "json"
-{extra}
-""")
-    return conf
+{extra}""")
 
 
 def start_guard(conf: Path) -> "subprocess.Popen[bytes]":

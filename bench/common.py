@@ -78,3 +78,18 @@ def status(pid: int, key: str) -> int:
 
 def rss_kib(pid: int) -> float:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
+
+
+def guard_config(path: Path, port: int, upstream: int, extra: str = "") -> Path:
+    """An smtpguard config for a benchmark: listening on loopback `port`,
+    serving example.test, relaying to `upstream`; `extra` is more TOML."""
+    path.write_text(f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+hostname = "mx.example.test"
+domains = ["example.test"]
+[upstream]
+address = "127.0.0.1:{upstream}"
+{extra}
+""")
+    return path
