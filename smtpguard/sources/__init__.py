@@ -55,7 +55,8 @@ class Context:
     signatures: Any = None
     us: Any = None
     # The facts the policy reads, so that a source can skip a lookup no rule
-    # needs (helo: the name's addresses); None: every fact (`smtpguard check`).
+    # needs (helo: the name's addresses; dkim: the From: domain); None: every
+    # fact (`smtpguard check`).
     wanted: frozenset[str] | None = None
 
 
