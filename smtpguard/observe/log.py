@@ -51,13 +51,23 @@ def _event_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
     return record.getMessage(), fields
 
 
+_STAMP: list[Any] = [None, ""]   # the second and its UTC time stamp
+
+
+def _stamp(created: float) -> str:
+    """`2026-11-29T20:30:00Z`, formatted once per second (a relayed message logs twice)."""
+    second = int(created)
+    if _STAMP[0] != second:
+        _STAMP[0], _STAMP[1] = second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+    return str(_STAMP[1])
+
+
 class TextFormatter(logging.Formatter):
     """`2026-11-29T20:30:00Z info connect session=… ip=… key=value`"""
 
     def format(self, record: logging.LogRecord) -> str:
         name, fields = _event_and_fields(record)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
-        parts = [stamp, record.levelname.lower(), name]
+        parts = [_stamp(record.created), record.levelname.lower(), name]
         for key, value in fields.items():
             if value is None or value == "":
                 continue
@@ -96,6 +106,13 @@ def setup(fmt: str = "text", level: str = "info", stream: TextIO | None = None) 
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(level.upper())
     LOGGER.propagate = False
+    # What no line of ours shows is not gathered for each record: the
+    # caller's file and line, the thread, the process (the logging HOWTO's
+    # "Optimization" section); a relayed message logs two lines at info.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # aiosmtpd logs every command at INFO under "mail.log": our own lines
     # say what matters, so keep its chatter out unless debugging. Library
     # lines go through the same formatter (escaped, one JSON object per
