@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from smtpguard.core.fingerprint import SignatureSet
     from smtpguard.session import ClientSession
 
-# SOURCE_FACTS (imported from sources/registry.py): which source provides
-# which facts; the policy says which facts it reads.
 # A source the stage loop cut at the deadline (its facts become `unknown`).
 _UNFINISHED = object()
 # Sources that keep the stage budget themselves (SourceSpec.own_deadline)
@@ -132,7 +130,7 @@ class Services:
     async def _stage_facts(self, stage: str, session: "ClientSession") -> dict[str, FactValue]:
         """The stage loop: revise earlier results (rdns with the HELO name),
         then run the stage's wanted sources concurrently within the budget."""
-        results = self._results(session)
+        results = session.source_results
         out: dict[str, FactValue] = {}
         revising = [s for s in self.registry.revised_at(stage) if s.spec.name in results]
         sources = [s for s in self.registry.at(stage) if s.spec.always or self.run.get(s.spec.name)]
@@ -180,30 +178,13 @@ class Services:
         """One source's context: the stage's, with this source's settings."""
         return Context(settings=self.config.area(source.spec.area) if source.spec.area else None, **shared)
 
-    @staticmethod
-    def _results(session: Any) -> dict[str, Any]:
-        """The session's source results by source name (made at its first stage)."""
-        results: dict[str, Any] | None = getattr(session, "source_results", None)
-        if results is None:
-            results = {}
-            try:
-                session.source_results = results
-            except AttributeError:  # a session object without a __dict__: per stage, then
-                pass
-        return results
-
-    def _dns(self, session: Any) -> SessionResolver:
+    def _dns(self, session: "ClientSession") -> SessionResolver:
         """The resolver as this session sees it: its lookups spend the
         session's budget ([dns] session_lookups, made at its first lookup)
         and its DNS error lines carry its id (issue 19 items 1 and 2)."""
-        budget = getattr(session, "dns_budget", None)
-        if budget is None:
-            budget = self.resolver.budget()
-            try:
-                session.dns_budget = budget
-            except AttributeError:  # a session object without a __dict__: per call, then
-                pass
-        return self.resolver.for_session(budget, str(getattr(session.client, "session_id", "") or ""))
+        if session.dns_budget is None:
+            session.dns_budget = self.resolver.budget()
+        return self.resolver.for_session(session.dns_budget, session.client.session_id)
 
     def _us_at(self, local_ip: str) -> OurIdentity:
         """Who we are, including the address the client connected to (a
