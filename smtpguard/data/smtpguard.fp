@@ -241,9 +241,13 @@ sig   = *:64:0:*:65535,3:mss,nop,ws,sok,ts:df,id+,flow:0
 label = s:unix:FreeBSD:5.x
 sig   = *:64:0:*:65535,1:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
 
+; The generic FreeBSD line takes any window: net.inet.tcp.recvspace changes it
+; (PC-BSD 7 announced 49152, Satori), and no other stack that starts at TTL 64
+; writes MSS, NOP, WS, SACK-permitted, TS (Linux puts SACK-permitted second,
+; Windows starts at 128).
 label = g:unix:FreeBSD:
-sig   = *:64:0:*:65535,*:mss,nop,ws,sok,ts:df,id+,flow:0
-sig   = *:64:0:*:65535,*:mss,nop,ws,sok,ts:df,flow:0
+sig   = *:64:0:*:*,*:mss,nop,ws,sok,ts:df,id+,flow:0
+sig   = *:64:0:*:*,*:mss,nop,ws,sok,ts:df,flow:0
 
 ; ======================================================================
 ; OpenBSD: initial TTL 64, window 16384 (tcp_recvspace), options MSS, NOP,
@@ -263,8 +267,12 @@ label = s:unix:OpenBSD:3.x
 sig   = *:64:0:*:32768,0:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
 sig   = *:64:0:*:57344,0:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
 
+; The generic OpenBSD line is its option order alone, which no other stack
+; writes (FreeBSD 5.x's 65535 window has its own line above): any window, and
+; without DF too, as OpenBSD 2.6-2.9 sent it (Satori).
 label = g:unix:OpenBSD:
-sig   = *:64:0:*:16384,*:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
+sig   = *:64:0:*:*,*:mss,nop,nop,sok,nop,ws,nop,nop,ts:df,id+:0
+sig   = 4:64:0:*:*,*:mss,nop,nop,sok,nop,ws,nop,nop,ts::0
 
 ; ======================================================================
 ; Other systems a mail server meets: Unix servers, network gear, printers,
