@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from smtpguard.adapters.dns import Resolver, SessionResolver, within
@@ -82,6 +84,18 @@ class ClientCounts:
             self.by_key.pop(key, None)
 
 
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """How `smtpguard check` runs a session on the live services: the same
+    facts, policy and stage methods, but the graylist store is neither read
+    nor written (a recipient a graylist rule covers is a new triplet, deferred
+    as its first attempt would be; no trap is sprung), and the DNS-list text
+    reaches the reply only when a rule reads the lists (`lists_read`), as in a
+    live session, although check gathers every fact to show it."""
+
+    lists_read: bool
+
+
 class Services:
     def __init__(self, config: Config, geodb: "GeoDB | None" = None, signatures: "SignatureSet | None" = None,
                  store: Store | None = None, clock: Callable[[], float] = time.time,
@@ -99,6 +113,7 @@ class Services:
         self.reload_hooks: list[Callable[[], None]] = []
         self.own_workers = False         # one of `server.workers`: shares its listeners (workers.py)
         self._last_purge = 0.0
+        self.preview: Preview | None = None   # set by `smtpguard check` only
         self._configure(config)
 
     def _configure(self, config: Config) -> None:
@@ -124,6 +139,8 @@ class Services:
         """The stage's facts; the time they took and their results go to /metrics (issue 12)."""
         started = time.monotonic()
         got = await self._stage_facts(stage, session)
+        if self.preview is not None and not self.preview.lists_read:
+            session.source_results.pop("dnsbl", None)   # no list text in the reply
         observe_facts(stage, time.monotonic() - started, got)
         return got
 
@@ -206,6 +223,8 @@ class Services:
 
     async def graylist(self, session: "ClientSession", rcpt: str, strict: bool) -> dict[str, FactValue]:
         """The graylist state of one recipient; a store outage is the value `unknown`."""
+        if self.preview is not None:
+            return {"graylist": "new", "graylist_wait": math.ceil(self.config.graylist.policy.delay)}
         if self.store is None:
             return {"graylist": UNKNOWN, "graylist_error": "no state store"}
         fact = await graylist.check(self.store, self.config.graylist, ip=session.client.ip,
@@ -221,7 +240,7 @@ class Services:
 
     async def trap(self, session: "ClientSession", rcpt: str) -> dict[str, FactValue]:
         """Spamtraps for a recipient no graylist rule covered: `trapped`, or nothing."""
-        if self.store is None or not self.config.graylist.traps:
+        if self.preview is not None or self.store is None or not self.config.graylist.traps:
             return {}
         fact = await graylist.trap(self.store, self.config.graylist, ip=session.client.ip,
                                    rdns_confirmed_domain=self._confirmed_domain(session), rcpt=rcpt,

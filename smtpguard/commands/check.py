@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import math
 import sys
 from typing import Any
 
@@ -76,7 +75,7 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
     Without `rcpt`, the reply is the one an ordinary recipient of a served
     domain would get at RCPT (a refusal held back until RCPT shows there).
     Unless `only_policy`, every source runs, not only those the rules read."""
-    from smtpguard.services import build_services
+    from smtpguard.services import Preview, build_services
     from smtpguard.session import ClientSession
 
     services = build_services(config, with_store=False)
@@ -87,7 +86,8 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
         for name in services.run:
             services.run[name] = True
         services.wanted = None   # and each source gathers every fact it can, read or not
-    session = ClientSession(_Preview(services, policy_runs), ClientInfo("check", ip, 0, syn=syn))  # type: ignore[arg-type]
+    services.preview = Preview(lists_read=bool(policy_runs.get("dnsbl")))
+    session = ClientSession(services, ClientInfo("check", ip, 0, syn=syn))
     session.pause = _no_pause
     result: dict[str, Any] = {"ip": ip, "stages": [], "reply": "250 (delivered to the MTA, whose answer decides)",
                               "policy_facts": sorted(services.policy.facts())}
@@ -127,33 +127,6 @@ async def evaluate(config: cfg.Config, ip: str, helo: str = "", sender: str = ""
         result["reply"] = reply
     result["facts"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in session.facts.items() if k != "port"}
     return result
-
-
-class _Preview:
-    """The live services for `check`: the same facts and policy, but the
-    graylist store is neither read nor written (a recipient that a graylist
-    rule covers is a new triplet, deferred as its first attempt would be),
-    and the DNS-list text reaches the reply only when a rule reads the lists,
-    as in a live session (check gathers every fact to show it)."""
-
-    def __init__(self, services: Any, policy_runs: dict[str, bool]) -> None:
-        self._services = services
-        self._lists_read = bool(policy_runs.get("dnsbl"))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._services, name)
-
-    async def facts(self, stage: str, session: Any) -> dict[str, Any]:
-        got: dict[str, Any] = await self._services.facts(stage, session)
-        if not self._lists_read:
-            session.source_results.pop("dnsbl", None)   # no list text in the reply
-        return got
-
-    async def graylist(self, session: Any, rcpt: str, strict: bool) -> dict[str, Any]:
-        return {"graylist": "new", "graylist_wait": math.ceil(self._services.config.graylist.policy.delay)}
-
-    async def trap(self, session: Any, rcpt: str) -> dict[str, Any]:
-        return {}
 
 
 def _entry(policy: Any, stage: str, verdict: Any, facts: dict[str, Any]) -> dict[str, Any]:
