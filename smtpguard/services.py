@@ -166,21 +166,13 @@ class Services:
             out.update({k: v for k, v in fact.as_facts().items() if k in source.spec.revises})
         if not sources:
             return out
-        cut: dict[str, Awaitable[Any]] = {s.spec.name: s.gather(self._ctx(ctx, s))
-                                          for s in sources if not s.spec.own_deadline and s.gather}
-        kept: dict[str, Awaitable[Any]] = {s.spec.name: s.gather(self._ctx(ctx, s))
-                                           for s in sources if s.spec.own_deadline and s.gather}
-        # One group has sources in most stages (a data stage has only DKIM):
-        # no gather around a group with nothing in it (issue 15: tasks cost).
-        if cut and kept:
-            got_cut, got_kept = await asyncio.gather(
-                within(self.config.dns.stage_budget, cut, lambda _k: _UNFINISHED),
-                within(_OWN_DEADLINE, kept, lambda _k: _UNFINISHED))
-            got = {**got_cut, **got_kept}
-        elif cut:
-            got = await within(self.config.dns.stage_budget, cut, lambda _k: _UNFINISHED)
-        else:
-            got = await within(_OWN_DEADLINE, kept, lambda _k: _UNFINISHED)
+        # Each source under its deadline: the stage budget, or (a source that
+        # keeps the budget itself, SourceSpec.own_deadline) a bound that only
+        # guards against a bug in it.
+        pending: dict[str, Awaitable[Any]] = {s.spec.name: s.gather(self._ctx(ctx, s)) for s in sources if s.gather}
+        deadlines = {s.spec.name: _OWN_DEADLINE if s.spec.own_deadline else self.config.dns.stage_budget
+                     for s in sources if s.gather}
+        got = await within(deadlines, pending, lambda _k: _UNFINISHED)
         for name, fact in got.items():
             if fact is _UNFINISHED:
                 out.update(self.registry.unknown_facts(name))
@@ -306,8 +298,6 @@ class Services:
         """Health (observe/http.py, /healthz): the MTA answers NOOP within
         `timeout`, on a pooled connection or a new one (a failure to connect
         is logged as upstream.error)."""
-        import asyncio
-
         from smtpguard.errors import UpstreamError
 
         conn = None
@@ -354,8 +344,6 @@ class Services:
         if not self.config.path:
             event("reload.skipped", reason="no --config file to reload")
             return
-        import asyncio
-
         try:
             config, geodb, signatures = await asyncio.to_thread(self._prepare, self.config.path)
             new_store = None

@@ -431,6 +431,41 @@ def test_within_gives_each_key_its_result_or_the_fallback(count: int) -> None:
     assert asyncio.run(run(broken)) == {f"k{i}": f"fallback k{i}" for i in range(count)}
 
 
+def test_within_cuts_each_key_at_its_own_deadline() -> None:
+    # The stage loop gives sources that keep the budget themselves a longer
+    # bound than the rest (issue 16): the short key is cut at its deadline
+    # while the long one goes on, and only finishes because the short was cut.
+    import asyncio
+
+    from smtpguard.adapters.dns import within
+
+    async def run() -> dict[str, str]:
+        cut = asyncio.Event()
+
+        async def short() -> str:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cut.set()
+                raise
+            return "never"
+
+        async def long() -> str:
+            await cut.wait()
+            return "finished after the short one was cut"
+
+        async def stuck() -> str:
+            await asyncio.Event().wait()
+            return "never"
+
+        got = await within({"short": 0.05, "long": 30.0, "stuck": 0.1},
+                           {"short": short(), "long": long(), "stuck": stuck()}, lambda k: f"cut {k}")
+        return got
+
+    assert asyncio.run(asyncio.wait_for(run(), 10)) == {
+        "short": "cut short", "long": "finished after the short one was cut", "stuck": "cut stuck"}
+
+
 def test_addresses_from_the_cache_are_the_same_answer_without_queries(dns_server: DnsServer) -> None:
     # the cached fast path of addresses() (issue 15) merges as the network path does
     dns_server.set("both.example", "A", ["192.0.2.1"])

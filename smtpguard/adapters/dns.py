@@ -696,21 +696,26 @@ def _reverse_name(ip: str) -> str:
 
 
 async def within(
-    budget: float,
+    budget: float | Mapping[str, float],
     awaitables: Mapping[str, Awaitable[T]],
     timed_out: Callable[[str], T],
 ) -> dict[str, T]:
-    """Run `awaitables` concurrently under one deadline of `budget` seconds.
+    """Run `awaitables` concurrently, each under its deadline: `budget`
+    seconds for all, or `budget[key]` seconds for each key.
 
     Returns every key: the result, or `timed_out(key)` for what did not finish
-    in time (cancelled) or raised (logged: a bug in a source, not a DNS fact).
-    The stage costs its slowest awaitable, capped at the budget."""
+    by its deadline (cancelled then) or raised (logged: a bug in a source, not
+    a DNS fact). The call costs its slowest awaitable, each capped at its own
+    deadline."""
+    def deadline(key: str) -> float:
+        return max(0.0, budget if isinstance(budget, (int, float)) else budget[key])
+
     if len(awaitables) == 1:
         # One awaitable (most stages run one source): awaited in this task
         # under a timeout, without a task and a wait of its own (issue 15).
         [(key, aw)] = awaitables.items()
         try:
-            async with asyncio.timeout(max(0.0, budget)):
+            async with asyncio.timeout(deadline(key)):
                 return {key: await aw}
         except TimeoutError:
             return {key: timed_out(key)}
@@ -719,8 +724,17 @@ async def within(
             return {key: timed_out(key)}
     tasks = {key: asyncio.ensure_future(aw) for key, aw in awaitables.items()}
     try:
-        if tasks:
-            await asyncio.wait(tasks.values(), timeout=max(0.0, budget))
+        # Wait for everything up to the nearest deadline, cut what has that
+        # deadline, and go on to the next: one wait per distinct deadline.
+        start = asyncio.get_running_loop().time()
+        for cut in sorted({deadline(key) for key in tasks}):
+            waiting = [t for t in tasks.values() if not t.done()]
+            if not waiting:
+                break
+            await asyncio.wait(waiting, timeout=max(0.0, start + cut - asyncio.get_running_loop().time()))
+            for key, task in tasks.items():
+                if deadline(key) <= cut and not task.done():
+                    task.cancel()
     finally:
         pending = [t for t in tasks.values() if not t.done()]
         for task in pending:
