@@ -6,10 +6,14 @@ tests/data/syn_round3_pending.tsv. The lead merges them into
 syn_labelled.tsv when scoring round 3; nothing here runs the matcher.
 
 Sources:
-  PCAP:<repo>  public packet traces from git repositories (zeek/zeek BSD-3,
-               OISF/suricata-verify GPL-2, the-tcpdump-group/tcpdump BSD-3,
-               chrissanders/packets; the exact commits and licences are in the
-               output's header, given with --source). For every IPv4 TCP
+  PCAP:<repo>  public packet traces from git repositories: zeek/zeek (BSD-3),
+               OISF/suricata-verify (MIT), the-tcpdump-group/tcpdump (BSD-3),
+               ntop/nDPI (LGPL-3), arkime/arkime (Apache-2.0),
+               seladb/PcapPlusPlus (Unlicense), chrissanders/packets (no licence
+               file; its README: free to use, cite the author), secdev/scapy
+               (GPL-2), google/gopacket (BSD-3), kaitoy/pcap4j (MIT), cisco/joy
+               (BSD-style), ntop/ntopng (GPL-3), OISF/suricata (GPL-2); the
+               exact commits are in the output's header (given with --source). For every IPv4 TCP
                connection whose client sent a SYN (no ACK) and, on the same
                4-tuple, an HTTP/1.x request with a User-Agent header, one row:
                `syn` = "hex:" + the IP header (with options) + the TCP header
