@@ -77,7 +77,8 @@ repositories with `git show <commit>:<path>`):
         --source OISF/suricata-verify <commit> MIT /tmp/r3/OISF+suricata-verify ... \\
         > tests/data/syn_round3_pending.tsv
 
-(the exact --source list, one per repository, is in the output's header).
+(the exact --source list, one per repository, is in the output's header; the
+--note lines there were given by hand with --note).
 """
 
 from __future__ import annotations
@@ -392,7 +393,7 @@ def main() -> int:
     print("#   no OS token -> dropped); IPv6, fragments, truncated SYNs, unparsable TCP options dropped;")
     print("#   one row per (os, TTL, DF, IP ID zero or not, MSS, window, scale, option order).")
     for note in args.note:
-        print(f"# Note: {note}")
+        print("\n".join(textwrap.wrap("Note: " + note, 100, initial_indent="# ", subsequent_indent="#   ")))
     counts = "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items()))
     print("\n".join(textwrap.wrap(counts, 100, initial_indent="# ", subsequent_indent="#   ")))
     print("# Rows per os: " + ", ".join(f"{k} {v}" for k, v in sorted(fams.items()))
