@@ -88,7 +88,9 @@ class LoopThread:
 
 
 class RecorderSMTP(SMTP):
-    """aiosmtpd plus XCLIENT/XFORWARD, as Postfix offers them to an authorised client."""
+    """aiosmtpd plus XCLIENT/XFORWARD, as Postfix offers them to an authorised
+    client. Like Postfix, it authorises XCLIENT against the client it names:
+    after one XCLIENT the connection neither offers nor accepts another."""
 
     def __init__(self, recorder: "Recorder", *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -101,6 +103,9 @@ class RecorderSMTP(SMTP):
         await super().smtp_EHLO(hostname)
 
     async def smtp_XCLIENT(self, arg: str) -> None:
+        if self.xclient or not self.recorder._xclient:
+            await self.push("550 5.7.0 Error: insufficient authorization")   # Postfix's words
+            return
         self.xclient = dict(a.split("=", 1) for a in (arg or "").split())
         self.recorder.xclients.append(dict(self.xclient))
         await self.push("220 recorder.test ESMTP")
@@ -145,7 +150,7 @@ class Recorder:
                                   responses: list[str]) -> list[str]:
                 session.host_name = hostname
                 extra = []
-                if recorder._xclient:
+                if recorder._xclient and not server.xclient:
                     extra.append("250-XCLIENT NAME ADDR PROTO HELO")
                 if recorder._xforward:
                     extra.append("250-XFORWARD NAME ADDR PROTO HELO")

@@ -148,6 +148,27 @@ def test_postfix_sees_the_clients_address_and_helo_through_xclient(postfix_facto
     assert "RCPT from unknown[127.0.0.5]" in pf.log and "helo=<client.sender.test>" in pf.log
 
 
+def test_each_client_keeps_its_own_identity_on_postfix_across_pooled_connections(
+        postfix_factory: Any, guard_factory: Any) -> None:
+    """Found by hand: Postfix authorises XCLIENT against the client it names,
+    so a pooled connection that had named 127.0.0.7 silently kept that name
+    for the next client from 127.0.0.5. Postfix's own Received line and log
+    must name each client, in any order of clients."""
+    pf: Postfix = postfix_factory(xclient=True, mynetworks="127.0.0.9/32")
+    g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    order = ["127.0.0.7", "127.0.0.5", "127.0.0.7", "127.0.0.6"]
+    for i, ip in enumerate(order):
+        with smtplib.SMTP(g.host, g.port, timeout=15, source_address=(ip, 0)) as s:
+            s.ehlo(f"h{ip.rsplit('.', 1)[1]}.sender.test")
+            s.sendmail("a@sender.test", ["user@example.test"], MESSAGE.replace(b"body", f"message {i}".encode()))
+    delivered = pf.wait_delivered("user", count=len(order))
+    by_body = {int(m.rsplit(b"message ", 1)[1].split()[0]): m for m in delivered}
+    for i, ip in enumerate(order):
+        first_received = by_body[i].split(b"Received: ", 2)[1]   # Postfix's, on top
+        assert f"(unknown [{ip}])".encode() in first_received, (i, ip, first_received)
+    assert "insufficient authorization" not in pf.log
+
+
 def test_an_unknown_users_550_comes_back_unchanged(postfix_factory: Any, guard_factory: Any) -> None:
     pf: Postfix = postfix_factory(xclient=True)
     g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)

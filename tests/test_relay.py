@@ -305,6 +305,42 @@ def test_real_client_identity_reaches_the_mta(recorder_factory: Any, guard_facto
         assert [m.helo for m in up.messages] == ["first.sender.test", "second.sender.test"]
 
 
+def test_xclient_never_reuses_a_connection_that_named_another_client(
+        recorder_factory: Any, guard_factory: Any) -> None:
+    """Postfix authorises XCLIENT against the client it names, so a connection
+    that named one client can name no other (the recorder does the same).
+    Found behind a real Postfix: the second client's message went out under
+    the first client's address. Each client must get its own identity; the
+    same client's next session may reuse its connection."""
+    up = recorder_factory(xclient=True)
+    g = guard_factory({"upstream": {"xclient": True}}, upstream=up.address)
+    for ip, helo in (("127.0.0.5", "five.sender.test"), ("127.0.0.7", "seven.sender.test"),
+                     ("127.0.0.5", "five.sender.test"), ("127.0.0.7", "seven.sender.test")):
+        with client(g, source_address=(ip, 0)) as s:
+            s.ehlo(helo)
+            s.sendmail("a@sender.test", ["b@example.test"], MESSAGE)
+    assert [(m.xclient.get("ADDR"), m.helo) for m in up.messages] == [
+        ("127.0.0.5", "five.sender.test"), ("127.0.0.7", "seven.sender.test"),
+        ("127.0.0.5", "five.sender.test"), ("127.0.0.7", "seven.sender.test")]
+    # one connection per client, each reused by its own client's next session
+    assert up.connections == 2 and len(up.xclients) == 2
+    assert not g.events("upstream.xclient_refused")
+
+
+def test_xclient_on_but_not_offered_is_a_loud_451_never_a_relay_as_ourselves(
+        recorder_factory: Any, guard_factory: Any) -> None:
+    # The MTA does not authorise us (smtpd_authorized_xclient_hosts): the mail
+    # would pass as smtpguard's own address, which mynetworks may trust.
+    up = recorder_factory(xclient=False)
+    g = guard_factory({"upstream": {"xclient": True}}, upstream=up.address)
+    with client(g) as s:
+        s.ehlo("c.sender.test")
+        assert s.mail("a@sender.test")[0] == 250
+        code, text = s.rcpt("b@example.test")
+    assert code == 451 and b"[UPSTREAM]" in text, (code, text)
+    assert up.messages == [] and g.events("upstream.xclient_unavailable")
+
+
 def test_no_xclient_unless_allowed(recorder_factory: Any, guard_factory: Any) -> None:
     up = recorder_factory(xclient=True)
     g = guard_factory(upstream=up.address)

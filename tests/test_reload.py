@@ -143,8 +143,9 @@ wait = "0s"
 """
 
 
-def test_a_reload_uses_new_dns_servers(tmp_path: Path, recorder: Recorder, dns_server: Any) -> None:
+def test_a_reload_uses_new_dns_servers(tmp_path: Path, recorder_factory: Any, dns_server: Any) -> None:
     """Issue 11 item 4: [dns] servers changed on SIGHUP are the ones asked afterwards."""
+    recorder = recorder_factory(xclient=True)   # an MTA that takes XCLIENT from us
     second = DnsServer().start()
     try:
         conf, port = tmp_path / "c.toml", free_port()

@@ -10,8 +10,16 @@ Output: `UpstreamReply` per command; `UpstreamError` (reason UPSTREAM or
 UPSTREAM-TIMEOUT) when the MTA is unreachable, times out or misbehaves.
 Connections are reused: after a clean end of transaction (final DATA
 reply, or RSET answered 250) a connection goes back to a small pool.
-Identity never crosses clients: with XCLIENT the next client's attributes
-are sent again before its first MAIL; XFORWARD is per transaction by
+Identity never crosses clients. XCLIENT names one client per connection:
+Postfix authorises XCLIENT against the client it names (smtpd_authorized_
+xclient_hosts matched on the new address), so after one XCLIENT the
+connection neither offers nor accepts another. A connection that named a
+client is therefore reused only for that same client (its next message, or
+its next session); any other client gets a connection that named nobody
+yet. With `upstream.xclient` on, a connection on which the MTA does not
+offer XCLIENT is never used to relay (451 UPSTREAM, logged as
+upstream.xclient_unavailable): the mail would pass as smtpguard's own, which
+Postfix's default mynetworks trusts. XFORWARD is per transaction by
 definition (Postfix XFORWARD_README).
 """
 
@@ -148,6 +156,12 @@ def _failure(kind: str, error: BaseException | str, upstream: "Upstream | None" 
           failures=upstream.failures if upstream is not None else None)
 
 
+def _xclient_unavailable() -> None:
+    event("upstream.xclient_unavailable", logging.ERROR,
+          error="upstream.xclient is on but the MTA does not offer XCLIENT to smtpguard "
+                "(Postfix: smtpd_authorized_xclient_hosts must list smtpguard's address)")
+
+
 def _error(e: BaseException) -> UpstreamError:
     if isinstance(e, (SMTPTimeoutError, asyncio.TimeoutError)):
         return UpstreamError("UPSTREAM-TIMEOUT")
@@ -229,34 +243,48 @@ class Upstream:
         return int(value) if value.strip().isdigit() else 0
 
     async def probe(self) -> None:
-        """Learn the MTA's extensions at start-up (best effort: a session learns them too)."""
+        """Learn the MTA's extensions at start-up (best effort: a session
+        learns them too), and say loudly when XCLIENT is configured but the
+        MTA does not offer it to us: every message would be refused 451."""
         try:
             conn, _ = await self.acquire()
         except UpstreamError:
             return
+        if self.settings.xclient and not conn.supports("xclient"):
+            _xclient_unavailable()
         self.release(conn, reusable=True)
 
-    def _take_idle(self) -> Connection | None:
+    def _take_idle(self, identity: ClientIdentity | None) -> Connection | None:
+        """The most recently used idle connection `identity` may use: any,
+        or (XCLIENT) one that named no client yet or named this one."""
         self.purge()
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.alive:
-                return conn
+        for conn in reversed(self._idle):
+            if identity is None or conn.identity is None or conn.identity == identity:
+                self._idle.remove(conn)
+                if conn.alive:
+                    return conn
+                conn.close()
+                return self._take_idle(identity)
         return None
 
-    async def acquire(self) -> tuple[Connection, bool]:
-        """A ready connection and whether it came from the pool."""
-        conn = self._take_idle()
+    async def acquire(self, identity: ClientIdentity | None = None) -> tuple[Connection, bool]:
+        """A ready connection and whether it came from the pool. With an
+        `identity` (XCLIENT), never one that named another client."""
+        conn = self._take_idle(identity)
         if conn is not None:
             return conn, True
         return await self._connect(), False
 
     def release(self, conn: Connection, reusable: bool) -> None:
-        if reusable and conn.alive and not self._closed and len(self._idle) < self.settings.pool_size:
-            conn.last_used = time.monotonic()
-            self._idle.append(conn)
-        else:
+        if not (reusable and conn.alive and not self._closed and self.settings.pool_size > 0):
             self._background_quit(conn)
+            return
+        if len(self._idle) >= self.settings.pool_size:
+            # the least recently used goes: with XCLIENT, idle connections
+            # that named other clients must not keep the newest out
+            self._background_quit(self._idle.popleft())
+        conn.last_used = time.monotonic()
+        self._idle.append(conn)
 
     def purge(self, now: float | None = None) -> None:
         """Close idle connections older than `idle_time` (housekeeping)."""
@@ -301,8 +329,9 @@ class Transaction:
 
     async def begin(self, sender: str, mail_options: list[str]) -> UpstreamReply:
         """Open (or reuse) a connection, identify the client, send MAIL."""
+        xclient = self.upstream.settings.xclient
         for attempt in (1, 2):
-            conn, pooled = await self.upstream.acquire()
+            conn, pooled = await self.upstream.acquire(self.identity if xclient else None)
             try:
                 reply = await self._identify_and_mail(conn, sender, mail_options)
             except UpstreamError as e:
@@ -323,21 +352,25 @@ class Transaction:
 
     async def _identify_and_mail(self, conn: Connection, sender: str, options: list[str]) -> UpstreamReply:
         settings = self.upstream.settings
-        if settings.xclient and conn.supports("xclient"):
-            if conn.identity != self.identity:
-                attrs = _attributes(self.identity, conn.params("xclient"))
-                reply = await conn.command(b"XCLIENT", *(a.encode("ascii") for a in attrs))
-                if reply.code != 220:
-                    event("upstream.xclient_refused", logging.WARNING, code=reply.code, text=reply.text)
-                    raise UpstreamError("UPSTREAM", f"XCLIENT refused: {reply.code}")
-                conn.identity = self.identity
-                # XCLIENT starts a new session: greet again (Postfix
-                # XCLIENT_README), with the client's own HELO name, as nginx's
-                # mail proxy does, or the MTA logs and writes ours instead.
-                try:
-                    await conn.smtp.ehlo(hostname=self.identity.greeting or self.upstream.helo_name)
-                except (SMTPException, OSError) as e:
-                    raise _error(e) from e
+        if settings.xclient and conn.identity != self.identity:
+            if conn.identity is not None:   # acquire() never hands one out: a bug, not a relay
+                raise UpstreamError("UPSTREAM", "connection names another client")
+            if not conn.supports("xclient"):
+                _xclient_unavailable()
+                raise UpstreamError("UPSTREAM", "XCLIENT not offered")
+            attrs = _attributes(self.identity, conn.params("xclient"))
+            reply = await conn.command(b"XCLIENT", *(a.encode("ascii") for a in attrs))
+            if reply.code != 220:
+                event("upstream.xclient_refused", logging.WARNING, code=reply.code, text=reply.text)
+                raise UpstreamError("UPSTREAM", f"XCLIENT refused: {reply.code}")
+            conn.identity = self.identity
+            # XCLIENT starts a new session: greet again (Postfix
+            # XCLIENT_README), with the client's own HELO name, as nginx's
+            # mail proxy does, or the MTA logs and writes ours instead.
+            try:
+                await conn.smtp.ehlo(hostname=self.identity.greeting or self.upstream.helo_name)
+            except (SMTPException, OSError) as e:
+                raise _error(e) from e
         if settings.xforward and conn.supports("xforward"):
             attrs = _attributes(self.identity, conn.params("xforward"))
             reply = await conn.command(b"XFORWARD", *(a.encode("ascii") for a in attrs))
