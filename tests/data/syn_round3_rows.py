@@ -13,9 +13,9 @@ Sources:
                file; its README: free to use, cite the author), secdev/scapy
                (GPL-2), google/gopacket (BSD-3), kaitoy/pcap4j (MIT), cisco/joy
                (BSD-style), ntop/ntopng (GPL-3), OISF/suricata (GPL-2); the
-               exact commits are in the output's header (given with --source). For every IPv4 TCP
-               connection whose client sent a SYN (no ACK) and, on the same
-               4-tuple, an HTTP/1.x request with a User-Agent header, one row:
+               exact commits are in the output's header (given with --source).
+               For every IPv4 TCP connection whose client sent a SYN (no ACK)
+               and, on the same 4-tuple, an HTTP/1.x request with a User-Agent header, one row:
                `syn` = "hex:" + the IP header (with options) + the TCP header
                (with options) + the SYN's payload if it carried one, exactly as
                captured, with the real TTL (the method of the "Trustable p0f"
@@ -23,11 +23,15 @@ Sources:
   No second part from OpenBSD's etc/pf.os was made: the traces gave more
   than the ~40 rows below which it was planned.
 
-Fixed rules, written down before any output was looked at:
+Fixed rules. The label, drop and dedupe rules were written before any output
+was looked at and were not changed after; after the first run only the reader
+was widened (Linux SLL2 and Cisco HDLC link types, the FCS bits of the pcap
+link type masked off), six more repositories were read, and the `what` token
+was fixed to show the label's own OS token:
   Traces. Files are read with dpkt (pcap and pcapng, gzip allowed); link types
     Ethernet (incl. 802.1Q), raw IP, Linux cooked (SLL, SLL2), Cisco HDLC and
-    BSD loopback; any
-    other link type, or an unreadable file, is skipped and counted. IPv6 is
+    BSD loopback; any other link type, or an unreadable file, is skipped and
+    counted. IPv6 is
     dropped (counted). IP fragments are ignored. A SYN is a segment with SYN
     set and ACK clear; its sender is the client and its 4-tuple the
     connection. A second SYN on the same 4-tuple with the same sequence number
