@@ -52,7 +52,7 @@ from smtpguard.core import fingerprint as current_syn  # noqa: E402
 DATA = ROOT / "tests" / "data"
 P0F_FP = Path("/etc/p0f/p0f.fp")
 
-ROUND3_SOURCES = ("PCAP", "PFOS")   # provenance codes of the third evaluation round
+ROUND3_SOURCES = ("PCAP",)   # provenance code of the third evaluation round
 
 GROUP = {"windows": "windows", "linux": "linux", "android": "linux", "macos": "apple", "ios": "apple",
          "freebsd": "bsd", "openbsd": "bsd", "other": "other", "unknown": "unknown"}

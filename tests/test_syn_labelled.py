@@ -166,7 +166,7 @@ def test_every_row_is_well_formed_with_its_provenance() -> None:
     assert len({(r.set, r.what) for r in ROWS}) == len(ROWS), "duplicate rows"
     for r in ROWS:
         assert r.set in SETS and r.os in FAMILIES, r
-        assert r.source.split(":")[0] in ("CAP", "P0F3", "P0F2", "P0F2X", "PUB", "TRU", "SAT"), r
+        assert r.source.split(":")[0] in ("CAP", "P0F3", "P0F2", "P0F2X", "PUB", "TRU", "SAT", "PCAP"), r
         assert len(r.data()) >= 40
     assert set(KNOWN_MISSES) <= {(r.set, r.what) for r in ROWS}
 
