@@ -12,7 +12,9 @@ never tuned on — and prints accuracy, precision and recall:
     Debian's /etc/p0f/p0f.fp loaded into our matcher when it is installed;
     for the eval set round 1 (the rows seen in earlier before/after runs)
     and round 3 (ROUND3_SOURCES, converted before the matcher ran on them
-    and scored once) apart, then both together (round 2, Satori's SYNs,
+    and scored once) apart, round 3 again without the rows whose label does
+    not fit its SYN's initial TTL (a proxy or NAT between; a rule on the
+    label, not on a matcher), then both together (round 2, Satori's SYNs,
     was scored once and is now tuning data);
   * for each set, the ceiling of any matcher on it: rows whose SYN is
     identical (all but the hop count and per-connection values) to a row with
@@ -135,6 +137,19 @@ def syn_key(data: bytes) -> tuple[object, ...]:
         return ("unparsable", data)
     return (f.version, f.initial_ttl, f.olen, f.df, f.ip_id != 0, f.ecn, f.flow_label != 0, f.window, f.mss,
             f.wscale, f.layout, f.eol_pad, f.quirk_bits, f.payload != 0)
+
+
+# Every Windows starts at TTL 128; Linux, Android, the BSDs, macOS and iOS at 64.
+INITIAL_TTL = {"windows": 128, "linux": 64, "android": 64, "macos": 64, "ios": 64, "freebsd": 64, "openbsd": 64}
+
+
+def ttl_agrees(row: dict[str, str]) -> bool:
+    """Whether a row's label fits its SYN's initial TTL: a rule on the label
+    alone, not on any matcher. A User-Agent's label on a SYN that starts
+    elsewhere came through a proxy, VPN, NAT or VM ("other" rows are kept)."""
+    f = current_syn.parse_syn(syn_bytes(row["syn"]))
+    want = INITIAL_TTL.get(row["os"])
+    return want is None or (f is not None and f.initial_ttl == want)
 
 
 def ceiling(rows: list[dict[str, str]]) -> tuple[int, int]:
@@ -283,7 +298,10 @@ def main() -> int:
         later = [r for r in rows if r["source"].split(":")[0] in ROUND3_SOURCES]
         parts = [("round 1 (seen in earlier before/after runs)", [r for r in rows if r not in later])]
         if later:
-            parts += [("round 3 (held out until the tuning was committed)", later), ("both rounds", rows)]
+            parts += [("round 3 (held out until the tuning was committed)", later),
+                      ("round 3, rows whose label agrees with its system's initial TTL",
+                       [r for r in later if ttl_agrees(r)]),
+                      ("both rounds", rows)]
     else:
         parts = [("", rows)]
     for part, part_rows in parts:
