@@ -269,7 +269,8 @@ class GuardSMTP(SMTP):
             if status is self.guard.verbatim:
                 self.guard.verbatim = None
             elif status[:1] in ("4", "5") and "[" not in status[:12]:
-                rewritten = _rewrite(status, self.server.config.server.max_message_size)
+                # the SIZE this session announced: ours or the MTA's, the smaller
+                rewritten = _rewrite(status, self.data_size_limit or self.server.config.server.max_message_size)
                 if rewritten is not None:
                     # aiosmtpd's own refusals in our one format, with the URL, logged.
                     status = self.guard.refuse("command", rewritten)

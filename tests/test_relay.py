@@ -174,6 +174,26 @@ def test_oversize_data_is_refused_and_nothing_relayed(recorder: Recorder, guard_
     assert len(recorder.messages) == 1
 
 
+def test_the_mtas_smaller_size_is_announced_and_named_in_the_refusal(
+        recorder_factory: Any, guard_factory: Any) -> None:
+    # Found behind a real Postfix: EHLO said SIZE 10240000 (Postfix's), the
+    # refusal said "the limit of 35000000 bytes" (ours). The number must be
+    # the one announced: the smaller of ours and the MTA's (RFC 1870).
+    up = recorder_factory(size=40000)
+    g = guard_factory(upstream=up.address, max_message_size="64KiB")
+    with client(g) as s:
+        s.ehlo("c.test")
+        assert s.esmtp_features["size"] == "40000"
+        code, text = s.mail("a@sender.test", ["SIZE=50000"])
+        assert code == 552 and b"exceeds the limit of 40000 bytes" in text, text
+        s.rset()
+        s.mail("a@sender.test")
+        s.rcpt("b@example.test")
+        code, text = s.data(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 700)
+        assert code == 552 and b"exceeds the limit of 40000 bytes" in text, text
+    assert up.messages == []
+
+
 def test_recipient_limit(recorder: Recorder, guard_factory: Any) -> None:
     g = guard_factory(upstream=recorder.address, max_recipients="3")
     with client(g) as s:
