@@ -169,6 +169,29 @@ def test_each_client_keeps_its_own_identity_on_postfix_across_pooled_connections
     assert "insufficient authorization" not in pf.log
 
 
+def test_an_ipv4_only_postfix_refusing_an_ipv6_xclient_is_a_451_with_the_fix_in_the_log(
+        postfix_factory: Any, guard_factory: Any) -> None:
+    # Postfix with inet_protocols = ipv4 answers XCLIENT ADDR=IPV6:... with
+    # 501 Bad ADDR syntax: the sender is deferred, never relayed as us, and
+    # the log names the setting to change.
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    pf: Postfix = postfix_factory(xclient=True, mynetworks="127.0.0.0/8")   # the worst case if XCLIENT were skipped
+    try:
+        g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address,
+                          listen=["[::1]:0"])
+    except OSError:
+        pytest.skip("::1 not available here")
+    with smtplib.SMTP("::1", g.port, timeout=15) as s:
+        s.ehlo("v6.sender.test")
+        assert s.mail("a@sender.test")[0] == 250
+        code, text = s.rcpt("user@example.test")
+    assert code == 451 and b"[UPSTREAM]" in text
+    refused = g.events("upstream.xclient_refused")
+    assert refused and "inet_protocols" in refused[0]["hint"]
+    assert "client=localhost[127.0.0.1]" not in pf.log and pf.delivered("user") == []
+
+
 def test_an_unknown_users_550_comes_back_unchanged(postfix_factory: Any, guard_factory: Any) -> None:
     pf: Postfix = postfix_factory(xclient=True)
     g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)

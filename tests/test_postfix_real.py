@@ -158,3 +158,25 @@ def test_a_hung_postfix_command_is_killed_with_its_children(tmp_path: Path, monk
     assert time.monotonic() - started < 10
     for pid in pids.read_text().split():
         wait_for(lambda: not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text(), timeout=5)
+
+
+def test_an_ipv6_clients_address_reaches_postfix_through_xclient(
+        postfix: Postfix, guard_factory: Callable[..., Any]) -> None:
+    """Found by hand: with inet_protocols = ipv4 Postfix refuses XCLIENT
+    ADDR=IPV6:... (501 Bad ADDR syntax) and every IPv6 sender is deferred.
+    examples/postfix/main.cf keeps inet_protocols = all; with it an IPv6
+    client is delivered under its own address."""
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        guard = guard_factory(upstream=postfix.address, xclient=True, listen=["[::1]:0"])
+    except OSError:
+        pytest.skip("::1 not available here")
+    with smtplib.SMTP("::1", guard.port, timeout=20) as s:
+        s.ehlo("v6.client.example.test")
+        assert s.sendmail("sender@elsewhere.test", ["user@example.test"], b"Subject: v6\r\n\r\nhello\r\n") == {}
+    message = postfix.wait_delivered("user")[0].decode(errors="replace")
+    assert message.split("Received: ", 2)[1].startswith("from v6.client.example.test (unknown [IPv6:::1])"), message
+    assert not guard.events("upstream.xclient_refused")

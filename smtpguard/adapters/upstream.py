@@ -361,7 +361,10 @@ class Transaction:
             attrs = _attributes(self.identity, conn.params("xclient"))
             reply = await conn.command(b"XCLIENT", *(a.encode("ascii") for a in attrs))
             if reply.code != 220:
-                event("upstream.xclient_refused", logging.WARNING, code=reply.code, text=reply.text)
+                hint = None
+                if ":" in self.identity.ip and reply.code == 501:
+                    hint = "the MTA refuses IPv6 client addresses (Postfix: inet_protocols must include ipv6)"
+                event("upstream.xclient_refused", logging.WARNING, code=reply.code, text=reply.text, hint=hint)
                 raise UpstreamError("UPSTREAM", f"XCLIENT refused: {reply.code}")
             conn.identity = self.identity
             # XCLIENT starts a new session: greet again (Postfix
