@@ -120,9 +120,10 @@ class Services:
         self.config = config
         self.policy = config.policy
         self.registry = config.registry
-        # The relay itself uses the confirmed rDNS name (XCLIENT NAME, the
-        # Received header) and the graylist keys on the rDNS domain.
-        relay = frozenset({"rdns"}) if config.upstream.xclient or uses_graylist(config) else frozenset()
+        # The relay itself uses the confirmed rDNS name (XCLIENT or XFORWARD
+        # NAME, the Received header) and the graylist keys on the rDNS domain.
+        up = config.upstream
+        relay = frozenset({"rdns"}) if up.xclient or up.xforward or uses_graylist(config) else frozenset()
         self.wanted: frozenset[str] | None = self.policy.facts()   # None: every fact (check)
         self.run: dict[str, bool] = self.registry.wanted(self.wanted, relay)
         listen_ips = [h for h, _ in config.server.listen if h not in ("0.0.0.0", "::", "")]

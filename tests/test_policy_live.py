@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 
 from tests.fixtures_dns import DnsServer
 from tests.fixtures_smtp import Recorder, wait_for
@@ -100,15 +101,21 @@ def test_a_dns_outage_never_rejects(recorder: Recorder, guard_factory: Any, dns_
     assert code == 451 and text.startswith(b"4.4.3 [DNS-TEMP] ")
 
 
-def test_confirmed_rdns_is_passed_to_the_mta_and_the_trace(recorder_factory: Any, guard_factory: Any, dns_server: DnsServer) -> None:
-    up = recorder_factory(xclient=True)
+@pytest.mark.parametrize("kind", ["xclient", "xforward"])
+def test_confirmed_rdns_is_passed_to_the_mta_and_the_trace(recorder_factory: Any, guard_factory: Any,
+                                                           dns_server: DnsServer, kind: str) -> None:
+    # XFORWARD is for the MTA's log (Postfix's orig_client=name[addr]): the name
+    # is looked up for it too, though no rule reads rdns (found behind Postfix:
+    # orig_client=unknown[...] for a confirmed client).
+    up = recorder_factory(**{kind: True})
     dns_server.set(PTR, "PTR", ["mail.sender.test."])
     dns_server.set("mail.sender.test", "A", ["127.0.0.1"])
-    g = guard_factory({"upstream": {"xclient": True}}, upstream=up.address)
+    g = guard_factory({"upstream": {kind: True}}, upstream=up.address)
     with smtplib.SMTP(g.host, g.port, timeout=10) as s:
         s.ehlo("mail.sender.test")
         s.sendmail("a@sender.test", ["b@example.test"], MESSAGE)
-    assert up.messages[0].xclient["NAME"] == "mail.sender.test"
+    seen = up.messages[0].xclient if kind == "xclient" else up.messages[0].xforward
+    assert seen["NAME"] == "mail.sender.test"
     assert b"from mail.sender.test (mail.sender.test [127.0.0.1])" in up.messages[0].content
 
 
