@@ -366,8 +366,10 @@ class ClientSession:
         return line
 
     def _identity(self) -> ClientIdentity:
-        name = str(self.facts.get("rdns_name") or "") if self.facts.get("rdns") == "confirmed" else ""
-        return ClientIdentity(self.client.ip, name, self.helo, self.esmtp)
+        rdns = self.facts.get("rdns")
+        ptr = str(self.facts.get("rdns_name") or "") if rdns in ("confirmed", "unconfirmed") else ""
+        return ClientIdentity(self.client.ip, ptr if rdns == "confirmed" else "", self.helo, self.esmtp,
+                              reverse_name=ptr, lookup_failed=rdns == "unknown")
 
     async def _open_transaction(self) -> UpstreamReply:
         """The upstream transaction for this client's, opened or rebuilt; the MTA's MAIL reply.

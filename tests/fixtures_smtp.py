@@ -151,7 +151,7 @@ class Recorder:
                 session.host_name = hostname
                 extra = []
                 if recorder._xclient and not server.xclient:
-                    extra.append("250-XCLIENT NAME ADDR PROTO HELO")
+                    extra.append("250-XCLIENT NAME ADDR PROTO HELO REVERSE_NAME")
                 if recorder._xforward:
                     extra.append("250-XFORWARD NAME ADDR PROTO HELO")
                 return responses[:-1] + extra + responses[-1:]

@@ -248,6 +248,7 @@ def test_an_escaped_ptr_name_is_not_used(recorder_factory: Any, guard_factory: A
         say(sock, f, b"DATA\r\n")
         assert say(sock, f, b"Subject: x\r\n\r\nbody\r\n.\r\n")[0] == 250
     assert up.messages[0].xclient["NAME"] == "[UNAVAILABLE]"
+    assert up.messages[0].xclient["REVERSE_NAME"] == "[UNAVAILABLE]"   # nor as the unverified name
     assert up.messages[0].content.startswith(b"Received: from mail.sender.test (unknown [127.0.0.1])")
 
 

@@ -119,6 +119,33 @@ def test_confirmed_rdns_is_passed_to_the_mta_and_the_trace(recorder_factory: Any
     assert b"from mail.sender.test (mail.sender.test [127.0.0.1])" in up.messages[0].content
 
 
+def test_xclient_tells_the_mta_the_ptr_name_and_a_failed_lookup_as_postfix_would_see_them(
+        recorder_factory: Any, guard_factory: Any, dns_server: DnsServer) -> None:
+    """NAME is the confirmed name, REVERSE_NAME the PTR name even when it does
+    not confirm, and a lookup that failed temporarily is [TEMPUNAVAIL] in both
+    (Postfix's XCLIENT_README), so the MTA's reject_unknown_* restrictions
+    answer as they would for the client itself: 450, not 550, for a DNS fault."""
+    from tests.fixtures_dns import ptr_name
+
+    up = recorder_factory(xclient=True)
+    dns_server.set_ptr("127.0.0.5", ["five.sender.test"])
+    dns_server.set("five.sender.test", "A", ["127.0.0.5"])
+    dns_server.set_ptr("127.0.0.6", ["six.sender.test"])
+    dns_server.set("six.sender.test", "A", ["192.0.2.1"])      # does not confirm
+    dns_server.nxdomain(ptr_name("127.0.0.7"))
+    dns_server.servfail(ptr_name("127.0.0.8"))
+    g = guard_factory({"upstream": {"xclient": True}}, upstream=up.address)
+    for ip in ("127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.8"):
+        with smtplib.SMTP(g.host, g.port, timeout=10, source_address=(ip, 0)) as s:
+            s.ehlo("h.sender.test")
+            s.sendmail("a@sender.test", ["b@example.test"], MESSAGE)
+    assert [(m.xclient["ADDR"], m.xclient["NAME"], m.xclient["REVERSE_NAME"]) for m in up.messages] == [
+        ("127.0.0.5", "five.sender.test", "five.sender.test"),
+        ("127.0.0.6", "[UNAVAILABLE]", "six.sender.test"),
+        ("127.0.0.7", "[UNAVAILABLE]", "[UNAVAILABLE]"),
+        ("127.0.0.8", "[TEMPUNAVAIL]", "[TEMPUNAVAIL]")]
+
+
 def test_dnsbl_listing_is_refused_naming_the_list(recorder: Recorder, guard_factory: Any, dns_server: DnsServer) -> None:
     dns_server.set("1.0.0.127.bl.test", "A", ["127.0.0.2"])
     dns_server.nxdomain(PTR)

@@ -192,6 +192,36 @@ def test_an_ipv4_only_postfix_refusing_an_ipv6_xclient_is_a_451_with_the_fix_in_
     assert "client=localhost[127.0.0.1]" not in pf.log and pf.delivered("user") == []
 
 
+def test_postfixs_unknown_reverse_hostname_check_sees_each_client_as_if_direct(
+        postfix_factory: Any, guard_factory: Any, dns_server: Any) -> None:
+    """Found by hand: without REVERSE_NAME in XCLIENT, Postfix kept the reverse
+    name of its real client (smtpguard, "localhost"), so its
+    reject_unknown_reverse_client_hostname passed a client with no PTR at
+    all, and a DNS fault was a permanent [UNAVAILABLE]. Behind smtpguard the
+    restriction must answer as it would for the client itself."""
+    from tests.fixtures_dns import ptr_name
+
+    pf: Postfix = postfix_factory(xclient=True, mynetworks="127.0.0.9/32")
+    r = pf.postconf("-e", "smtpd_client_restrictions = reject_unknown_reverse_client_hostname",
+                    "unknown_client_reject_code = 550")
+    assert r.returncode == 0 and pf.postfix("reload").returncode == 0, r.stderr
+    dns_server.set_ptr("127.0.0.5", ["unconfirmed.sender.test"])
+    dns_server.set("unconfirmed.sender.test", "A", ["192.0.2.1"])   # a PTR that does not confirm: reverse is fine
+    dns_server.nxdomain(ptr_name("127.0.0.6"))                     # no PTR: refused
+    dns_server.servfail(ptr_name("127.0.0.7"))                     # a DNS fault: deferred, never refused
+    g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    got = {}
+    for ip in ("127.0.0.5", "127.0.0.6", "127.0.0.7"):
+        with smtplib.SMTP(g.host, g.port, timeout=15, source_address=(ip, 0)) as s:
+            s.ehlo("h.sender.test")
+            assert s.mail("a@sender.test")[0] == 250
+            code, text = s.rcpt("user@example.test")
+            got[ip] = (code, text.decode())
+    assert got["127.0.0.5"][0] == 250, got
+    assert got["127.0.0.6"][0] == 550 and "cannot find your reverse hostname" in got["127.0.0.6"][1], got
+    assert got["127.0.0.7"][0] == 450 and "cannot find your reverse hostname" in got["127.0.0.7"][1], got
+
+
 def test_an_unknown_users_550_comes_back_unchanged(postfix_factory: Any, guard_factory: Any) -> None:
     pf: Postfix = postfix_factory(xclient=True)
     g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)

@@ -41,8 +41,11 @@ from smtpguard.core.address import is_ehlo_argument, is_hostname
 from smtpguard.errors import UpstreamError
 from smtpguard.observe.log import event
 
-# Postfix's XCLIENT_README: the value for an attribute that is not known.
+# Postfix's XCLIENT_README: the value for an attribute that is not known,
+# and for a name whose lookup failed temporarily (Postfix then answers its
+# reject_unknown_* restrictions with 450, as it would for a direct client).
 UNAVAILABLE = "[UNAVAILABLE]"
+TEMPUNAVAIL = "[TEMPUNAVAIL]"
 # A QUIT to an idle connection must not hold up a shutdown.
 QUIT_TIMEOUT = 2.0
 # After the MTA's STARTTLS failed under `tls = "opportunistic"`, plain text
@@ -76,6 +79,8 @@ class ClientIdentity:
     name: str = ""   # confirmed rDNS name, if known
     helo: str = ""
     esmtp: bool = True
+    reverse_name: str = ""        # the PTR name, confirmed or not (XCLIENT REVERSE_NAME)
+    lookup_failed: bool = False   # the PTR lookup failed temporarily (rdns unknown)
 
     @property
     def greeting(self) -> str:
@@ -92,15 +97,21 @@ def _attributes(identity: ClientIdentity, supported: set[str]) -> list[str]:
     addr = identity.ip
     if ":" in addr:
         addr = "IPV6:" + addr  # Postfix's form for IPv6 in XCLIENT/XFORWARD
+    missing = TEMPUNAVAIL if identity.lookup_failed else UNAVAILABLE
     values = {
         "ADDR": addr,
         # Strangers' strings: a PTR name or HELO that is not a valid host
         # name (or EHLO argument) is not passed on (RFC 5321 §4.1.1.1).
-        "NAME": identity.name if identity.name and is_hostname(identity.name) else UNAVAILABLE,
+        "NAME": identity.name if identity.name and is_hostname(identity.name) else missing,
+        # Sent whenever the MTA takes it: left out, Postfix keeps the reverse
+        # name of its real client (smtpguard's own, "localhost"), and its
+        # reject_unknown_reverse_client_hostname passes every client.
+        "REVERSE_NAME": identity.reverse_name if identity.reverse_name and is_hostname(identity.reverse_name)
+        else missing,
         "HELO": identity.greeting or UNAVAILABLE,
         "PROTO": "ESMTP" if identity.esmtp else "SMTP",
     }
-    return [f"{k}={v if v == UNAVAILABLE else xtext(v)}" for k, v in values.items() if k in supported]
+    return [f"{k}={v if v in (UNAVAILABLE, TEMPUNAVAIL) else xtext(v)}" for k, v in values.items() if k in supported]
 
 
 class Connection:
