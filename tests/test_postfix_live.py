@@ -222,6 +222,26 @@ def test_postfixs_unknown_reverse_hostname_check_sees_each_client_as_if_direct(
     assert got["127.0.0.7"][0] == 450 and "cannot find your reverse hostname" in got["127.0.0.7"][1], got
 
 
+def test_a_client_with_an_invalid_helo_is_not_greeted_to_postfix_under_our_name(
+        postfix_factory: Any, guard_factory: Any) -> None:
+    """Found by hand: after XCLIENT smtpguard greeted Postfix with its own
+    host name when the client's HELO was not a valid EHLO argument, so
+    Postfix's HELO checks (check_helo_access "you are not me") saw us. The
+    client's address literal is greeted instead (RFC 5321 §4.1.3)."""
+    pf: Postfix = postfix_factory(xclient=True, mynetworks="127.0.0.9/32")
+    g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    sock, f = connect(g)
+    with sock:
+        assert say(sock, f, b"EHLO bad\x01helo (x)\r\n")[0] == 250
+        assert say(sock, f, b"MAIL FROM:<a@sender.test>\r\n")[0] == 250
+        assert say(sock, f, b"RCPT TO:<user@example.test>\r\n")[0] == 250
+        assert say(sock, f, b"DATA\r\n")[0] == 354
+        assert say(sock, f, MESSAGE + b".\r\n")[0] == 250
+    message = pf.wait_delivered("user")[0]
+    assert message.split(b"Received: ", 2)[1].startswith(b"from [127.0.0.5] (unknown [127.0.0.5])"), message
+    assert g.config.server.hostname not in message.split(b"Received: ", 2)[1].split(b"by ")[0].decode()
+
+
 def test_an_unknown_users_550_comes_back_unchanged(postfix_factory: Any, guard_factory: Any) -> None:
     pf: Postfix = postfix_factory(xclient=True)
     g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)

@@ -87,6 +87,16 @@ class ClientIdentity:
         """The client's own HELO name when it is a valid EHLO argument, else ''."""
         return self.helo if self.helo and is_ehlo_argument(self.helo) else ""
 
+    @property
+    def ehlo_name(self) -> str:
+        """What to greet the MTA with for this client after XCLIENT: its own
+        HELO name, or, when that is not a valid EHLO argument, its address
+        literal (RFC 5321 §4.1.3) — never our own name, which would make the
+        client look like us to the MTA's HELO checks."""
+        if self.greeting:
+            return self.greeting
+        return f"[IPv6:{self.ip}]" if ":" in self.ip else f"[{self.ip}]"
+
 
 def xtext(value: str) -> str:
     """RFC 3461 §4 xtext: `+` `=` and characters outside 33..126 as +HH."""
@@ -382,7 +392,7 @@ class Transaction:
             # XCLIENT_README), with the client's own HELO name, as nginx's
             # mail proxy does, or the MTA logs and writes ours instead.
             try:
-                await conn.smtp.ehlo(hostname=self.identity.greeting or self.upstream.helo_name)
+                await conn.smtp.ehlo(hostname=self.identity.ehlo_name)
             except (SMTPException, OSError) as e:
                 raise _error(e) from e
         if settings.xforward and conn.supports("xforward"):
