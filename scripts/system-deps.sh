@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the tests and benchmarks use as real parts: Postfix's
 # smtp-sink/smtp-source (upstream and load generator), swaks (a real SMTP
-# client), redis-server (the shared store), p0f (its p0f.fp signature file).
+# client), redis-server (the shared store), p0f (its p0f.fp signature file),
+# and the tools that check the deployment examples.
 # Installs only what is missing; never starts an MTA.
 set -euo pipefail
 
@@ -14,6 +15,9 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # nftables: `nft -c -f` checks the output of `smtpguard firewall export`
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
+# podman: `podman-compose config` checks examples/compose and asks `podman
+# version` first (scripts/image-test.sh adds runc and the rest for its builds)
+command -v podman >/dev/null 2>&1 || need+=(podman)
 # chromium: the resolution page and the HTML report opened in a real headless browser
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=(chromium)
 [ ${#need[@]} -eq 0 ] && exit 0

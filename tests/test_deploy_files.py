@@ -162,6 +162,7 @@ def test_compose_postfix_entrypoint_configures_a_real_postfix(tmp_path: Path) ->
 
 def test_podman_compose_accepts_the_file(tmp_path: Path) -> None:
     tool = need("podman-compose", "pip package podman-compose, in the test extra")
+    need("podman", "Debian package podman: podman-compose config asks `podman version` first")
     r = subprocess.run([tool, "-f", str(COMPOSE / "compose.yaml"), "config"], capture_output=True, text=True,
                        timeout=60, cwd=tmp_path, env={**os.environ, "MX_HOSTNAME": "mx.example.net"})
     assert r.returncode == 0, r.stderr
