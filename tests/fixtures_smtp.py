@@ -110,6 +110,14 @@ class RecorderSMTP(SMTP):
         self.recorder.xclients.append(dict(self.xclient))
         await self.push("220 recorder.test ESMTP")
 
+    async def smtp_RSET(self, arg: str) -> None:
+        self.recorder.rsets += 1
+        await super().smtp_RSET(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.recorder.quits += 1
+        await super().smtp_QUIT(arg)
+
     async def smtp_XFORWARD(self, arg: str) -> None:
         self.xforward.update(dict(a.split("=", 1) for a in (arg or "").split()))
         await self.push("250 2.0.0 Ok")
@@ -130,6 +138,8 @@ class Recorder:
         self.xclients: list[dict[str, str]] = []
         self.ehlos = 0
         self.connections = 0
+        self.rsets = 0
+        self.quits = 0
         self._xclient = xclient
         self._xforward = xforward
         self._tls = tls

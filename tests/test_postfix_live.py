@@ -250,3 +250,43 @@ def test_an_unknown_users_550_comes_back_unchanged(postfix_factory: Any, guard_f
         s.mail("a@sender.test")
         code, text = s.rcpt("nobody@example.test")
     assert code == 550 and text.startswith(b"5.1.1 <nobody@example.test>: Recipient address rejected")
+
+
+@pytest.mark.parametrize("xclient", [False, True], ids=["plain", "xclient"])
+def test_one_clients_refusals_and_aborts_are_never_charged_to_the_next_client(
+        postfix_factory: Any, guard_factory: Any, xclient: bool) -> None:
+    """Found behind a real Postfix: Postfix counts a session's refused
+    commands and RSETs until its next delivery, sleeps 1 s before every reply
+    past smtpd_soft_error_limit and cuts the session at the hard limit. On one
+    pooled connection, ten dictionary-attack clients made every next client
+    wait 3 s. Now a connection that had a refusal, or a transaction that ended
+    without delivery, is closed with QUIT: each such Postfix session carries
+    one transaction and no RSET, and the clean delivery after them is on a
+    session of its own."""
+    pf: Postfix = postfix_factory(xclient=xclient, mynetworks="127.0.0.9/32")
+    g = guard_factory({"upstream": {"xclient": xclient}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    for i in range(3):   # unknown users: Postfix's 550, one error each
+        with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:
+            s.ehlo("client.sender.test")
+            s.mail("a@sender.test")
+            assert s.rcpt(f"nobody{i}@example.test")[0] == 550
+    with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:   # an address probe
+        s.ehlo("client.sender.test")
+        s.mail("")
+        assert s.rcpt("user@example.test")[0] == 250
+        assert s.rset()[0] == 250
+    with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:
+        s.ehlo("client.sender.test")
+        s.sendmail("a@sender.test", ["user@example.test"], MESSAGE)
+    pf.wait_delivered("user")
+
+    def ended() -> list[str]:
+        return [line.split(" disconnect from ", 1)[1] for line in pf.log.splitlines() if " disconnect from " in line]
+
+    wait_for(lambda: len(ended()) >= 4, timeout=10)   # the delivering session may still be pooled
+    refused = [s for s in ended() if "rcpt=0/1" in s]
+    aborted = [s for s in ended() if "rcpt=1 " in s and "data" not in s]
+    assert len(refused) == 3 and len(aborted) == 1, ended()
+    for stats in refused + aborted:
+        assert " mail=1 " in stats and " quit=1 " in stats and "rset" not in stats, stats
+    assert [s for s in ended() if "data=1" in s and "rcpt=0/1" in s] == []

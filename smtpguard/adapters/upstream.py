@@ -8,8 +8,16 @@ has not accepted.
 Inputs: UpstreamSettings, the client's identity for XCLIENT/XFORWARD.
 Output: `UpstreamReply` per command; `UpstreamError` (reason UPSTREAM or
 UPSTREAM-TIMEOUT) when the MTA is unreachable, times out or misbehaves.
-Connections are reused: after a clean end of transaction (final DATA
-reply, or RSET answered 250) a connection goes back to a small pool.
+Connections are reused: after a delivery (a 2xx final DATA reply) a
+connection goes back to a small pool. One client's faults are never charged
+to the next: Postfix counts a session's refused commands and RSETs (its
+smtpd_soft_error_limit, smtpd_hard_error_limit and smtpd_junk_command_limit,
+all reset by a delivery) and sleeps before each reply past the soft limit,
+so a connection that had an error reply, or had to end a transaction
+without delivery, is closed with QUIT instead of being reused (found behind
+a real Postfix: after ten dictionary-attack clients on one pooled connection
+every next client waited 3 s for Postfix's error sleep, and the 20th error
+cut the connection).
 Identity never crosses clients. XCLIENT names one client per connection:
 Postfix authorises XCLIENT against the client it names (smtpd_authorized_
 xclient_hosts matched on the new address), so after one XCLIENT the
@@ -131,6 +139,9 @@ class Connection:
         self.smtp = smtp
         self.identity: ClientIdentity | None = None
         self.last_used = time.monotonic()
+        # Error replies since the last delivery: what the MTA holds against
+        # this session. Only a connection with none goes back to the pool.
+        self.charged = 0
 
     @property
     def alive(self) -> bool:
@@ -154,6 +165,8 @@ class Connection:
             # the upstream, not a reply for the client, whose session goes on.
             self.close()
             raise UpstreamError("UPSTREAM", f"421 {r.message}")
+        if r.code >= 400:
+            self.charged += 1
         return UpstreamReply(r.code, r.message)
 
     def close(self) -> None:
@@ -297,7 +310,8 @@ class Upstream:
         return await self._connect(), False
 
     def release(self, conn: Connection, reusable: bool) -> None:
-        if not (reusable and conn.alive and not self._closed and self.settings.pool_size > 0):
+        if not (reusable and conn.charged == 0 and conn.alive and not self._closed
+                and self.settings.pool_size > 0):
             self._background_quit(conn)
             return
         if len(self._idle) >= self.settings.pool_size:
@@ -365,7 +379,8 @@ class Transaction:
             if reply.ok:
                 self.conn = conn
             else:
-                # A refused MAIL opens no transaction: the connection stays usable.
+                # A refused MAIL opens no transaction; the refusal counts
+                # against the connection, which release() then retires.
                 self.upstream.release(conn, reusable=True)
             self.mail_reply = reply
             return reply
@@ -436,8 +451,8 @@ class Transaction:
             _failure("data", str(e) or e.reason, self.upstream)
             raise
         if start.code != 354:
-            # A refused DATA command leaves the transaction open: reset it.
-            await self._reset_and_release(conn)
+            # A refused DATA command leaves the transaction open: QUIT ends it.
+            self.upstream.release(conn, reusable=False)
             return start
         protocol = conn.smtp.protocol
         timeout = self.upstream.settings.timeout
@@ -461,17 +476,11 @@ class Transaction:
             conn.close()
             _failure("end-of-data", e, self.upstream)
             raise _error(e) from e
-        # The final reply ends the transaction whatever it says (RFC 5321 §4.1.1.4).
+        # The final reply ends the transaction whatever it says (RFC 5321
+        # §4.1.1.4); a delivery clears what the MTA held against the session.
+        conn.charged = 0 if 200 <= r.code < 300 else conn.charged + 1
         self.upstream.release(conn, reusable=True)
         return UpstreamReply(r.code, r.message)
-
-    async def _reset_and_release(self, conn: Connection) -> None:
-        try:
-            reply = await conn.command(b"RSET")
-        except UpstreamError:
-            conn.close()
-            return
-        self.upstream.release(conn, reusable=reply.ok)
 
     def abort(self) -> None:
         """Drop the connection without a word: after an error its state is unknown."""
@@ -480,11 +489,15 @@ class Transaction:
             conn.close()
 
     async def reset(self) -> None:
-        """Client RSET, a new MAIL, or the end of the client's session."""
+        """Client RSET, a new MAIL, or the end of the client's session: an open
+        transaction ends with QUIT, not RSET. Postfix counts RSET as a junk
+        command until the next delivery (smtpd_junk_command_limit, 1 under
+        overload), so an RSET would charge this client's abort to the next
+        client on the connection."""
         conn, self.conn = self.conn, None
         self.mail_reply = None
         if conn is not None:
-            await self._reset_and_release(conn)
+            self.upstream.release(conn, reusable=False)
 
 
 def _addr(address: str) -> bytes:
