@@ -374,13 +374,24 @@ class ClientSession:
     async def _open_transaction(self) -> UpstreamReply:
         """The upstream transaction for this client's, opened or rebuilt; the MTA's MAIL reply.
 
-        After a failure, the new transaction carries MAIL and every recipient
+        After a failure, or when the MTA closed the connection while the
+        client was slow, the new transaction carries MAIL and every recipient
         already told 250 (each accepted again by the MTA), or TransactionLost.
         """
         txn = self.txn
-        if txn is not None and txn.mail_reply is not None and (txn.open or not txn.mail_reply.ok):
+        idle_closed = txn is not None and txn.open and not txn.alive
+        if idle_closed:
+            # The MTA closed the connection while the client took its time:
+            # Postfix's smtpd_timeout (300 s) runs out during a long, steady
+            # upload, after which every DATA of that message failed (451),
+            # so a large message over a slow link was never delivered. Not
+            # an MTA fault: the rebuild does not count against MAX_REBUILDS.
+            event("relay.idle_closed", session=self.client.session_id, ip=self.client.ip,
+                  rcpts=len(self.accepted))
+            self._drop_transaction()
+        elif txn is not None and txn.mail_reply is not None and (txn.open or not txn.mail_reply.ok):
             return txn.mail_reply
-        if self.accepted:
+        if self.accepted and not idle_closed:
             if self.rebuilds >= MAX_REBUILDS:
                 raise TransactionLost
             self.rebuilds += 1
@@ -397,8 +408,8 @@ class ClientSession:
             if not r.ok:
                 raise TransactionLost
         if self.accepted:
-            event("relay.rebuilt", logging.WARNING, session=self.client.session_id, ip=self.client.ip,
-                  rcpts=len(self.accepted))
+            event("relay.rebuilt", logging.INFO if idle_closed else logging.WARNING,
+                  session=self.client.session_id, ip=self.client.ip, rcpts=len(self.accepted))
         return mail
 
     def _drop_transaction(self) -> None:

@@ -302,7 +302,8 @@ def start(root: Path, port: int, services: list[str], params: Mapping[str, str])
 @pytest.fixture
 def postfix_factory() -> Iterator[Callable[..., Postfix]]:
     """Start private Postfix instances: `make(xclient=True, mynetworks="127.0.0.9/32")`,
-    or `make(example=True)` for examples/postfix/'s settings."""
+    or `make(example=True)` for examples/postfix/'s settings; `params` set
+    main.cf parameters over those."""
     if not (os.path.exists(POSTFIX) and os.path.exists("/etc/postfix/master.cf")):
         if os.environ.get("CI"):
             pytest.fail("Postfix (Debian package postfix) is missing: scripts/system-deps.sh must install it")
@@ -311,7 +312,8 @@ def postfix_factory() -> Iterator[Callable[..., Postfix]]:
         pytest.skip("a private Postfix instance needs root to start its master")
     started: list[Postfix] = []
 
-    def make(xclient: bool | None = None, mynetworks: str | None = None, example: bool = False) -> Postfix:
+    def make(xclient: bool | None = None, mynetworks: str | None = None, example: bool = False,
+             params: Mapping[str, str] | None = None) -> Postfix:
         if example and (xclient is not None or mynetworks is not None):
             raise ValueError("example=True takes XCLIENT and mynetworks from examples/postfix/main.cf")
         # world-traversable: Postfix's daemons run as postfix and nobody
@@ -319,9 +321,9 @@ def postfix_factory() -> Iterator[Callable[..., Postfix]]:
         root.chmod(0o755)
         port = free_port()
         services = example_services(port) if example else [f"127.0.0.1:{port} inet n - n - - smtpd"]
-        params = _params(root, bool(xclient), mynetworks or "127.0.0.9/32", example)
+        settings = {**_params(root, bool(xclient), mynetworks or "127.0.0.9/32", example), **(params or {})}
         started.append(Postfix(root, port))   # before the start: a half-started one is stopped too
-        return start(root, port, services, params)
+        return start(root, port, services, settings)
 
     yield make
     problems = [p for p in (stop(pf) for pf in started) if p]

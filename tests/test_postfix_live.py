@@ -290,3 +290,36 @@ def test_one_clients_refusals_and_aborts_are_never_charged_to_the_next_client(
     for stats in refused + aborted:
         assert " mail=1 " in stats and " quit=1 " in stats and "rset" not in stats, stats
     assert [s for s in ended() if "data=1" in s and "rcpt=0/1" in s] == []
+
+
+def test_a_client_slower_than_postfixs_timeout_still_delivers_to_every_recipient(
+        postfix_factory: Any, guard_factory: Any) -> None:
+    """Found behind a real Postfix: the upstream connection sits idle while
+    the client takes its time (between RCPTs, or uploading a large message
+    steadily over a slow link), Postfix closes it at smtpd_timeout (300 s),
+    and every DATA of that message got 451, so it was never delivered. Now
+    the transaction is rebuilt on a fresh connection (MAIL and each recipient
+    accepted again) when the client goes on. Here smtpd_timeout is 2 s and
+    the client goes on only after Postfix has logged each timeout."""
+    pf: Postfix = postfix_factory(xclient=True, params={"smtpd_timeout": "2s"})
+    g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+
+    def postfix_timed_out(times: int) -> None:
+        wait_for(lambda: pf.log.count("timeout after RCPT from unknown[127.0.0.5]") >= times, timeout=20)
+
+    sock, f = connect(g)
+    with sock, f:
+        say(sock, f, b"EHLO client.sender.test\r\n")
+        assert say(sock, f, b"MAIL FROM:<a@sender.test>\r\n")[0] == 250
+        assert say(sock, f, b"RCPT TO:<user@example.test>\r\n")[0] == 250
+        postfix_timed_out(1)                       # dawdling between recipients
+        assert say(sock, f, b"RCPT TO:<postmaster@example.test>\r\n")[0] == 250
+        assert say(sock, f, b"DATA\r\n")[0] == 354
+        sock.sendall(b"From: a@sender.test\r\nSubject: slow upload\r\n\r\nfirst half\r\n")
+        postfix_timed_out(2)                       # in the middle of the upload
+        code, text = say(sock, f, b"second half\r\n.\r\n")
+        assert code == 250 and "queued as" in text, text
+    for box in ("user", "postmaster"):
+        [message] = pf.wait_delivered(box)
+        assert b"first half\nsecond half\n" in message.replace(b"\r\n", b"\n")
+    assert [e["rcpts"] for e in g.events("relay.idle_closed")] == [1, 2]

@@ -362,6 +362,11 @@ class Transaction:
     def open(self) -> bool:
         return self.conn is not None
 
+    @property
+    def alive(self) -> bool:
+        """Open, and the MTA has not closed the connection (its idle timeout)."""
+        return self.conn is not None and self.conn.alive
+
     async def begin(self, sender: str, mail_options: list[str]) -> UpstreamReply:
         """Open (or reuse) a connection, identify the client, send MAIL."""
         xclient = self.upstream.settings.xclient
