@@ -323,3 +323,23 @@ def test_a_client_slower_than_postfixs_timeout_still_delivers_to_every_recipient
         [message] = pf.wait_delivered(box)
         assert b"first half\nsecond half\n" in message.replace(b"\r\n", b"\n")
     assert [e["rcpts"] for e in g.events("relay.idle_closed")] == [1, 2]
+
+
+def test_idle_connections_of_other_clients_never_keep_a_new_client_from_postfix(
+        postfix_factory: Any, guard_factory: Any) -> None:
+    """Found behind a real Postfix: with XCLIENT an idle pooled connection
+    serves only the client it named, yet holds one of Postfix's smtpd
+    processes (default_process_limit). When they filled Postfix's processes,
+    the next client's connection waited past connect_timeout: 451
+    UPSTREAM-TIMEOUT, with Postfix idle. Now the least recently used of them
+    is closed before a new connection is opened. Postfix here has 3 smtpd
+    processes; five clients deliver one after the other."""
+    pf: Postfix = postfix_factory(xclient=True, params={"default_process_limit": "3"})
+    g = guard_factory({"upstream": {"xclient": True, "connect_timeout": "5s"}, "pregreet": {"wait": "0s"}},
+                      upstream=pf.address)
+    for n in range(5, 10):
+        with smtplib.SMTP(g.host, g.port, timeout=30, source_address=(f"127.0.0.{n}", 0)) as s:
+            s.ehlo(f"h{n}.sender.test")
+            assert s.sendmail("a@sender.test", ["user@example.test"], MESSAGE) == {}
+    assert len(pf.wait_delivered("user", count=5)) == 5
+    assert len(g.services.upstream._idle) <= 3

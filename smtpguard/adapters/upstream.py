@@ -24,7 +24,8 @@ xclient_hosts matched on the new address), so after one XCLIENT the
 connection neither offers nor accepts another. A connection that named a
 client is therefore reused only for that same client (its next message, or
 its next session); any other client gets a connection that named nobody
-yet. With `upstream.xclient` on, a connection on which the MTA does not
+yet, and the least recently used idle one that named somebody else is
+closed first, since it holds one of the MTA's processes. With `upstream.xclient` on, a connection on which the MTA does not
 offer XCLIENT is never used to relay (451 UPSTREAM, logged as
 upstream.xclient_unavailable): the mail would pass as smtpguard's own, which
 Postfix's default mynetworks trusts. XFORWARD is per transaction by
@@ -307,6 +308,13 @@ class Upstream:
         conn = self._take_idle(identity)
         if conn is not None:
             return conn, True
+        if self._idle:
+            # Every idle connection named another client: the least recently
+            # used goes before a new one is opened. Each holds one of the
+            # MTA's processes that nobody else may use (Postfix's
+            # default_process_limit, 100 smtpd), and a full house of them
+            # kept new clients waiting past connect_timeout (451).
+            self._background_quit(self._idle.popleft())
         return await self._connect(), False
 
     def release(self, conn: Connection, reusable: bool) -> None:
