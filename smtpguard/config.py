@@ -80,6 +80,10 @@ DEFAULT_MAX_SESSIONS = 1000
 # Postfix's smtpd_recipient_overshoot_limit: recipients beyond
 # max_recipients get 452 4.5.3 and are not client errors until this many.
 DEFAULT_RECIPIENT_OVERSHOOT = 1000
+# Postfix's smtpd_junk_command_limit: NOOP, RSET, VRFY and HELP after this
+# many (counted until a message is delivered) each count as an error, so a
+# client cannot hold a session with them forever.
+DEFAULT_JUNK_COMMANDS = 100
 # RFC 5321 §4.5.3.2.5-6: 3 minutes per data block and 10 minutes for the
 # terminating dot; Postfix's smtpd_timeout applies per read. The DATA timer
 # restarts whenever bytes arrive, so only a stalled transfer is cut.
@@ -166,6 +170,7 @@ class LimitsSettings:
     per_ip_rate: int = DEFAULT_PER_IP_RATE           # new sessions per minute; 0 = off
     max_sessions: int = DEFAULT_MAX_SESSIONS         # whole process; 0 = off
     recipient_overshoot: int = DEFAULT_RECIPIENT_OVERSHOOT  # 452s for recipients over the limit not counted as errors
+    junk_commands: int = DEFAULT_JUNK_COMMANDS      # NOOP/RSET/VRFY/HELP before each counts as an error; 0 = off
     # Networks exempt from the limits and the pregreet wait (a partner's
     # relays, your own hosts, monitoring). None by default, as postscreen.
     exempt: tuple[Network, ...] = ()
@@ -434,6 +439,7 @@ LIMITS_KEYS: dict[str, Parser] = {
     "per_ip_rate": lambda k, v: _int(k, v, 0),
     "max_sessions": lambda k, v: _int(k, v, 0),
     "recipient_overshoot": lambda k, v: _int(k, v, 0),
+    "junk_commands": lambda k, v: _int(k, v, 0),
     "exempt": _networks,
 }
 LOG_KEYS: dict[str, Parser] = {
@@ -469,6 +475,7 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "per_ip_rate": ("limits", "per_ip_rate"),
     "max_sessions": ("limits", "max_sessions"),
     "recipient_overshoot": ("limits", "recipient_overshoot"),
+    "junk_commands": ("limits", "junk_commands"),
     "limits_exempt": ("limits", "exempt"),
     "http": ("http", "listen"),
     "xclient": ("upstream", "xclient"),

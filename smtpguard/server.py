@@ -39,7 +39,7 @@ from smtpguard.config import Config
 from smtpguard.errors import ConfigError
 from smtpguard.core import reply as replies
 from smtpguard.observe.log import event
-from smtpguard.core.ip import client_ip
+from smtpguard.core.ip import client_ip, in_networks
 from smtpguard.screen import Screen
 from smtpguard.session import ClientSession
 from smtpguard.sources import fingerprint
@@ -158,14 +158,17 @@ class Hooks:
 
     @staticmethod
     async def handle_RSET(server: "GuardSMTP", session: Any, envelope: Any) -> str:
+        server.junk_command()
         return await server.guard.rset()
 
     @staticmethod
     async def handle_NOOP(server: "GuardSMTP", session: Any, envelope: Any, arg: str) -> str:
+        server.junk_command()
         return "250 2.0.0 OK"
 
     @staticmethod
     async def handle_VRFY(server: "GuardSMTP", session: Any, envelope: Any, address: str) -> str:
+        server.junk_command()
         return server.guard.vrfy(address)
 
     @staticmethod
@@ -207,6 +210,7 @@ class GuardSMTP(SMTP):
         self.server = server
         self.errors = 0
         self.overshoot = 0
+        self.junk = 0   # NOOP, RSET, VRFY, HELP since the last delivery
         self.in_data = False
         self._readline = self._guard_reader()
 
@@ -263,6 +267,21 @@ class GuardSMTP(SMTP):
 
     # -- replies ----------------------------------------------------------
 
+    def junk_command(self) -> None:
+        """NOOP, RSET, VRFY or HELP: past `limits.junk_commands` since the last
+        delivery each one counts as an error (Postfix's
+        smtpd_junk_command_limit), so they cannot hold a session, or make
+        the MTA open a connection per MAIL/RCPT/RSET round, for ever."""
+        limits = self.server.config.limits
+        self.junk += 1
+        if limits.junk_commands and self.junk > limits.junk_commands \
+                and not in_networks(self.guard.client.ip, limits.exempt):
+            self.errors += 1
+
+    async def smtp_HELP(self, arg: str) -> None:
+        self.junk_command()
+        await super().smtp_HELP(arg)
+
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             # (A client refused at connect never gets here: the screen answers it.)
@@ -280,11 +299,13 @@ class GuardSMTP(SMTP):
                 self.overshoot += 1
             elif status[:1] in ("4", "5"):
                 self.errors += 1
-                if self.errors >= self.server.config.server.max_errors and not status.startswith("421"):
-                    await super().push(status)
-                    status = self.guard.render(replies.make("ERRORS"))
-                    event("close.errors", session=self.guard.client.session_id, ip=self.guard.client.ip,
-                          errors=self.errors, reply=status)
+            # (junk commands past the limit count too, answered as usual first)
+            if (self.errors >= self.server.config.server.max_errors and not status.startswith("421")
+                    and self.transport is not None and not self.transport.is_closing()):
+                await super().push(status)
+                status = self.guard.render(replies.make("ERRORS"))
+                event("close.errors", session=self.guard.client.session_id, ip=self.guard.client.ip,
+                      errors=self.errors, junk=self.junk, reply=status)
         await super().push(status)
         # 421: we close (RFC 5321 §3.8); 521: a `drop` rule (postscreen's drop, RFC 7504)
         if isinstance(status, str) and status.startswith(("421", "521")) and self.transport is not None:
@@ -414,6 +435,8 @@ class GuardSMTP(SMTP):
             message.close()
             self.in_data = False
         self._set_post_data_state()
+        if status.startswith("2"):
+            self.junk = 0   # a delivery, as Postfix counts junk commands
         await self.push(status)
         if self.server.stopping and self.transport is not None:
             await self.push(self.guard.render(replies.make("SHUTDOWN")))

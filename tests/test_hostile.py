@@ -309,6 +309,69 @@ def test_past_the_recipient_overshoot_the_452s_count_as_errors(recorder: Recorde
     assert codes == [250, 250, 452, 452, 452, 452, 452] and closing == 421
 
 
+JUNK = [b"NOOP\r\n", b"RSET\r\n", b"VRFY user\r\n", b"HELP\r\n"]
+
+
+def test_junk_commands_cannot_hold_a_session_for_ever(recorder: Recorder, guard_factory: Any) -> None:
+    """Postfix's smtpd_junk_command_limit: NOOP, RSET, VRFY and HELP are
+    answered, but past the limit each counts as an error, and the error
+    limit closes the session. Before, a client could send NOOP for ever."""
+    g = guard_factory({"server": {"max_errors": 3}, "limits": {"junk_commands": 4}}, upstream=recorder.address)
+    sock, f = session(g)
+    with sock, f:
+        raw_ehlo(sock, f)
+        codes = [say(sock, f, JUNK[i % 4])[0] for i in range(7)]
+        closing = read_reply(f)
+        assert f.readline() == b""   # closed
+    # 4 free, then the 5th, 6th and 7th count: the third error closes with 421
+    assert codes == [250, 250, 252, 250, 250, 250, 252], codes
+    assert closing[0] == 421 and "[ERRORS]" in closing[1], closing
+    [closed] = g.events("close.errors")
+    assert closed["errors"] == 3 and closed["junk"] == 7
+
+
+def test_a_delivery_resets_the_junk_count_and_exempt_networks_have_none(recorder: Recorder,
+                                                                       guard_factory: Any) -> None:
+    g = guard_factory({"server": {"max_errors": 1}, "limits": {"junk_commands": 2}}, upstream=recorder.address)
+    sock, f = session(g)
+    with sock, f:
+        raw_ehlo(sock, f)
+        for _ in range(2):   # two rounds of the limit, a delivery between them
+            assert [say(sock, f, b"NOOP\r\n")[0] for _ in range(2)] == [250, 250]
+            say(sock, f, b"MAIL FROM:<a@sender.test>\r\n")
+            say(sock, f, b"RCPT TO:<b@example.test>\r\n")
+            assert say(sock, f, b"DATA\r\n")[0] == 354
+            assert say(sock, f, b"Subject: x\r\n\r\nbody\r\n.\r\n")[0] == 250
+        assert say(sock, f, b"NOOP\r\n")[0] == 250
+    assert len(recorder.messages) == 2 and not g.events("close.errors")
+    exempt = guard_factory({"server": {"max_errors": 1}, "limits": {"junk_commands": 2, "exempt": ["127.0.0.0/8"]}},
+                           upstream=recorder.address)
+    sock, f = session(exempt)
+    with sock, f:
+        raw_ehlo(sock, f)
+        assert {say(sock, f, b"NOOP\r\n")[0] for _ in range(50)} == {250}   # your monitoring
+    assert not exempt.events("close.errors")
+
+
+def test_a_mail_rcpt_rset_loop_makes_the_mta_open_a_bounded_number_of_connections(
+        recorder: Recorder, guard_factory: Any) -> None:
+    """An aborted transaction closes its upstream connection (the MTA would
+    charge its RSET to the next client), so each MAIL/RCPT/RSET round opens
+    one: the junk limit bounds how many rounds one session gets."""
+    g = guard_factory({"server": {"max_errors": 2}, "limits": {"junk_commands": 5}}, upstream=recorder.address)
+    sock, f = session(g)
+    with sock, f:
+        raw_ehlo(sock, f)
+        for _ in range(7):   # 5 free RSETs, then 2 that count as errors
+            assert say(sock, f, b"MAIL FROM:<a@sender.test>\r\n")[0] == 250
+            assert say(sock, f, b"RCPT TO:<b@example.test>\r\n")[0] == 250
+            assert say(sock, f, b"RSET\r\n")[0] == 250
+        code, text = read_reply(f)   # the second error: 421 and closed
+        assert code == 421 and "[ERRORS]" in text and f.readline() == b""
+    wait_for(lambda: recorder.quits >= 7)
+    assert recorder.connections <= 8 and recorder.rsets == 0 and recorder.messages == []
+
+
 @pytest.mark.parametrize("stage,when", [("helo", {"helo": "bot.test"}), ("mail", {"sender_domain": "bot.test"}),
                                         ("rcpt", {"rcpt_local": "trap"})], ids=["helo", "mail", "rcpt"])
 def test_drop_after_the_connect_stage_is_521_and_close(recorder: Recorder, guard_factory: Any, stage: str,

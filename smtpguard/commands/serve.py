@@ -60,6 +60,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--recipient-overshoot", metavar="N",
                    help="452 replies for recipients over max_recipients that do not count as errors "
                         "(default 1000, Postfix's smtpd_recipient_overshoot_limit) [limits.recipient_overshoot]")
+    p.add_argument("--junk-commands", metavar="N",
+                   help="NOOP, RSET, VRFY and HELP commands before each counts as an error, counted until a "
+                        "delivery (default 100, Postfix's smtpd_junk_command_limit; 0: off) [limits.junk_commands]")
     p.add_argument("--limits-exempt", action="append", metavar="NETWORK",
                    help="networks exempt from the limits and the pregreet wait (repeatable) [limits.exempt]")
     p.add_argument("--xclient", action="store_const", const=True, default=None,
