@@ -25,11 +25,11 @@ connection neither offers nor accepts another. A connection that named a
 client is therefore reused only for that same client (its next message, or
 its next session); any other client gets a connection that named nobody
 yet, and the least recently used idle one that named somebody else is
-closed first, since it holds one of the MTA's processes. With `upstream.xclient` on, a connection on which the MTA does not
-offer XCLIENT is never used to relay (451 UPSTREAM, logged as
-upstream.xclient_unavailable): the mail would pass as smtpguard's own, which
-Postfix's default mynetworks trusts. XFORWARD is per transaction by
-definition (Postfix XFORWARD_README).
+closed first, since it holds one of the MTA's processes. With
+`upstream.xclient` on, a connection on which the MTA does not offer XCLIENT
+is never used to relay (451 UPSTREAM, logged as upstream.xclient_unavailable):
+the mail would pass as smtpguard's own, which Postfix's default mynetworks
+trusts. XFORWARD is per transaction by definition (Postfix XFORWARD_README).
 """
 
 from __future__ import annotations
