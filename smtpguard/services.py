@@ -297,21 +297,15 @@ class Services:
 
     async def probe_upstream(self, timeout: float) -> bool:
         """Health (observe/http.py, /healthz): the MTA answers NOOP within
-        `timeout`, on a pooled connection or a new one (a failure to connect
-        is logged as upstream.error)."""
+        `timeout`, on the probe's own connection, never a client's (a failure
+        to connect is logged as upstream.error)."""
         from smtpguard.errors import UpstreamError
 
-        conn = None
         try:
             async with asyncio.timeout(timeout):
-                conn, _pooled = await self.upstream.acquire()
-                reply = await conn.command(b"NOOP")
+                return await self.upstream.noop()
         except (UpstreamError, TimeoutError):
-            if conn is not None:
-                conn.close()
             return False
-        self.upstream.release(conn, reply.ok)
-        return reply.ok
 
     # --- housekeeping ----------------------------------------------------------
 

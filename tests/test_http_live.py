@@ -163,7 +163,7 @@ def test_healthz_follows_the_upstream_and_the_listeners(guard_factory: Any) -> N
         assert value(samples(base), "smtpguard_upstream_up") == 1
         up.stop()   # the MTA goes away
         stopped = True
-        guard._loop.run(_drop_pooled(guard))                   # and with it the pooled connection
+        guard._loop.run(_drop_connections(guard))              # and with it the open connections
         assert guard._loop.run(http.check_upstream()) is False
         status, _, body = get(base + "/healthz")
         assert status == 503 and f"upstream MTA {up.address} did not answer" in body
@@ -236,8 +236,13 @@ def _free(port: int) -> bool:
             return False
 
 
-async def _drop_pooled(guard: Guard) -> None:
-    guard.services.upstream.purge(now=float("inf"))
+async def _drop_connections(guard: Guard) -> None:
+    """Close the pooled connections and the health probe's own (as the MTA's
+    going away would, where its host answers with a reset)."""
+    upstream = guard.services.upstream
+    upstream.purge(now=float("inf"))
+    if upstream._probe is not None:
+        upstream._probe.close()
 
 
 def test_the_dnsbl_page_names_the_lists_that_list_the_address_with_their_removal_links(

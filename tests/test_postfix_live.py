@@ -343,3 +343,31 @@ def test_idle_connections_of_other_clients_never_keep_a_new_client_from_postfix(
             assert s.sendmail("a@sender.test", ["user@example.test"], MESSAGE) == {}
     assert len(pf.wait_delivered("user", count=5)) == 5
     assert len(g.services.upstream._idle) <= 3
+
+
+def test_the_health_probes_noops_never_share_a_postfix_session_with_a_client(
+        postfix_factory: Any, guard_factory: Any) -> None:
+    """Found by reading what Postfix is told: /healthz's NOOP went on a pooled
+    connection, and Postfix counts NOOP against the session until a delivery
+    (smtpd_junk_command_limit 100, then an error each, then a 1 s sleep per
+    reply), for whichever client took the connection next. Now the probe
+    keeps a connection of its own, replaced after PROBE_NOOPS."""
+    from smtpguard.adapters.upstream import PROBE_NOOPS
+
+    pf: Postfix = postfix_factory(mynetworks="127.0.0.9/32")   # no XCLIENT: any idle connection serves anyone
+    g = guard_factory({"pregreet": {"wait": "0s"}}, upstream=pf.address)
+    probes = PROBE_NOOPS + 10
+    for i in range(probes):
+        assert g._loop.run(g.services.probe_upstream(5.0)) is True
+        if i % 20 == 0:
+            with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:
+                s.ehlo("client.sender.test")
+                s.sendmail("a@sender.test", ["user@example.test"], MESSAGE)
+    g._loop.run(g.services.upstream.close())   # every session ends: Postfix logs its commands
+    wait_for(lambda: pf.log.count(" connect from ") == pf.log.count(" disconnect from "), timeout=10)
+    sessions = [line.split(" disconnect from ", 1)[1] for line in pf.log.splitlines() if " disconnect from " in line]
+    with_noop = [s for s in sessions if "noop=" in s]
+    assert with_noop and all(" mail=" not in s for s in with_noop), sessions
+    assert sum(int(s.split("noop=", 1)[1].split()[0]) for s in with_noop) == probes
+    assert max(int(s.split("noop=", 1)[1].split()[0]) for s in with_noop) <= PROBE_NOOPS
+    assert len(pf.wait_delivered("user", count=3)) == 3

@@ -61,6 +61,10 @@ QUIT_TIMEOUT = 2.0
 # is used for this long before TLS is tried again (Postfix's smtp_tls_security_level
 # = may falls back to plain text the same way, per connection).
 TLS_RETRY_AFTER = 300.0
+# The health probe's NOOPs go on a connection of its own, never a client's,
+# replaced after this many: Postfix counts NOOP as a junk command until a
+# delivery (smtpd_junk_command_limit, 100) and past that slows every reply.
+PROBE_NOOPS = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,7 @@ class Connection:
         self.smtp = smtp
         self.identity: ClientIdentity | None = None
         self.last_used = time.monotonic()
+        self.noops = 0   # the health probe's, on its own connection
         # Error replies since the last delivery: what the MTA holds against
         # this session. Only a connection with none goes back to the pool.
         self.charged = 0
@@ -221,6 +226,7 @@ class Upstream:
         # learned at start-up and on every new connection; None until then.
         self.capabilities: dict[str, str] | None = None
         self._plain_until = 0.0  # opportunistic TLS failed: plain text until then
+        self._probe: Connection | None = None  # the health probe's own connection
         self._tls: ssl.SSLContext | None = None
         if settings.tls != "none":
             # The MTA is the admin's own, usually with a self-signed or
@@ -289,6 +295,26 @@ class Upstream:
             _xclient_unavailable()
         self.release(conn, reusable=True)
 
+    async def noop(self) -> bool:
+        """Health: whether the MTA answers NOOP, asked on the probe's own
+        connection (kept open, replaced after PROBE_NOOPS or when the MTA
+        closed it). A pooled connection would carry the NOOPs, which Postfix
+        counts against the session, to the next client."""
+        conn = self._probe
+        if conn is None or not conn.alive or conn.noops >= PROBE_NOOPS:
+            self._probe = None
+            if conn is not None:
+                self._background_quit(conn)
+            conn = self._probe = await self._connect()
+        try:
+            reply = await conn.command(b"NOOP")
+        except BaseException:   # an error, or the caller's timeout: its state is unknown
+            self._probe = None
+            conn.close()
+            raise
+        conn.noops += 1
+        return reply.ok
+
     def _take_idle(self, identity: ClientIdentity | None) -> Connection | None:
         """The most recently used idle connection `identity` may use: any,
         or (XCLIENT) one that named no client yet or named this one."""
@@ -347,6 +373,9 @@ class Upstream:
         self._closed = True
         conns = list(self._idle)
         self._idle.clear()
+        if self._probe is not None:
+            conns.append(self._probe)
+            self._probe = None
         await asyncio.gather(*(c.quit() for c in conns), *self._quitting, return_exceptions=True)
 
 
