@@ -33,7 +33,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpguard.adapters.spool import MessageSpool
 from smtpguard.adapters.upstream import Upstream
-from smtpguard.core.dsn import DSN_MAIL, DSN_RCPT, split_dsn
+from smtpguard.core.dsn import DROPPED_MAIL, DSN_MAIL, DSN_RCPT, split_dsn
 
 from smtpguard.config import Config
 from smtpguard.errors import ConfigError
@@ -359,6 +359,12 @@ class GuardSMTP(SMTP):
             return None, None
 
     async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and "AUTH=" in arg.upper():
+            try:
+                arg, _dropped = split_dsn(arg, DROPPED_MAIL)   # as Postfix without SASL: taken, ignored
+            except ValueError as e:
+                await self.push(self.guard.refuse("command", replies.Reply(501, "5.5.4", "SYNTAX", str(e))))
+                return
         arg = await self._take_dsn(arg, DSN_MAIL)
         if arg is not None:
             await super().smtp_MAIL(arg)

@@ -129,6 +129,31 @@ def test_dsn_parameters_reach_the_mta_byte_for_byte(sink_dump: tuple[str, Path],
     assert "X-Rcpt-Args: <b@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.test" in text
 
 
+def test_an_auth_parameter_is_taken_as_postfix_takes_it_and_never_passed_on(sink_dump: tuple[str, Path],
+                                                                          guard_factory: Any) -> None:
+    """RFC 4954's AUTH= on MAIL, sent by some clients although no AUTH is
+    offered: Postfix without SASL accepts and ignores it, where we answered
+    555. Now it is checked and dropped: the MTA never sees a stranger's claim
+    to be an authenticated submitter."""
+    address, dump = sink_dump
+    g = guard_factory(upstream=address)
+    with socket.create_connection((g.host, g.port), timeout=10) as sock:
+        f = sock.makefile("rb")
+        read_reply(f)
+        raw_ehlo(sock, f)
+        for line, code in ((b"MAIL FROM:<a@b.test> AUTH=bad\x01\r\n", 501),
+                           (b"MAIL FROM:<a@b.test> AUTH=<> AUTH=<>\r\n", 501),
+                           (b"MAIL FROM:<a@b.test> AUTH=boss+40example.test RET=HDRS\r\n", 250),
+                           (b"RCPT TO:<b@example.test>\r\n", 250),
+                           (b"DATA\r\n", 354), (b"Subject: auth\r\n\r\nbody\r\n.\r\n", 250)):
+            sock.sendall(line)
+            got, text = read_reply(f)
+            assert got == code, (line, text)
+    wait_for(lambda: dump.exists() and b"X-Rcpt-Args" in dump.read_bytes())
+    text = dump.read_text()
+    assert "X-Mail-Args: <a@b.test> RET=HDRS\n" in text and "AUTH" not in text
+
+
 def test_no_dsn_when_narrowed_by_upstream_extensions(sink_dump: tuple[str, Path], guard_factory: Any) -> None:
     address, _ = sink_dump
     g = guard_factory({"upstream": {"extensions": ["SMTPUTF8"]}}, upstream=address)

@@ -1,4 +1,5 @@
-"""Delivery status notification parameters (RFC 3461), checked and kept verbatim.
+"""Delivery status notification parameters (RFC 3461), checked and kept verbatim
+(and RFC 4954's AUTH=, checked and dropped).
 
 Decides: whether the DSN parameters on a MAIL or RCPT line are well formed.
 Inputs: the command's argument as received (`FROM:<a@b> RET=HDRS ENVID=x`).
@@ -16,6 +17,11 @@ import re
 
 DSN_MAIL = ("RET", "ENVID")
 DSN_RCPT = ("NOTIFY", "ORCPT")
+# RFC 4954 §5's AUTH= on MAIL (the submitter's identity, "<>" for none). We
+# offer no AUTH, yet some clients send it anyway; Postfix without SASL takes
+# and ignores it. So do we: checked, then dropped, never passed on, so a
+# stranger's claim to be an authenticated sender never reaches the MTA.
+DROPPED_MAIL = ("AUTH",)
 
 # RFC 3461 §4: xtext is printable ASCII but "+" and "=", or "+" and two upper-case hex digits.
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
@@ -34,6 +40,9 @@ def _check(name: str, value: str) -> None:
         words = value.upper().split(",")
         if words != ["NEVER"] and (len(set(words)) != len(words) or not all(w in _NOTIFY for w in words)):
             raise ValueError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY (RFC 3461 section 4.1)")
+    elif name == "AUTH":
+        if value != "<>" and (len(value) > 500 or not _XTEXT.fullmatch(value)):
+            raise ValueError("AUTH must be <> or xtext (RFC 4954 section 5)")
     elif name == "ORCPT":
         kind, sep, addr = value.partition(";")
         if not sep or not _ADDR_TYPE.fullmatch(kind) or len(value) > 500 or not _XTEXT.fullmatch(addr):
