@@ -354,9 +354,15 @@ class GuardSMTP(SMTP):
         # aiosmtpd's address parser raises on `<`, `a@` and more (issue: the
         # two promises, item 8); a malformed address is a syntax error.
         try:
-            return super()._getaddr(arg)  # type: ignore[no-any-return]
+            address, rest = super()._getaddr(arg)
         except Exception:
             return None, None
+        if address and '"' in address and '"' not in arg:
+            # The parser quoted what it took for a local part (`<a b@x>`,
+            # `<a\tb@x>` came out as `"a b"@x`): a rewrite of a malformed
+            # address, which Postfix refuses, never passed on as another.
+            return None, None
+        return address, rest
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if arg and "AUTH=" in arg.upper():

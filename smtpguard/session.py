@@ -26,7 +26,7 @@ from smtpguard.adapters.upstream import ClientIdentity, Transaction, Upstream, U
 from smtpguard.config import Config
 from smtpguard.core import reply as replies
 from smtpguard.core.address import (Recipient, Refused, check_recipient, has_control, is_ehlo_argument, is_hostname,
-                                    normalise_domain)
+                                    is_sender_domain, normalise_domain)
 from smtpguard.core.facts import ClientInfo, FactValue
 from smtpguard.core.policy import ACCEPT_SCOPE, Verdict, reply_code
 from smtpguard.errors import UpstreamError
@@ -53,6 +53,7 @@ LOST_TEXT = ("the mail server behind this gateway lost the transaction; "
 
 
 # RFC 6531 §3.4: a UTF-8 address outside an SMTPUTF8 transaction.
+BAD_SENDER = replies.Reply(501, "5.1.7", "BAD-ADDRESS", "bad sender address syntax")
 UTF8_WITHOUT_SMTPUTF8 = replies.Reply(553, "5.6.7", "NO-SMTPUTF8",
                                       "a UTF-8 address needs the SMTPUTF8 parameter on MAIL FROM")
 
@@ -276,6 +277,10 @@ class ClientSession:
         if not address.isascii() and "SMTPUTF8" not in options:
             return self.refuse("mail", UTF8_WITHOUT_SMTPUTF8)
         sender = "" if address == "<>" else address
+        if sender and not is_sender_domain(sender.rpartition("@")[2]):
+            # Refused here, as Postfix does at MAIL, not as the MTA's refusal of
+            # our MAIL answered to every RCPT.
+            return self.refuse("mail", BAD_SENDER)
         self.sender = sender
         self.mail_options = options
         self.facts["sender"] = sender

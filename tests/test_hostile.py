@@ -92,6 +92,33 @@ def test_malformed_addresses_are_syntax_errors_not_tracebacks(guard: Guard, line
     assert not guard.events("internal_error")
 
 
+@pytest.mark.parametrize("sender,code", [
+    # refused at MAIL as Postfix refuses them there (valid_hostname), not as the
+    # MTA's refusal of our MAIL answered to each RCPT
+    ("a@-b.test", 501), ("a@b-.test", 501), ("a@1.2.3.4", 501), ("a@[300.1.1.1]", 501),
+    # the address parser quoted these into another address ("a b"@b.test)
+    ("a b@b.test", 553), ("a\tb@b.test", 553),
+    # what Postfix takes, so do we: underscores, a numeric label, RFC-breaking local parts, literals
+    ("a@b_c.test", 250), ("a@b.123", 250), ("foo.@docomo.ne.jp", 250), ("a..b@b.test", 250),
+    ('"a b"@b.test', 250), ("a@[127.0.0.1]", 250), ("a@[IPv6:::1]", 250), ("postmaster", 250), ("", 250),
+], ids=repr)
+def test_a_sender_is_refused_at_mail_when_postfix_would_and_never_rewritten(recorder: Recorder, guard: Guard,
+                                                                            sender: str, code: int) -> None:
+    """Found comparing replies with a bare Postfix, command by command."""
+    sock, f = session(guard)
+    with sock, f:
+        raw_ehlo(sock, f)
+        got, text = say(sock, f, f"MAIL FROM:<{sender}>\r\n".encode())
+        assert got == code, text
+        if code == 250:
+            assert say(sock, f, b"RCPT TO:<b@example.test>\r\n")[0] == 250
+            assert say(sock, f, b"DATA\r\n")[0] == 354
+            assert say(sock, f, b"Subject: x\r\n\r\nbody\r\n.\r\n")[0] == 250
+        else:
+            assert "[BAD-ADDRESS]" in text, text
+    assert [m.mail_from for m in recorder.messages] == ([sender or "<>"] if code == 250 else [])
+
+
 def test_rcpt_parser_crash_is_a_syntax_error(guard: Guard) -> None:
     sock, f = session(guard)
     with sock:

@@ -193,6 +193,26 @@ def check_recipient(address: str, served: DomainSet) -> Recipient | Refused:
     return Recipient(local, normalise_domain(domain))
 
 
+# A MAIL FROM domain's label as Postfix's valid_hostname() takes it: LDH plus
+# underscore (names with one exist and send mail), UTF-8 under SMTPUTF8.
+_SENDER_LABEL = re.compile(r"(?!-)[A-Za-z0-9_\-\u0080-\U0010ffff]{1,63}(?<!-)\Z")
+
+
+def is_sender_domain(domain: str) -> bool:
+    """The domain of a MAIL FROM address as Postfix takes it (valid_hostname):
+    labels of letters, digits, `-` and `_`, none empty or with a hyphen at
+    either end, not all of them digits (`1.2.3.4` is no domain), at most 255
+    octets; or an address literal. The local part is left alone: real
+    senders use ones RFC 5321 does not allow (`foo.@docomo.ne.jp`), and
+    Postfix takes them."""
+    if domain.startswith("["):
+        return is_ehlo_argument(domain)
+    labels = domain.split(".")
+    return (len(domain.encode("utf-8", "surrogateescape")) <= 255
+            and all(_SENDER_LABEL.match(label) for label in labels)
+            and not all(label.isdigit() for label in labels))
+
+
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _ADDRESS_LITERAL = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]{2,45})\]\Z")
 
