@@ -153,6 +153,7 @@ def test_compose_postfix_entrypoint_configures_a_real_postfix(tmp_path: Path) ->
     assert re.search(r"^127\.0\.0\.1:2625\s+inet\s+n\s+-\s+n\s+-\s+-\s+smtpd", master, re.M)
     assert not re.search(r"^smtp\s+inet", master, re.M)
     assert "127.0.0.1:2625/inet/smtpd_authorized_xclient_hosts = 127.0.0.1\n" in show("-P")
+    assert "127.0.0.1:2625/inet/local_header_rewrite_clients =\n" in show("-P")   # empty: no local rewriting
     assert (conf / "vmailbox").read_text().splitlines()[:2] == ["postmaster@example.com example.com/postmaster/",
                                                                  "abuse@example.com example.com/abuse/"]
     bad = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,

@@ -371,3 +371,22 @@ def test_the_health_probes_noops_never_share_a_postfix_session_with_a_client(
     assert sum(int(s.split("noop=", 1)[1].split()[0]) for s in with_noop) == probes
     assert max(int(s.split("noop=", 1)[1].split()[0]) for s in with_noop) <= PROBE_NOOPS
     assert len(pf.wait_delivered("user", count=3)) == 3
+
+
+def test_a_strangers_message_is_not_made_a_local_submission_by_the_example_postfix(
+        postfix_factory: Any, guard_factory: Any) -> None:
+    """Found comparing what a bare Postfix delivers with what it delivers
+    behind smtpguard: Postfix's local_header_rewrite_clients (default
+    permit_inet_interfaces) matched smtpguard's 127.0.0.1, so a stranger's
+    message lacking From:, Date: and Message-Id: got them added (From: being
+    the unverified envelope sender) and `To: bob` became `To: bob@<myorigin>`.
+    examples/postfix/master.cf now empties it on smtpguard's listener."""
+    pf: Postfix = postfix_factory(example=True)
+    g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    with smtplib.SMTP(g.host, g.port, timeout=15, source_address=CLIENT) as s:
+        s.ehlo("client.sender.test")
+        s.sendmail("a@sender.test", ["user@example.test"], b"To: bob\r\nSubject: bare\r\n\r\nbody\r\n")
+    [message] = pf.wait_delivered("user")
+    headers = message.split(b"\n\n", 1)[0]
+    assert b"\nTo: bob\n" in headers, headers
+    assert not any(h in headers.lower() for h in (b"\nfrom:", b"\ndate:", b"\nmessage-id:")), headers

@@ -44,13 +44,17 @@ postconf -e \
 #  - XCLIENT from smtpguard's address only, so that Postfix's logs, checks
 #    and Received headers see the real client ([upstream] xclient = true);
 #  - no per-client limits: every connection is smtpguard's, which enforces
-#    its own per-client limits.
+#    its own per-client limits;
+#  - no local header rewriting: smtpguard's loopback address would make
+#    every stranger's message a local submission (a From:, Date: and
+#    Message-Id: added, unqualified header addresses rewritten).
 postconf -M# smtp/inet
 postconf -M "$listen/inet=$listen inet n - n - - smtpd"
 postconf -P "$listen/inet/smtpd_authorized_xclient_hosts=$client" \
             "$listen/inet/smtpd_client_connection_count_limit=0" \
             "$listen/inet/smtpd_client_connection_rate_limit=0" \
-            "$listen/inet/smtpd_hard_error_limit=1000"
+            "$listen/inet/smtpd_hard_error_limit=1000" \
+            "$listen/inet/local_header_rewrite_clients="
 # No chroot: `postfix start-fg` does not populate one, and the container
 # is the confinement.
 postconf -F '*/*/chroot = n'
