@@ -357,7 +357,7 @@ class GuardSMTP(SMTP):
             address, rest = super()._getaddr(arg)
         except Exception:
             return None, None
-        if address and '"' in address and '"' not in arg:
+        if address and '"' in address and '"' not in arg.split(">", 1)[0]:
             # The parser quoted what it took for a local part (`<a b@x>`,
             # `<a\tb@x>` came out as `"a b"@x`): a rewrite of a malformed
             # address, which Postfix refuses, never passed on as another.

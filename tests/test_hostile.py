@@ -97,7 +97,7 @@ def test_malformed_addresses_are_syntax_errors_not_tracebacks(guard: Guard, line
     # MTA's refusal of our MAIL answered to each RCPT
     ("a@-b.test", 501), ("a@b-.test", 501), ("a@1.2.3.4", 501), ("a@[300.1.1.1]", 501),
     # the address parser quoted these into another address ("a b"@b.test)
-    ("a b@b.test", 553), ("a\tb@b.test", 553),
+    ("a b@b.test", 553), ("a\tb@b.test", 553), ('a b@b.test> ENVID=x"y', 553),
     # what Postfix takes, so do we: underscores, a numeric label, RFC-breaking local parts, literals
     ("a@b_c.test", 250), ("a@b.123", 250), ("foo.@docomo.ne.jp", 250), ("a..b@b.test", 250),
     ('"a b"@b.test', 250), ("a@[127.0.0.1]", 250), ("a@[IPv6:::1]", 250), ("postmaster", 250), ("", 250),
