@@ -673,7 +673,9 @@ class Server:
         loop = asyncio.get_running_loop()
         # Learn the MTA's ESMTP extensions before the first client asks
         # (mirrored in our EHLO); a slow MTA does not hold up the listeners.
-        probe = loop.create_task(self.services.upstream.probe())
+        # IPv6 clients may come on an IPv6 listener or through a PROXY header.
+        ipv6 = self.config.server.proxy_protocol or any(":" in host for host, _ in self._listen)
+        probe = loop.create_task(self.services.upstream.probe(ipv6=ipv6))
         self.track(probe)
         await asyncio.wait({probe}, timeout=PROBE_WAIT)
         bound: list[tuple[str, int]] = []

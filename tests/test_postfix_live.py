@@ -190,6 +190,24 @@ def test_an_ipv4_only_postfix_refusing_an_ipv6_xclient_is_a_451_with_the_fix_in_
     refused = g.events("upstream.xclient_refused")
     assert refused and "inet_protocols" in refused[0]["hint"]
     assert "client=localhost[127.0.0.1]" not in pf.log and pf.delivered("user") == []
+    # said at start-up already, before any IPv6 sender was deferred
+    [early] = g.events("upstream.xclient_ipv6_refused")
+    assert "inet_protocols" in early["hint"] and early["ts"] <= g.events("listening")[0]["ts"]
+
+
+def test_an_ipv6_listener_asks_postfix_at_start_up_whether_it_takes_ipv6_clients(
+        postfix_factory: Any, guard_factory: Any) -> None:
+    """Only when IPv6 clients can come (an IPv6 listener, or PROXY), and
+    silent when Postfix takes them; the probe's connection is never pooled."""
+    pf: Postfix = postfix_factory(xclient=True, params={"inet_protocols": "all"})
+    try:
+        g6 = guard_factory({"upstream": {"xclient": True}}, upstream=pf.address, listen=["[::1]:0"])
+    except OSError:
+        pytest.skip("::1 not available here")
+    g4 = guard_factory({"upstream": {"xclient": True}}, upstream=pf.address)
+    assert not g6.events("upstream.xclient_ipv6_refused") and not g4.events("upstream.xclient_ipv6_refused")
+    wait_for(lambda: pf.log.count("disconnect from unknown[2001:db8::25]") == 1)   # asked once, by g6 only
+    assert all(c.identity is None for c in g6.services.upstream._idle)
 
 
 def test_postfixs_unknown_reverse_hostname_check_sees_each_client_as_if_direct(

@@ -65,6 +65,11 @@ TLS_RETRY_AFTER = 300.0
 # replaced after this many: Postfix counts NOOP as a junk command until a
 # delivery (smtpd_junk_command_limit, 100) and past that slows every reply.
 PROBE_NOOPS = 50
+# Asked at start-up when IPv6 clients can come: does the MTA take an IPv6
+# client by XCLIENT? An address of RFC 3849's documentation prefix, which no
+# real client has; the MTA's log shows it once per start.
+PROBE_IPV6 = "IPV6:2001:db8::25"
+IPV6_HINT = "the MTA refuses IPv6 client addresses (Postfix: inet_protocols must include ipv6)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,17 +288,37 @@ class Upstream:
         value = (self.capabilities or {}).get("size", "")
         return int(value) if value.strip().isdigit() else 0
 
-    async def probe(self) -> None:
+    async def probe(self, ipv6: bool = False) -> None:
         """Learn the MTA's extensions at start-up (best effort: a session
         learns them too), and say loudly when XCLIENT is configured but the
-        MTA does not offer it to us: every message would be refused 451."""
+        MTA does not offer it to us: every message would be refused 451.
+        With `ipv6` (clients may come over IPv6), also whether it takes an
+        IPv6 client by XCLIENT, or every IPv6 sender would be deferred."""
         try:
             conn, _ = await self.acquire()
         except UpstreamError:
             return
         if self.settings.xclient and not conn.supports("xclient"):
             _xclient_unavailable()
+        elif self.settings.xclient and ipv6:
+            await self._probe_ipv6_xclient()
         self.release(conn, reusable=True)
+
+    async def _probe_ipv6_xclient(self) -> None:
+        try:
+            conn = await self._connect()
+        except UpstreamError:
+            return
+        try:
+            reply = await conn.command(b"XCLIENT", f"ADDR={PROBE_IPV6}".encode("ascii"),
+                                       f"NAME={UNAVAILABLE}".encode("ascii"))
+        except UpstreamError:
+            return
+        finally:
+            self._background_quit(conn)   # it named a client that does not exist: never pooled
+        if reply.code != 220:
+            event("upstream.xclient_ipv6_refused", logging.WARNING, code=reply.code, text=reply.text,
+                  hint=IPV6_HINT if reply.code == 501 else None)
 
     async def noop(self) -> bool:
         """Health: whether the MTA answers NOOP, asked on the probe's own
@@ -439,9 +464,7 @@ class Transaction:
             attrs = _attributes(self.identity, conn.params("xclient"))
             reply = await conn.command(b"XCLIENT", *(a.encode("ascii") for a in attrs))
             if reply.code != 220:
-                hint = None
-                if ":" in self.identity.ip and reply.code == 501:
-                    hint = "the MTA refuses IPv6 client addresses (Postfix: inet_protocols must include ipv6)"
+                hint = IPV6_HINT if ":" in self.identity.ip and reply.code == 501 else None
                 event("upstream.xclient_refused", logging.WARNING, code=reply.code, text=reply.text, hint=hint)
                 raise UpstreamError("UPSTREAM", f"XCLIENT refused: {reply.code}")
             conn.identity = self.identity
