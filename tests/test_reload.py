@@ -230,3 +230,35 @@ def test_a_reload_applies_log_settings_and_names_what_needs_a_restart(tmp_path: 
         assert not any(line.startswith("{") for line in serve.raw[mark:])
     finally:
         serve.stop()
+
+
+def test_a_reload_applies_the_junk_command_limit_to_new_sessions(tmp_path: Path, recorder: Recorder) -> None:
+    """[limits] junk_commands is reloaded, as the README's table says of [limits]."""
+    import socket
+
+    from tests.test_promises import read_reply
+
+    conf, port = tmp_path / "c.toml", free_port()
+    base = _plain(port).replace("[server]\n", "[server]\nmax_errors = 1\n") + \
+        f'[upstream]\naddress = "{recorder.address}"\n'
+
+    def replies(lines: list[bytes]) -> list[int]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as f:
+            read_reply(f)
+            codes = []
+            for line in [b"EHLO c.test\r\n", *lines]:
+                sock.sendall(line)
+                codes.append(read_reply(f)[0])
+            return codes[1:]
+
+    conf.write_text(base + "[limits]\njunk_commands = 2\n")
+    serve = Serve(conf)
+    try:
+        wait_port("127.0.0.1", port)
+        # the third NOOP is the first error past the limit: its 250, then 421 where QUIT's 221 would be
+        assert replies([b"NOOP\r\n"] * 3 + [b"QUIT\r\n"]) == [250, 250, 250, 421]
+        conf.write_text(base + "[limits]\njunk_commands = 10\n")
+        serve.hup("reload.done")
+        assert replies([b"NOOP\r\n"] * 3 + [b"QUIT\r\n"]) == [250, 250, 250, 221]
+    finally:
+        serve.stop()
