@@ -408,3 +408,29 @@ def test_a_strangers_message_is_not_made_a_local_submission_by_the_example_postf
     headers = message.split(b"\n\n", 1)[0]
     assert b"\nTo: bob\n" in headers, headers
     assert not any(h in headers.lower() for h in (b"\nfrom:", b"\ndate:", b"\nmessage-id:")), headers
+
+
+def test_a_sending_postfix_delivers_through_smtpguard_into_postfix(postfix_factory: Any, guard_factory: Any) -> None:
+    """A real MTA as the client (Postfix's smtp(8): pipelining, its own
+    EHLO, connection reuse): each good recipient gets each message once, the
+    unknown one is bounced with the receiving Postfix's own 5.1.1, nothing is
+    deferred."""
+    pf: Postfix = postfix_factory(xclient=True)
+    g = guard_factory({"upstream": {"xclient": True}, "pregreet": {"wait": "0s"}}, upstream=pf.address)
+    sender: Postfix = postfix_factory(mynetworks="127.0.0.0/8", params={
+        "myhostname": "out.sender.test", "virtual_mailbox_domains": "", "virtual_mailbox_maps": "",
+        "relayhost": f"[127.0.0.1]:{g.port}", "default_transport": "smtp", "relay_transport": "smtp",
+        "smtp_bind_address": "127.0.0.6"})
+    with smtplib.SMTP("127.0.0.1", sender.port, timeout=15) as s:
+        s.ehlo("inject.sender.test")
+        for i in range(3):
+            s.sendmail("", ["user@example.test", "bob@example.test", "nobody@example.test"],
+                       f"From: a@sender.test\r\nSubject: via postfix {i}\r\n\r\nbody {i}\r\n".encode())
+    for box in ("user", "bob"):
+        got = pf.wait_delivered(box, count=3)
+        assert sorted(int(m.rsplit(b"body ", 1)[1].split()[0]) for m in got) == [0, 1, 2]
+        assert all(b"(unknown [127.0.0.6])" in m.split(b"Received: ", 2)[1] for m in got)   # Postfix saw the client
+    wait_for(lambda: sender.log.count("status=") >= 9)
+    log = sender.log
+    assert log.count("status=sent") == 6 and log.count("status=deferred") == 0
+    assert log.count("to=<nobody@example.test>") == 3 and log.count("dsn=5.1.1, status=bounced") == 3
