@@ -360,6 +360,17 @@ def _domain(key: str, value: Any) -> str:
     return ("." if text.startswith(".") else "") + name
 
 
+def _host_name(key: str, value: Any) -> str:
+    """This host's name (banner, EHLO, Received): one name, no leading dot."""
+    text = _str(key, value).strip()
+    try:
+        if text.startswith("."):
+            raise ConfigError(key, "")
+        return _domain(key, text)
+    except ConfigError:
+        raise ConfigError(key, f"{text!r} is not a host name such as mx.example.com") from None
+
+
 def _served_domain(key: str, value: Any) -> str:
     """A domain we accept mail for: never a public suffix (`com`, `co.uk`), which would make an open relay."""
     name = _domain(key, value)
@@ -402,7 +413,7 @@ def _url_template(key: str, value: Any) -> str:
 Parser = Callable[[str, Any], Any]
 SERVER_KEYS: dict[str, Parser] = {
     "listen": lambda k, v: tuple(parse_hostport(f"{k}", x) for x in _list(k, v)),
-    "hostname": lambda k, v: _domain(k, v).lstrip("."),
+    "hostname": _host_name,
     "domains": lambda k, v: tuple(_served_domain(k, x) for x in _list(k, v)),
     "resolution_url": _url_template,
     "max_message_size": lambda k, v: _size_at_least(k, v, MIN_MESSAGE_SIZE),
@@ -594,7 +605,13 @@ def build(doc: dict[str, Any], flags: Mapping[str, Any] | None = None, path: str
     if server.get("tls_cert"):
         check_tls_files(server["tls_cert"], server["tls_key"], origin.get("server.tls_cert", "server.tls_cert"))
     if not server.get("hostname"):
-        server["hostname"] = _machine_fqdn()
+        # it goes on the wire (banner, EHLO, Received): validated like a configured one
+        machine = _machine_fqdn()
+        try:
+            server["hostname"] = _host_name("server.hostname", machine)
+        except ConfigError:
+            raise ConfigError("server.hostname", f"this machine's name {machine!r} is not a host name "
+                                                 "such as mx.example.com: set this key") from None
     return Config(
         server=ServerSettings(**server),
         upstream=UpstreamSettings(host=host, port=port, **upstream),

@@ -34,6 +34,8 @@ BAD = [
     ("", ["--upstream", "127.0.0.1:2526", "--domain", "co.uk"], "--domain"),
     ("", ["--upstream", "127.0.0.1:2526", "--domain", ".com"], "--domain"),
     ("\x00\x01\xff\xfe binary", [], "--config"),
+    ("", [*OK, "--hostname", ".mx.example.test"], "--hostname"),
+    ("[server]\nhostname = \"mx.example.test\\r\\n250 forged\"\n", OK, "server.hostname"),
 ]
 
 

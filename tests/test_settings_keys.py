@@ -66,3 +66,21 @@ def test_bounded_duration(raw: Any, error: str | None) -> None:
             bounded_duration({"t": raw}, "t", "area", 10.0, 1.0)
         assert info.value.key == "area.t"
     assert bounded_duration({}, "t", "area", 10.0, 1.5) == 1.5    # absent: the default
+
+
+@pytest.mark.parametrize("machine, ok", [("mx.example.com", True), ("vm", True), ("my_host.example.com", False),
+                                         ("localhost.localdomain\r\n250 x", False)])
+def test_the_machines_name_as_the_default_hostname_is_validated_like_a_configured_one(
+        monkeypatch: pytest.MonkeyPatch, machine: str, ok: bool) -> None:
+    """It goes on the wire (banner, EHLO, Received). The machine's name cannot be
+    changed in a test, so config's lookup of it is replaced."""
+    from smtpguard import config as cfg
+
+    monkeypatch.setattr(cfg, "_machine_fqdn", lambda: machine)
+    flags = {"upstream": "127.0.0.1:2526", "domain": ["example.test"]}
+    if ok:
+        assert cfg.build({}, flags).server.hostname == machine
+    else:
+        with pytest.raises(ConfigError) as e:
+            cfg.build({}, flags)
+        assert e.value.key == "server.hostname" and "set this key" in str(e.value)
