@@ -108,21 +108,25 @@ def sink_dump() -> Iterator[tuple[str, Path]]:
         shutil.rmtree(dump, ignore_errors=True)
 
 
+def expect_replies(g: Any, steps: list[tuple[bytes, int]]) -> None:
+    """One session after EHLO: each line sent, its reply's code as expected."""
+    with socket.create_connection((g.host, g.port), timeout=10) as sock, sock.makefile("rb") as f:
+        read_reply(f)
+        raw_ehlo(sock, f)
+        for line, code in steps:
+            sock.sendall(line)
+            got, text = read_reply(f)
+            assert got == code, (line, text)
+
+
 def test_dsn_parameters_reach_the_mta_byte_for_byte(sink_dump: tuple[str, Path], guard_factory: Any) -> None:
     address, dump = sink_dump
     g = guard_factory(upstream=address)
     assert "DSN" in ehlo_lines(g.host, g.port)
-    with socket.create_connection((g.host, g.port), timeout=10) as sock:
-        f = sock.makefile("rb")
-        read_reply(f)
-        raw_ehlo(sock, f)
-        for line, code in ((b"MAIL FROM:<a@b.test> RET=HDRS ENVID=Q+2Bx1\r\n", 250),
-                           (b"RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.test\r\n", 250),
-                           (b"RCPT TO:<c@example.test> NOTIFY=bogus\r\n", 501),
-                           (b"DATA\r\n", 354), (b"Subject: dsn\r\n\r\nbody\r\n.\r\n", 250)):
-            sock.sendall(line)
-            got, text = read_reply(f)
-            assert got == code, text
+    expect_replies(g, [(b"MAIL FROM:<a@b.test> RET=HDRS ENVID=Q+2Bx1\r\n", 250),
+                       (b"RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.test\r\n", 250),
+                       (b"RCPT TO:<c@example.test> NOTIFY=bogus\r\n", 501),
+                       (b"DATA\r\n", 354), (b"Subject: dsn\r\n\r\nbody\r\n.\r\n", 250)])
     wait_for(lambda: dump.exists() and b"X-Rcpt-Args" in dump.read_bytes())
     text = dump.read_text()
     assert "X-Mail-Args: <a@b.test> RET=HDRS ENVID=Q+2Bx1" in text
@@ -137,18 +141,11 @@ def test_an_auth_parameter_is_taken_as_postfix_takes_it_and_never_passed_on(sink
     to be an authenticated submitter."""
     address, dump = sink_dump
     g = guard_factory(upstream=address)
-    with socket.create_connection((g.host, g.port), timeout=10) as sock:
-        f = sock.makefile("rb")
-        read_reply(f)
-        raw_ehlo(sock, f)
-        for line, code in ((b"MAIL FROM:<a@b.test> AUTH=bad\x01\r\n", 501),
-                           (b"MAIL FROM:<a@b.test> AUTH=<> AUTH=<>\r\n", 501),
-                           (b"MAIL FROM:<a@b.test> AUTH=boss+40example.test RET=HDRS\r\n", 250),
-                           (b"RCPT TO:<b@example.test>\r\n", 250),
-                           (b"DATA\r\n", 354), (b"Subject: auth\r\n\r\nbody\r\n.\r\n", 250)):
-            sock.sendall(line)
-            got, text = read_reply(f)
-            assert got == code, (line, text)
+    expect_replies(g, [(b"MAIL FROM:<a@b.test> AUTH=bad\x01\r\n", 501),
+                       (b"MAIL FROM:<a@b.test> AUTH=<> AUTH=<>\r\n", 501),
+                       (b"MAIL FROM:<a@b.test> AUTH=boss+40example.test RET=HDRS\r\n", 250),
+                       (b"RCPT TO:<b@example.test>\r\n", 250),
+                       (b"DATA\r\n", 354), (b"Subject: auth\r\n\r\nbody\r\n.\r\n", 250)])
     wait_for(lambda: dump.exists() and b"X-Rcpt-Args" in dump.read_bytes())
     text = dump.read_text()
     assert "X-Mail-Args: <a@b.test> RET=HDRS\n" in text and "AUTH" not in text
