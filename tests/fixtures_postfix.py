@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -299,17 +300,21 @@ def start(root: Path, port: int, services: list[str], params: Mapping[str, str])
     return pf
 
 
-@pytest.fixture
-def postfix_factory() -> Iterator[Callable[..., Postfix]]:
-    """Start private Postfix instances: `make(xclient=True, mynetworks="127.0.0.9/32")`,
-    or `make(example=True)` for examples/postfix/'s settings; `params` set
-    main.cf parameters over those."""
+def require_postfix() -> None:
+    """Skip where Postfix cannot run (fail in CI, whose scripts install it)."""
     if not (os.path.exists(POSTFIX) and os.path.exists("/etc/postfix/master.cf")):
         if os.environ.get("CI"):
             pytest.fail("Postfix (Debian package postfix) is missing: scripts/system-deps.sh must install it")
         pytest.skip("Postfix (Debian package postfix) is not installed")
     if os.geteuid() != 0:
         pytest.skip("a private Postfix instance needs root to start its master")
+
+
+@contextmanager
+def instances() -> Iterator[Callable[..., Postfix]]:
+    """What postfix_factory yields, for a fixture of any scope: every instance
+    started through it is stopped (bounded) and removed at the end."""
+    require_postfix()
     started: list[Postfix] = []
 
     def make(xclient: bool | None = None, mynetworks: str | None = None, example: bool = False,
@@ -325,10 +330,27 @@ def postfix_factory() -> Iterator[Callable[..., Postfix]]:
         started.append(Postfix(root, port))   # before the start: a half-started one is stopped too
         return start(root, port, services, settings)
 
-    yield make
+    try:
+        yield make
+    finally:
+        problems = _stop_all(started)
+    if problems:
+        pytest.fail("; ".join(problems))
+
+
+@pytest.fixture
+def postfix_factory() -> Iterator[Callable[..., Postfix]]:
+    """Start private Postfix instances: `make(xclient=True, mynetworks="127.0.0.9/32")`,
+    or `make(example=True)` for examples/postfix/'s settings; `params` set
+    main.cf parameters over those."""
+    with instances() as make:
+        yield make
+
+
+def _stop_all(started: list[Postfix]) -> list[str]:
+    """Stop every instance (bounded) and remove its directory; what went wrong."""
     problems = [p for p in (stop(pf) for pf in started) if p]
     for pf in started:
         if not os.environ.get("KEEP_POSTFIX"):
             shutil.rmtree(pf.root, ignore_errors=True)
-    if problems:
-        pytest.fail("; ".join(problems))
+    return problems
