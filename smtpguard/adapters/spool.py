@@ -30,7 +30,6 @@ HEADER_LIMIT = 256 * 1024
 # keep the transport's buffer bounded.
 BLOCK = 64 * 1024
 
-_BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
@@ -47,12 +46,16 @@ class MessageSpool:
     def add_line(self, line: bytes) -> None:
         """One line as read from the client (ending CRLF), leading dot already removed.
 
-        A bare CR or LF inside the line becomes CRLF: passed on as it is, it
-        could end the message early at an MTA that accepts a bare LF as a
-        line end (SMTP smuggling).
+        Inside a line (read up to CRLF) every CR and LF is bare. Passed on as
+        they are, they could end the message early at an MTA that takes a
+        bare LF or CR as a line end (SMTP smuggling: `\n.\n`, `\r.\r`). As
+        Postfix stores them: a bare LF ends the line (CRLF, and a dot that
+        then starts a line is stuffed again on the way out), a bare CR becomes
+        a space (it never starts a line, nor a header; before, it became CRLF
+        and a `\r` inside a header made a header line of its own).
         """
         if b"\r" in line[:-2] or b"\n" in line[:-2]:
-            line = _BARE_EOL.sub(b"\r\n", line[:-2]) + b"\r\n"
+            line = line[:-2].replace(b"\r", b" ").replace(b"\n", b"\r\n") + b"\r\n"
         self.size += len(line)
         if self._in_headers and self._head_size + len(line) <= HEADER_LIMIT:
             self._head.append(line)
