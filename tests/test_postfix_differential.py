@@ -1,14 +1,16 @@
-"""smtpguard in front of Postfix answers as Postfix alone would, but where it
-means to differ (issue: ESMTP transparency).
+"""smtpguard in front of Postfix answers and stores as Postfix alone would,
+but where it means to differ (issue: ESMTP transparency).
 
 The same client lines go from 127.0.0.5 to a bare Postfix and to smtpguard in
-front of the same Postfix (XCLIENT, the example's header-rewriting setting),
-and the replies are compared line by line by class (2xx, 4xx, 5xx: accepted,
-deferred, refused; 501 and 555 for one refusal is no difference to a sender).
-Each intended difference is listed with its reason; any other one fails. This comparison found the
-faults of tests/test_hostile.py's sender table (a sender Postfix refuses at
-MAIL got our 250, a malformed one was rewritten) and the AUTH= 555 of
-tests/test_esmtp.py.
+front of the same Postfix (XCLIENT, the example's header-rewriting setting).
+The replies are compared line by line by class (2xx, 4xx, 5xx: accepted,
+deferred, refused; 501 and 555 for one refusal is no difference to a
+sender), and the delivered messages byte for byte from the client's first
+header on. Each intended difference is listed with its reason; any other one
+fails. This comparison found the faults of tests/test_hostile.py's sender
+table (a sender Postfix refuses at MAIL got our 250, a malformed one was
+rewritten), the AUTH= 555 of tests/test_esmtp.py and the bare CR that
+smtpguard turned into a line break.
 """
 
 from __future__ import annotations
