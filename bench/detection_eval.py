@@ -296,7 +296,8 @@ def main() -> int:
         # used (ROUND3_SOURCES), before the matcher ran on them; scored once
         # after the tuning was committed (data file header).
         later = [r for r in rows if r["source"].split(":")[0] in ROUND3_SOURCES]
-        parts = [("round 1 (seen in earlier before/after runs)", [r for r in rows if r not in later])]
+        earlier = [r for r in rows if r["source"].split(":")[0] not in ROUND3_SOURCES]
+        parts = [("round 1 (seen in earlier before/after runs)", earlier)]
         if later:
             parts += [("round 3 (held out until the tuning was committed)", later),
                       ("round 3, rows whose label agrees with its system's initial TTL",

@@ -33,7 +33,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpguard.adapters.spool import MessageSpool
 from smtpguard.adapters.upstream import Upstream
-from smtpguard.core.dsn import DROPPED_MAIL, DSN_MAIL, DSN_RCPT, split_dsn
+from smtpguard.core.dsn import DROPPED_MAIL, DSN_MAIL, DSN_RCPT, split_params
 
 from smtpguard.config import Config
 from smtpguard.errors import ConfigError
@@ -366,11 +366,10 @@ class GuardSMTP(SMTP):
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if arg and "AUTH=" in arg.upper():
-            try:
-                arg, _dropped = split_dsn(arg, DROPPED_MAIL)   # as Postfix without SASL: taken, ignored
-            except ValueError as e:
-                await self.push(self.guard.refuse("command", replies.Reply(501, "5.5.4", "SYNTAX", str(e))))
+            split = await self._split_params(arg, DROPPED_MAIL)   # as Postfix without SASL: taken, ignored
+            if split is None:
                 return
+            arg = split[0]
         arg = await self._take_dsn(arg, DSN_MAIL)
         if arg is not None:
             await super().smtp_MAIL(arg)
@@ -384,13 +383,20 @@ class GuardSMTP(SMTP):
         """
         if not arg or not self.server.services.upstream.offers("DSN"):
             return arg
+        split = await self._split_params(arg, names)
+        if split is None:
+            return None
+        rest, self.guard.dsn_params = split
+        return rest
+
+    async def _split_params(self, arg: str, names: tuple[str, ...]) -> tuple[str, list[str]] | None:
+        """core.dsn.split_params, with a malformed or repeated parameter answered
+        501 here; None then."""
         try:
-            rest, params = split_dsn(arg, names)
+            return split_params(arg, names)
         except ValueError as e:
             await self.push(self.guard.refuse("command", replies.Reply(501, "5.5.4", "SYNTAX", str(e))))
             return None
-        self.guard.dsn_params = params
-        return rest
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         arg = await self._take_dsn(arg, DSN_RCPT)

@@ -303,7 +303,7 @@ class Services:
 
         try:
             async with asyncio.timeout(timeout):
-                return await self.upstream.noop()
+                return await self.upstream.health_check()
         except (UpstreamError, TimeoutError):
             return False
 

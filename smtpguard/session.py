@@ -52,8 +52,9 @@ LOST_TEXT = ("the mail server behind this gateway lost the transaction; "
              "send the message again later")
 
 
-# RFC 6531 §3.4: a UTF-8 address outside an SMTPUTF8 transaction.
+# A MAIL FROM domain Postfix's valid_hostname() refuses (core.address.is_sender_domain).
 BAD_SENDER = replies.Reply(501, "5.1.7", "BAD-ADDRESS", "bad sender address syntax")
+# RFC 6531 §3.4: a UTF-8 address outside an SMTPUTF8 transaction.
 UTF8_WITHOUT_SMTPUTF8 = replies.Reply(553, "5.6.7", "NO-SMTPUTF8",
                                       "a UTF-8 address needs the SMTPUTF8 parameter on MAIL FROM")
 
@@ -255,7 +256,7 @@ class ClientSession:
         self.helo = hostname
         self.esmtp = esmtp
         self.facts["helo"] = hostname
-        await self._reset_transaction()
+        self._reset_transaction()
         verdict = await self.run_stage("helo")
         await self.slow()
         if self.refuses_now(verdict):
@@ -269,7 +270,7 @@ class ClientSession:
         refused = self.refused_session()
         if refused:
             return refused
-        await self._reset_transaction()
+        self._reset_transaction()
         options = list(options) + self.dsn_params
         self.dsn_params = []
         if has_control(address) or any(has_control(o) for o in options):
@@ -467,7 +468,7 @@ class ClientSession:
         finally:
             self.message = None
             self.source_results.pop("dkim", None)   # the next message's own
-            await self._reset_transaction()
+            self._reset_transaction()
 
     async def _data(self, message: MessageSpool) -> str:
         verdict = await self.run_stage("data")
@@ -521,7 +522,7 @@ class ClientSession:
         return self.forward(r)
 
     async def rset(self) -> str:
-        await self._reset_transaction()
+        self._reset_transaction()
         return "250 2.0.0 OK"
 
     @staticmethod
@@ -530,7 +531,7 @@ class ClientSession:
         return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
 
     async def quit(self) -> str:
-        await self._reset_transaction()
+        self._reset_transaction()
         return "221 2.0.0 Bye"
 
     async def internal_error(self, error: Exception) -> str:
@@ -542,7 +543,7 @@ class ClientSession:
             txn.abort()  # its state is unknown: never reuse the connection
         return self.render(replies.make("INTERNAL"))
 
-    async def _reset_transaction(self) -> None:
+    def _reset_transaction(self) -> None:
         self.sender = None
         self.txn_accepted_by = None
         self.mail_options = []
@@ -551,16 +552,13 @@ class ClientSession:
         self.rebuilds = 0
         txn, self.txn = self.txn, None
         if txn is not None:
-            try:
-                await txn.reset()
-            except UpstreamError:
-                pass
+            txn.reset()   # QUIT in the background: nothing to wait for
 
     async def on_close(self) -> None:
         trail = self.trail
         if trail is not None:
             trail.settle("close", [a for a, _ in self.accepted], self.messages)
-        await self._reset_transaction()
+        self._reset_transaction()
         digest = " ".join(f"{k}={v}" for k, v in self.facts.items()
                           if k in ("country", "os", "rdns", "dnsbl_score", "graylist") and v not in (None, ""))
         event("close", session=self.client.session_id, ip=self.client.ip, port=self.client.port,

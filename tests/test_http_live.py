@@ -241,8 +241,8 @@ async def _drop_connections(guard: Guard) -> None:
     going away would, where its host answers with a reset)."""
     upstream = guard.services.upstream
     upstream.purge(now=float("inf"))
-    if upstream._probe is not None:
-        upstream._probe.close()
+    if upstream._health is not None:
+        upstream._health.close()
 
 
 def test_the_dnsbl_page_names_the_lists_that_list_the_address_with_their_removal_links(

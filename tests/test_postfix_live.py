@@ -369,12 +369,12 @@ def test_the_health_probes_noops_never_share_a_postfix_session_with_a_client(
     connection, and Postfix counts NOOP against the session until a delivery
     (smtpd_junk_command_limit 100, then an error each, then a 1 s sleep per
     reply), for whichever client took the connection next. Now the probe
-    keeps a connection of its own, replaced after PROBE_NOOPS."""
-    from smtpguard.adapters.upstream import PROBE_NOOPS
+    keeps a connection of its own, replaced after HEALTH_NOOPS."""
+    from smtpguard.adapters.upstream import HEALTH_NOOPS
 
     pf: Postfix = postfix_factory(mynetworks="127.0.0.9/32")   # no XCLIENT: any idle connection serves anyone
     g = guard_factory({"pregreet": {"wait": "0s"}}, upstream=pf.address)
-    probes = PROBE_NOOPS + 10
+    probes = HEALTH_NOOPS + 10
     for i in range(probes):
         assert g._loop.run(g.services.probe_upstream(5.0)) is True
         if i % 20 == 0:
@@ -387,7 +387,7 @@ def test_the_health_probes_noops_never_share_a_postfix_session_with_a_client(
     with_noop = [s for s in sessions if "noop=" in s]
     assert with_noop and all(" mail=" not in s for s in with_noop), sessions
     assert sum(int(s.split("noop=", 1)[1].split()[0]) for s in with_noop) == probes
-    assert max(int(s.split("noop=", 1)[1].split()[0]) for s in with_noop) <= PROBE_NOOPS
+    assert max(int(s.split("noop=", 1)[1].split()[0]) for s in with_noop) <= HEALTH_NOOPS
     assert len(pf.wait_delivered("user", count=3)) == 3
 
 

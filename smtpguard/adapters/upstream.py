@@ -64,7 +64,7 @@ TLS_RETRY_AFTER = 300.0
 # The health probe's NOOPs go on a connection of its own, never a client's,
 # replaced after this many: Postfix counts NOOP as a junk command until a
 # delivery (smtpd_junk_command_limit, 100) and past that slows every reply.
-PROBE_NOOPS = 50
+HEALTH_NOOPS = 50
 # Asked at start-up when IPv6 clients can come: does the MTA take an IPv6
 # client by XCLIENT? An address of RFC 3849's documentation prefix, which no
 # real client has; the MTA's log shows it once per start.
@@ -231,7 +231,7 @@ class Upstream:
         # learned at start-up and on every new connection; None until then.
         self.capabilities: dict[str, str] | None = None
         self._plain_until = 0.0  # opportunistic TLS failed: plain text until then
-        self._probe: Connection | None = None  # the health probe's own connection
+        self._health: Connection | None = None  # the health probe's own connection
         self._tls: ssl.SSLContext | None = None
         if settings.tls != "none":
             # The MTA is the admin's own, usually with a self-signed or
@@ -320,21 +320,21 @@ class Upstream:
             event("upstream.xclient_ipv6_refused", logging.WARNING, code=reply.code, text=reply.text,
                   hint=IPV6_HINT if reply.code == 501 else None)
 
-    async def noop(self) -> bool:
+    async def health_check(self) -> bool:
         """Health: whether the MTA answers NOOP, asked on the probe's own
-        connection (kept open, replaced after PROBE_NOOPS or when the MTA
+        connection (kept open, replaced after HEALTH_NOOPS or when the MTA
         closed it). A pooled connection would carry the NOOPs, which Postfix
         counts against the session, to the next client."""
-        conn = self._probe
-        if conn is None or not conn.alive or conn.noops >= PROBE_NOOPS:
-            self._probe = None
+        conn = self._health
+        if conn is None or not conn.alive or conn.noops >= HEALTH_NOOPS:
+            self._health = None
             if conn is not None:
                 self._background_quit(conn)
-            conn = self._probe = await self._connect()
+            conn = self._health = await self._connect()
         try:
             reply = await conn.command(b"NOOP")
         except BaseException:   # an error, or the caller's timeout: its state is unknown
-            self._probe = None
+            self._health = None
             conn.close()
             raise
         conn.noops += 1
@@ -398,9 +398,9 @@ class Upstream:
         self._closed = True
         conns = list(self._idle)
         self._idle.clear()
-        if self._probe is not None:
-            conns.append(self._probe)
-            self._probe = None
+        if self._health is not None:
+            conns.append(self._health)
+            self._health = None
         await asyncio.gather(*(c.quit() for c in conns), *self._quitting, return_exceptions=True)
 
 
@@ -553,7 +553,7 @@ class Transaction:
         if conn is not None:
             conn.close()
 
-    async def reset(self) -> None:
+    def reset(self) -> None:
         """Client RSET, a new MAIL, or the end of the client's session: an open
         transaction ends with QUIT, not RSET. Postfix counts RSET as a junk
         command until the next delivery (smtpd_junk_command_limit, 1 under

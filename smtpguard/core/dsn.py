@@ -49,8 +49,8 @@ def _check(name: str, value: str) -> None:
             raise ValueError("ORCPT must be addr-type;xtext of at most 500 characters (RFC 3461 section 4.2)")
 
 
-def split_dsn(arg: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
-    """(the argument without the DSN parameters, those parameters as written)."""
+def split_params(arg: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
+    """(the argument without the parameters `names`, those parameters as written)."""
     tokens = arg.split(" ")
     # Parameters follow the address: after the token that closes it.
     start = next((i + 1 for i, t in enumerate(tokens) if ">" in t), 1)
